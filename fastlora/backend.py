@@ -1,0 +1,87 @@
+"""Backend selection: the one place that decides which implementation runs a call.
+
+Names: ``"auto"`` (Triton for CUDA tensors when it can run, torch otherwise), ``"torch"``
+(the lean PyTorch path, any device) and ``"triton"`` (the fused kernels; CUDA, or CPU tensors
+under ``TRITON_INTERPRET=1``). The environment variable ``FASTLORA_BACKEND`` sets the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+# dtypes the Triton kernels are written for; float64 always runs on the torch path
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_lock = threading.Lock()
+_current: str | None = None
+
+
+def _check_name(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+    return name.lower()
+
+
+def get_backend() -> str:
+    """The backend name in force (``FASTLORA_BACKEND`` until ``set_backend`` is called)."""
+    global _current
+    if _current is None:
+        with _lock:
+            if _current is None:
+                _current = _check_name(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+    return _current
+
+
+def set_backend(name: str) -> str:
+    """Select the backend for every later call; returns the previous name."""
+    global _current
+    name = _check_name(name, "set_backend(name)")
+    previous = get_backend()
+    with _lock:
+        _current = name
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of ``set_backend``."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _triton_status(device: torch.device) -> tuple[bool, str]:
+    try:
+        from fastlora import triton_backend
+    except ImportError as exc:  # triton missing or broken
+        return False, f"triton cannot be imported ({exc})"
+    return triton_backend.available(device)
+
+
+def resolve(x: torch.Tensor) -> str:
+    """Return ``"torch"`` or ``"triton"`` for a call on ``x``; an explicit ``"triton"`` that
+    cannot run raises instead of falling back silently."""
+    name = get_backend()
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        if x.device.type != "cuda" or x.dtype not in TRITON_DTYPES:
+            return "torch"
+        return "triton" if _triton_status(x.device)[0] else "torch"
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"backend 'triton': x.dtype must be one of float16, bfloat16, float32, got {x.dtype} "
+            "(use set_backend('torch') or 'auto' for float64)"
+        )
+    ok, reason = _triton_status(x.device)
+    if not ok:
+        raise RuntimeError(f"backend 'triton' cannot run on device {x.device}: {reason}")
+    return "triton"

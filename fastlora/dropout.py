@@ -1,0 +1,61 @@
+"""Dropout masks for the torch backend, kept as one bit per element.
+
+The mask is drawn once from torch's generator for the tensor's device (so
+``torch.manual_seed`` reproduces a run), packed eight elements to a byte for backward, and
+unpacked on demand. ``D(x)`` itself is never stored.
+
+Each element gets a 16-bit uniform draw (four per 64-bit word: on the CPU, the generator's
+cost is per call, so this is ~4x cheaper than one float per element). The drop rate is thus
+``p`` rounded to a multiple of 2**-16; ``keep_scale`` returns ``1 / (1 - p_rounded)`` so that
+``E[D(x)] = x`` holds exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BITS = 8
+_LEVELS = 1 << 16  # resolution of one uniform draw
+
+
+def _threshold(p: float) -> int:
+    return round(p * _LEVELS)
+
+
+def keep_scale(p: float) -> float:
+    """The factor ``1 / (1 - p)`` for the rate the mask is actually drawn with."""
+    return _LEVELS / (_LEVELS - _threshold(p))
+
+
+def _byte_table(device: torch.device) -> torch.Tensor:
+    """[256, 1] int64: row b holds the eight 0/1 bytes of b's bits (little-endian), so one
+    embedding lookup unpacks a byte into eight bools."""
+    bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(_BITS)) & 1
+    return bits.to(torch.uint8).view(torch.int64).to(device)
+
+
+def draw_packed_mask(rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
+    """Keep-mask ``m ~ Bernoulli(1 - p)`` for a [rows, cols] input, packed to
+    [rows, ceil(cols / 8)] uint8 (bit j of byte c is element 8c + j)."""
+    padded = -(-cols // _BITS) * _BITS
+    words = torch.randint(-(2**63), 2**63 - 1, (rows, padded // 4), device=device, dtype=torch.int64)
+    # four independent int16 lanes per word, uniform on [-2**15, 2**15)
+    keep = words.view(torch.int16) >= _threshold(p) - _LEVELS // 2
+    return pack_mask(keep)
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """bool [rows, cols] with cols % 8 == 0 -> uint8 [rows, cols / 8]."""
+    rows, cols = keep.shape
+    lanes = keep.view(torch.uint8).view(rows, cols // _BITS, _BITS)
+    packed = lanes[..., 0].clone()
+    for j in range(1, _BITS):
+        packed |= lanes[..., j] << j
+    return packed
+
+
+def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [rows, ceil(cols / 8)] -> bool [rows, cols]."""
+    rows = packed.shape[0]
+    lanes = torch.nn.functional.embedding(packed.long(), _byte_table(packed.device))
+    return lanes.view(torch.bool).view(rows, -1)[:, :cols]

@@ -1,0 +1,113 @@
+"""``lora_linear``: the functional op every module calls. It checks the inputs, applies
+autocast the way ``nn.Linear`` does, flattens the leading dims and hands the call to the
+backend that ``fastlora.backend.resolve`` picks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastlora import backend as _backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t: object, ndim: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {t.dtype}"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.is_meta:
+        raise ValueError(f"{name}: expected a tensor with data, got a meta tensor")
+    return t
+
+
+def check_inputs(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the argument, what was expected and what came."""
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension [..., in_features], got a 0-D tensor")
+    _check_tensor("weight", weight, 2)
+    _check_tensor("lora_A", lora_A, 2)
+    _check_tensor("lora_B", lora_B, 2)
+    N, K = weight.shape
+    r = lora_A.shape[0]
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"x: expected last dimension in_features={K} (weight is [{N}, {K}]), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if tuple(lora_A.shape) != (r, K):
+        raise ValueError(f"lora_A: expected shape [r, in_features]=[{r}, {K}], got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B: expected shape [out_features, r]=[{N}, {r}], got {tuple(lora_B.shape)}")
+    if r < 1:
+        raise ValueError(f"lora_A: expected r >= 1 rows, got {r}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x: expected dtype {weight.dtype} (the weight's dtype), got {x.dtype}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected dtype {weight.dtype} (the weight's dtype), got {bias.dtype}")
+    named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
+    if bias is not None:
+        named.append(("bias", bias))
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """``y = x W^T + b + scaling * (D(x) A^T) B^T`` (DESIGN.md section 1).
+
+    x: [..., K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r].
+    Dropout with rate ``dropout_p`` acts on the low-rank input only and only when
+    ``training``. Returns [..., N] in x's dtype (or the autocast dtype under autocast).
+    """
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # as nn.Linear under autocast: compute in the autocast dtype; casts are differentiable,
+        # so gradients return in each tensor's own dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    p = float(dropout_p) if training else 0.0
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    if _backend.resolve(x2d) == "triton":
+        from fastlora import triton_backend as impl
+    else:
+        from fastlora import torch_backend as impl
+    y2d = impl.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p)
+    return y2d.view(*lead, weight.shape[0])

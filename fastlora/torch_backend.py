@@ -1,0 +1,149 @@
+"""The lean PyTorch backend: DESIGN.md section 1 with no extra [M, N] temporaries.
+
+Forward is one GEMM for the base (with bias), one skinny GEMM for ``u``, and one in-place
+``addmm_`` of ``u B^T`` into the output. Backward is one GEMM ``dy W`` with the low-rank
+term accumulated into it in place. Saved for backward: ``x``, ``u`` [M, r] and the dropout
+mask packed to one bit per element. This path serves the CPU, float64, devices without
+Triton, and on CUDA it is the "cuBLAS composition" the fused kernels are measured against.
+
+Precision: the low-rank path runs in ``x``'s dtype (adapters in another dtype are cast to it;
+matmuls accumulate in fp32 as torch's do); gradients come back in each parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
+
+
+def _keep(x: Tensor, mask_bits: Tensor) -> Tensor:
+    return unpack_mask(mask_bits, x.shape[1])
+
+
+@torch.library.custom_op("fastlora::lora_fwd", mutates_args=())
+def lora_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    mask_bits: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
+    mask_bits: [M, ceil(K/8)] uint8 | None. Returns y: [M, N] and u: [M, r] (x.dtype)."""
+    A = lora_A.to(x.dtype)
+    B = lora_B.to(x.dtype)
+    if mask_bits is None:
+        u = torch.mm(x, A.t()).mul_(scaling)
+    else:
+        # the 1/(1-p) factor goes on the tiny [M, r] side, not on an [M, K] pass
+        xk = torch.where(_keep(x, mask_bits), x, 0)
+        u = torch.mm(xk, A.t()).mul_(scaling * keep_scale(dropout_p))
+    # low-rank part (and bias) first, then the base GEMM accumulates onto it (beta = 1):
+    # y is written once by the small GEMM and once by the big one, never re-read by a pass
+    y = torch.mm(u, B.t()) if bias is None else torch.addmm(bias, u, B.t())
+    y.addmm_(x, weight.t())
+    return y, u
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fastlora::lora_bwd", mutates_args=())
+def lora_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    u: Tensor,
+    mask_bits: Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx [M, K], dA [r, K], dB [N, r]); a gradient not asked for comes back empty."""
+    A = lora_A.to(x.dtype)
+    B = lora_B.to(x.dtype)
+    empty = x.new_empty(0)
+    dx = dA = dB = empty
+    if need_dx or need_dA:
+        # g = s dy B, with 1/(1-p) folded in so the [M, K] side is a plain masked product
+        scale = scaling if mask_bits is None else scaling * keep_scale(dropout_p)
+        g = torch.mm(dy, B).mul_(scale)
+        keep = None if mask_bits is None else _keep(x, mask_bits)
+        if need_dx:
+            # low-rank term first, then the big GEMM accumulates onto it (beta = 1)
+            dx = torch.mm(g, A)
+            if keep is not None:
+                dx.mul_(keep)
+            dx.addmm_(dy, weight)
+        if need_dA:
+            xk = x if keep is None else torch.where(keep, x, 0)
+            dA = torch.mm(g.t(), xk).to(lora_A.dtype)
+    if need_dB:
+        # (u^T dy)^T: the reduction over M runs faster with dy untransposed
+        dB = torch.mm(u.t(), dy).t().to(lora_B.dtype).contiguous()
+    return dx, dA, dB
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, u, mask_bits, scaling, dropout_p, need_dx, need_dA, need_dB):
+    empty = x.new_empty(0)
+    return (
+        x.new_empty(x.shape) if need_dx else empty,
+        lora_A.new_empty(lora_A.shape) if need_dA else empty,
+        lora_B.new_empty(lora_B.shape) if need_dB else empty,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, mask_bits)
+
+
+def _backward(ctx, dy, _du):
+    x, weight, lora_A, lora_B, u, mask_bits = ctx.saved_tensors
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    dy = dy.contiguous()
+    dx, dA, dB = lora_bwd(
+        dy, x, weight, lora_A, lora_B, u, mask_bits, ctx.scaling, ctx.dropout_p,
+        need_x, need_A, need_B,
+    )
+    # the base is frozen in LoRA; if a user unfroze it, its gradients are still exact
+    dW = torch.mm(dy.t(), x).to(weight.dtype) if need_w else None
+    db = dy.sum(0).to(weight.dtype) if (need_b and ctx.has_bias) else None
+    return (
+        dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
+        None, None, None,
+    )
+
+
+lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> Tensor:
+    """x: [M, K] -> y: [M, N]; ``dropout_p == 0`` means no dropout (eval passes 0)."""
+    mask_bits = draw_packed_mask(x.shape[0], x.shape[1], dropout_p, x.device) if dropout_p > 0 else None
+    y, _ = lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits)
+    return y
