@@ -52,12 +52,12 @@ def check_inputs(
             f"x: expected last dimension in_features={K} (weight is [{N}, {K}]), "
             f"got shape {tuple(x.shape)}"
         )
+    if r < 1:
+        raise ValueError(f"lora_A: expected r >= 1 rows, got {r}")
     if tuple(lora_A.shape) != (r, K):
         raise ValueError(f"lora_A: expected shape [r, in_features]=[{r}, {K}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B: expected shape [out_features, r]=[{N}, {r}], got {tuple(lora_B.shape)}")
-    if r < 1:
-        raise ValueError(f"lora_A: expected r >= 1 rows, got {r}")
     if x.dtype != weight.dtype:
         raise TypeError(f"x: expected dtype {weight.dtype} (the weight's dtype), got {x.dtype}")
     if bias is not None:

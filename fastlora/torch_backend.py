@@ -73,8 +73,8 @@ def lora_bwd(
     """Returns (dx [M, K], dA [r, K], dB [N, r]); a gradient not asked for comes back empty."""
     A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
-    empty = x.new_empty(0)
-    dx = dA = dB = empty
+    # outputs of a custom op may not alias each other: one empty tensor each
+    dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dx or need_dA:
         # g = s dy B, with 1/(1-p) folded in so the [M, K] side is a plain masked product
         scale = scaling if mask_bits is None else scaling * keep_scale(dropout_p)
@@ -97,11 +97,10 @@ def lora_bwd(
 
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, u, mask_bits, scaling, dropout_p, need_dx, need_dA, need_dB):
-    empty = x.new_empty(0)
     return (
-        x.new_empty(x.shape) if need_dx else empty,
-        lora_A.new_empty(lora_A.shape) if need_dA else empty,
-        lora_B.new_empty(lora_B.shape) if need_dB else empty,
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
+        lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
     )
 
 

@@ -1,0 +1,106 @@
+"""Shared test helpers: input factories, the per-dtype tolerance rule, saved-bytes counting."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastlora.reference import lora_linear_reference
+
+# Absolute slack added to the "twice PyTorch's own error" rule (flash-attention's rule):
+# the kernel's error against the float64 reference must be <= 2 * err(torch, same dtype) + ATOL.
+ATOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
+}
+
+
+def triton_runs_here() -> bool:
+    if torch.cuda.is_available():
+        return True
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+
+        from fastlora import triton_backend  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> list[str]:
+    return ["torch"] + (["triton"] if triton_runs_here() else [])
+
+
+def compute_dtypes(backend: str) -> list[torch.dtype]:
+    """dtypes a backend is tested in here; bf16 tl.dot is wrong under Triton 3.9's
+    interpreter, so bf16 on the triton backend is left to a GPU."""
+    if backend == "torch":
+        return [torch.float64, torch.float32, torch.bfloat16]
+    if torch.cuda.is_available():
+        return [torch.float32, torch.float16, torch.bfloat16]
+    return [torch.float32, torch.float16]
+
+
+def make_inputs(M, K, N, r, dtype, device, bias=True, seed=0, lead=None):
+    """x: [*lead, M, K] (or [M, K]), weight [N, K], bias [N], A [r, K], B [N, r]; B non-zero."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    shape = (*lead, M, K) if lead else (M, K)
+    x = rnd(*shape)
+    weight = rnd(N, K, scale=K**-0.5)
+    b = rnd(N) if bias else None
+    A = rnd(r, K, scale=K**-0.5)
+    B = rnd(N, r, scale=r**-0.5)
+    return x, weight, b, A, B
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_matches_reference(out, ref64, torch_same_dtype, dtype, what="output"):
+    """``out`` within twice the error of plain PyTorch in the same dtype (``torch_same_dtype``),
+    measured against the float64 reference ``ref64``, plus ATOL[dtype]."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    err = max_err(out, ref64)
+    bound = 2 * max_err(torch_same_dtype, ref64) + ATOL[dtype]
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} ({dtype})"
+
+
+def reference_grads(x, weight, bias, A, B, scaling, dy, mask=None, p=0.0):
+    """(y, dx, dA, dB) of the unfused reference in the inputs' own dtype."""
+    x = x.detach().requires_grad_()
+    A = A.detach().requires_grad_()
+    B = B.detach().requires_grad_()
+    y = lora_linear_reference(x, weight, bias, A, B, scaling, mask, p)
+    dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
+    return y.detach(), dx, dA, dB
+
+
+def saved_bytes(fn, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs,
+    leaving out the storages of ``exclude`` (x and the parameters)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.numel() > 0:
+            s = t.untyped_storage()
+            if s.data_ptr() not in skip:
+                seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())

@@ -1,0 +1,133 @@
+"""lora_linear against the float64 reference, on every backend that runs here."""
+
+import math
+
+import pytest
+import torch
+
+import fastlora
+from fastlora.reference import lora_linear_reference
+from helpers import (
+    assert_matches_reference,
+    compute_dtypes,
+    make_inputs,
+    max_err,
+    reference_grads,
+)
+
+# (M, K, N, r): odd on purpose: r = 1, r not a power of two, r > min(K, N),
+# K and N not multiples of 16, M = 0 and 1
+SHAPES = [
+    (1, 8, 8, 1),
+    (0, 24, 40, 4),
+    (37, 40, 72, 3),
+    (64, 72, 40, 20),
+    (33, 17, 9, 16),  # r > min(K, N)
+    (130, 96, 136, 8),
+]
+SHAPE_IDS = [f"M{m}-K{k}-N{n}-r{r}" for m, k, n, r in SHAPES]
+
+
+def _dtypes_for(backend):
+    return compute_dtypes(backend)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_forward_and_grads_match_reference(backend, shape, bias, device):
+    M, K, N, r = shape
+    scaling = 2.0 / r
+    for dtype in _dtypes_for(backend):
+        x, w, b, A, B = make_inputs(M, K, N, r, dtype, device, bias=bias)
+        dy = torch.randn(M, N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        # float64 truth and plain PyTorch in the same dtype
+        d64 = [t.double() if t is not None else None for t in (x, w, b, A, B)]
+        truth = reference_grads(*d64, scaling, dy.to(device))
+        same = reference_grads(x, w, b, A, B, scaling, dy.to(device, dtype))
+
+        xg = x.clone().requires_grad_()
+        Ag = A.clone().requires_grad_()
+        Bg = B.clone().requires_grad_()
+        y = fastlora.lora_linear(xg, w, b, Ag, Bg, scaling)
+        assert y.dtype == dtype and y.shape == (M, N)
+        y.backward(dy.to(device, dtype))
+        for name, got, t64, td in zip(("y", "dx", "dA", "dB"), (y, xg.grad, Ag.grad, Bg.grad), truth, same):
+            assert_matches_reference(got, t64, td, dtype, f"{name} ({backend}, {dtype})")
+
+
+def test_rslora_scaling_is_used(backend, device):
+    x, w, b, A, B = make_inputs(16, 24, 20, 4, torch.float32, device)
+    s = 8 / math.sqrt(4)
+    y = fastlora.lora_linear(x, w, b, A, B, s)
+    ref = lora_linear_reference(x.double(), w.double(), b.double(), A.double(), B.double(), s)
+    assert max_err(y, ref) < 1e-4
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (5,), ()], ids=["lead2x3", "lead5", "2d"])
+def test_leading_dims_and_strides(backend, lead, device):
+    dtype = torch.float32
+    K, N, r = 24, 40, 4
+    x, w, b, A, B = make_inputs(7, K, N, r, dtype, device, lead=lead)
+    ref = lora_linear_reference(x.double(), w.double(), b.double(), A.double(), B.double(), 0.5)
+    y = fastlora.lora_linear(x, w, b, A, B, 0.5)
+    assert y.shape == (*lead, 7, N)
+    assert max_err(y, ref) < 1e-4
+    # transposed and sliced views of x give the same numbers as the contiguous tensor
+    xt = x.reshape(-1, K).t().contiguous().t()
+    assert not xt.is_contiguous()
+    assert max_err(fastlora.lora_linear(xt, w, b, A, B, 0.5), ref.reshape(-1, N)) < 1e-4
+    xs = torch.cat([x.reshape(-1, K), x.reshape(-1, K)], dim=1)[:, ::2]
+    assert max_err(fastlora.lora_linear(xs, w, b, A, B, 0.5), lora_linear_reference(
+        xs.double(), w.double(), b.double(), A.double(), B.double(), 0.5)) < 1e-4
+
+
+def test_zero_B_equals_base(backend, device):
+    x, w, b, A, B = make_inputs(9, 16, 12, 4, torch.float32, device)
+    y = fastlora.lora_linear(x, w, b, A, torch.zeros_like(B), 3.0)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+
+
+def test_nan_propagates_like_linear(backend, device):
+    x, w, b, A, B = make_inputs(4, 16, 8, 2, torch.float32, device)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    y = fastlora.lora_linear(x, w, b, A, B, 1.0)
+    plain = torch.nn.functional.linear(x, w, b)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(plain))
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[3]).all()
+
+
+def test_mixed_precision_adapters_get_grads_in_their_dtype(backend, device):
+    """fp32 LoRA factors beside an fp16/bf16 base (PEFT's default): compute in x's dtype,
+    gradients in each parameter's dtype."""
+    low = torch.float16 if backend == "triton" and not torch.cuda.is_available() else torch.bfloat16
+    x, w, b, A, B = make_inputs(20, 32, 24, 4, torch.float32, device)
+    A = A.clone().requires_grad_()
+    B = B.clone().requires_grad_()
+    xl = x.to(low).requires_grad_()
+    y = fastlora.lora_linear(xl, w.to(low), b.to(low), A, B, 2.0)
+    assert y.dtype == low
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+    assert xl.grad.dtype == low
+    _, _, dA, dB = reference_grads(xl.detach().double(), w.double(), b.double(), A.double(), B.double(),
+                                   2.0, torch.ones(20, 24, dtype=torch.float64, device=device))
+    rel = max_err(A.grad, dA) / dA.abs().max().item()
+    assert rel < 2e-2, rel
+    rel = max_err(B.grad, dB) / dB.abs().max().item()
+    assert rel < 2e-2, rel
+
+
+def test_frozen_inputs_get_no_grad_and_unfrozen_base_gets_exact_grads(backend, device):
+    x, w, b, A, B = make_inputs(11, 16, 12, 3, torch.float32, device)
+    wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+    Ag = A.clone().requires_grad_()
+    y = fastlora.lora_linear(x, wg, bg, Ag, B, 1.5)  # x and B need no grad
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert x.grad is None and B.grad is None
+    d64 = [t.double() for t in (x, w, b, A, B)]
+    w64, b64 = d64[1].requires_grad_(), d64[2].requires_grad_()
+    lora_linear_reference(d64[0], w64, b64, d64[3], d64[4], 1.5).backward(dy.double())
+    assert max_err(wg.grad, w64.grad) < 1e-4
+    assert max_err(bg.grad, b64.grad) < 1e-4

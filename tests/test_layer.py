@@ -1,0 +1,175 @@
+"""FastLoRALinear as a drop-in nn.Linear."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import FastLoRALinear
+from fastlora.reference import lora_linear_reference
+from helpers import max_err
+
+
+def test_is_a_linear_with_frozen_base_and_lora_params():
+    layer = FastLoRALinear(20, 12, r=4, lora_alpha=8)
+    assert isinstance(layer, nn.Linear)
+    assert layer.weight.shape == (12, 20) and layer.bias.shape == (12,)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (12, 4)
+    assert layer.scaling == 2.0
+    assert (layer.r, layer.lora_alpha, layer.lora_dropout) == (4, 8, 0.0)
+    names = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert names == {"lora_A", "lora_B"}
+    assert "r=4" in repr(layer)
+
+
+def test_rslora_scaling():
+    assert FastLoRALinear(8, 8, r=16, lora_alpha=8, use_rslora=True).scaling == 8 / math.sqrt(16)
+
+
+def test_base_checkpoint_loads_and_fresh_layer_equals_base():
+    base = nn.Linear(24, 10)
+    layer = FastLoRALinear(24, 10, r=4)
+    missing, unexpected = layer.load_state_dict(base.state_dict(), strict=False)
+    assert set(missing) == {"lora_A", "lora_B"} and not unexpected
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer(x), base(x))  # B = 0 at init
+
+
+def test_default_init_is_peft_default():
+    torch.manual_seed(0)
+    layer = FastLoRALinear(256, 64, r=16)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) on fan_in 256
+    assert layer.lora_A.abs().max() <= bound
+    assert layer.lora_A.abs().max() > 0.9 * bound
+
+
+def test_gaussian_and_false_inits():
+    torch.manual_seed(0)
+    g = FastLoRALinear(512, 32, r=8, init_lora_weights="gaussian")
+    assert abs(g.lora_A.std().item() - 1 / 8) < 0.01 and torch.count_nonzero(g.lora_B) == 0
+    f = FastLoRALinear(16, 16, r=4, init_lora_weights=False)
+    assert torch.count_nonzero(f.lora_B) > 0
+
+
+def test_unknown_init_is_refused():
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        FastLoRALinear(8, 8, r=2, init_lora_weights="svd-ish")
+
+
+def test_from_linear_shares_tensors_and_keeps_device_dtype():
+    lin = nn.Linear(16, 8, dtype=torch.float64)
+    layer = FastLoRALinear.from_linear(lin, r=2, lora_alpha=4, lora_dropout=0.1)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert layer.weight.data_ptr() == lin.weight.data_ptr()
+    assert layer.lora_A.dtype == torch.float64 and layer.lora_A.device == lin.weight.device
+    assert layer.lora_dropout == 0.1 and layer.scaling == 2.0
+    nobias = FastLoRALinear.from_linear(nn.Linear(4, 4, bias=False), r=1)
+    assert nobias.bias is None
+    with pytest.raises(TypeError, match="linear: expected a torch.nn.Linear"):
+        FastLoRALinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_forward_matches_reference_with_leading_dims_and_empty_batch():
+    layer = FastLoRALinear(20, 14, r=3, lora_alpha=6, init_lora_weights=False, dtype=torch.float64)
+    for shape in [(2, 5, 20), (20,), (0, 20), (1, 20)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        ref = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 14)
+        assert max_err(y, ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_float_dtypes_run(dtype):
+    layer = FastLoRALinear(32, 16, r=4, init_lora_weights=False, dtype=dtype)
+    x = torch.randn(3, 32, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == dtype and layer.lora_A.grad.dtype == dtype and x.grad.dtype == dtype
+
+
+def test_merge_unmerge_round_trip():
+    torch.manual_seed(0)
+    layer = FastLoRALinear(24, 16, r=4, init_lora_weights=False)
+    x = torch.randn(6, 24)
+    y = layer(x)
+    w0 = layer.weight.clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    layer.merge()  # idempotent
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_unmerge_bf16_round_trip_is_within_one_rounding():
+    torch.manual_seed(0)
+    layer = FastLoRALinear(64, 32, r=8, init_lora_weights=False, dtype=torch.bfloat16)
+    w0 = layer.weight.clone()
+    layer.merge()
+    merged = layer.weight.float().clone()
+    layer.unmerge()
+
+    def half_ulp(t):  # bf16 keeps 8 significant bits
+        return t.abs().clamp_min(2**-126) * 2**-8
+
+    # fp32 arithmetic: only the two bf16 stores round (the merged weight, the restored one)
+    err = (layer.weight.float() - w0.float()).abs()
+    assert (err <= half_ulp(merged) + half_ulp(w0.float()) * 2).all()
+
+
+def test_training_step_moves_only_lora_params():
+    torch.manual_seed(0)
+    layer = FastLoRALinear(16, 8, r=2, lora_dropout=0.1)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    w0, A0 = layer.weight.clone(), layer.lora_A.clone()
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(4, 16)).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(layer.weight, w0)
+    assert not torch.equal(layer.lora_A, A0)
+    assert torch.count_nonzero(layer.lora_B) > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"r": 0}, "r: expected an integer >= 1"),
+        ({"r": 2.5}, "r: expected an integer >= 1"),
+        ({"lora_dropout": 1.0}, r"lora_dropout: expected a float in \[0, 1\)"),
+        ({"lora_dropout": -0.1}, r"lora_dropout: expected a float in \[0, 1\)"),
+        ({"lora_alpha": float("inf")}, "lora_alpha: expected a finite number"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FastLoRALinear(8, 8, **kwargs)
+
+
+def test_wrong_input_width_names_in_features():
+    layer = FastLoRALinear(8, 4, r=2)
+    with pytest.raises(ValueError, match=r"x: expected last dimension in_features=8.*got shape \(3, 9\)"):
+        layer(torch.randn(3, 9))
+
+
+def test_dtype_mismatch_is_refused_like_linear():
+    layer = FastLoRALinear(8, 4, r=2)
+    with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
+        layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+def test_eval_disables_dropout():
+    torch.manual_seed(0)
+    layer = FastLoRALinear(16, 8, r=4, lora_dropout=0.5, init_lora_weights=False).eval()
+    x = torch.randn(4, 16)
+    assert torch.equal(layer(x), layer(x))
+    fastlora.set_backend("torch")
+    ref = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    assert max_err(layer(x), ref) < 1e-5
