@@ -22,8 +22,7 @@ def _keep(x: Tensor, mask_bits: Tensor) -> Tensor:
     return unpack_mask(mask_bits, x.shape[1])
 
 
-@torch.library.custom_op("fastlora::lora_fwd", mutates_args=())
-def lora_fwd(
+def forward(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -50,13 +49,7 @@ def lora_fwd(
     return y, u
 
 
-@lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
-
-
-@torch.library.custom_op("fastlora::lora_bwd", mutates_args=())
-def lora_bwd(
+def backward(
     dy: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -95,6 +88,16 @@ def lora_bwd(
     return dx, dA, dB
 
 
+# Registered ops: what torch.compile, export and opcheck see.
+lora_fwd = torch.library.custom_op("fastlora::lora_fwd", forward, mutates_args=())
+lora_bwd = torch.library.custom_op("fastlora::lora_bwd", backward, mutates_args=())
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, u, mask_bits, scaling, dropout_p, need_dx, need_dA, need_dB):
     return (
@@ -104,20 +107,17 @@ def _(dy, x, weight, lora_A, lora_B, u, mask_bits, scaling, dropout_p, need_dx, 
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits = inputs
-    _, u = output
-    ctx.mark_non_differentiable(u)
+def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits, u):
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, lora_A, lora_B, u, mask_bits)
 
 
-def _backward(ctx, dy, _du):
+def _grads(ctx, dy, bwd):
     x, weight, lora_A, lora_B, u, mask_bits = ctx.saved_tensors
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     dy = dy.contiguous()
-    dx, dA, dB = lora_bwd(
+    dx, dA, dB = bwd(
         dy, x, weight, lora_A, lora_B, u, mask_bits, ctx.scaling, ctx.dropout_p,
         need_x, need_A, need_B,
     )
@@ -130,7 +130,27 @@ def _backward(ctx, dy, _du):
     )
 
 
-lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    _save(ctx, *inputs, output[1])
+
+
+lora_fwd.register_autograd(lambda ctx, dy, _du: _grads(ctx, dy, lora_bwd), setup_context=_setup_context)
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """Eager path: the same two functions without custom-op dispatch, which costs ~100 us
+    a call (it dominates at decode shapes)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits):
+        y, u = forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits)
+        _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, backward)
 
 
 def apply(
@@ -144,5 +164,6 @@ def apply(
 ) -> Tensor:
     """x: [M, K] -> y: [M, N]; ``dropout_p == 0`` means no dropout (eval passes 0)."""
     mask_bits = draw_packed_mask(x.shape[0], x.shape[1], dropout_p, x.device) if dropout_p > 0 else None
-    y, _ = lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits)
-    return y
+    if torch.compiler.is_compiling():
+        return lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits)[0]
+    return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits)
