@@ -58,4 +58,4 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """uint8 [rows, ceil(cols / 8)] -> bool [rows, cols]."""
     rows = packed.shape[0]
     lanes = torch.nn.functional.embedding(packed.long(), _byte_table(packed.device))
-    return lanes.view(torch.bool).view(rows, -1)[:, :cols]
+    return lanes.view(torch.bool).view(rows, packed.shape[1] * _BITS)[:, :cols]

@@ -118,3 +118,12 @@ def test_keep_scale_is_exact_for_the_drawn_rate():
     assert keep_scale(0.0) == 1.0
     assert abs(keep_scale(0.1) - 1 / 0.9) < 1e-4
     assert abs(keep_scale(0.5) - 2.0) < 1e-12
+
+
+def test_empty_batch_with_dropout(backend, device):
+    x, w, b, A, B = make_inputs(0, 12, 8, 2, torch.float32, device, lead=(3,))
+    x.requires_grad_()
+    y = fastlora.lora_linear(x, w, b, A, B, 1.0, dropout_p=0.2, training=True)
+    assert y.shape == (3, 0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
