@@ -1,4 +1,4 @@
-"""Shared test helpers: input factories, the per-dtype tolerance rule, saved-bytes counting."""
+"""Shared test helpers: input factories and the per-dtype tolerance rule."""
 
 from __future__ import annotations
 
@@ -85,22 +85,3 @@ def reference_grads(x, weight, bias, A, B, scaling, dy, mask=None, p=0.0):
     y = lora_linear_reference(x, weight, bias, A, B, scaling, mask, p)
     dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
     return y.detach(), dx, dA, dB
-
-
-def saved_bytes(fn, exclude=()) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs,
-    leaving out the storages of ``exclude`` (x and the parameters)."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.numel() > 0:
-            s = t.untyped_storage()
-            if s.data_ptr() not in skip:
-                seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())

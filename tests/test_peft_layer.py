@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from fastlora import FastLoRALinear
-from helpers import max_err, saved_bytes
+from benchmarks.memory import saved_bytes
+from helpers import max_err
 
 peft = pytest.importorskip("peft")
 
@@ -70,12 +71,11 @@ def test_saved_for_backward_is_a_fraction_of_peft():
     pm.train()
     ours.train()
     x = torch.randn(M, K, requires_grad=True)
-    params = [p for p in pm.parameters()] + [p for p in ours.parameters()]
-    theirs = saved_bytes(lambda: pm(x), exclude=[x, *params])
-    mine = saved_bytes(lambda: ours(x), exclude=[x, *params])
+    theirs = saved_bytes(pm, x)["extra"]
+    mine = saved_bytes(ours, x)["extra"]
     expected = M * r * 4 + M * -(-K // 8)  # u in fp32 and the packed mask
     assert mine == expected, (mine, expected)
     assert mine <= 0.15 * theirs, (mine, theirs)
     # without dropout only u is stored beyond x and the parameters
     ours.eval()
-    assert saved_bytes(lambda: ours(x), exclude=[x, *params]) == M * r * 4
+    assert saved_bytes(ours, x)["extra"] == M * r * 4

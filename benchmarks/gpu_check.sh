@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The one prepared script for a lent GPU (an H200 lease of 15 minutes): the test suite on
+# CUDA, then the quick benchmark suite, then ctest when build/ exists. Sized for < 8 minutes
+# so it can be rerun once inside a lease; every step has its own timeout so one hang cannot
+# eat the lease. Writes at most 8 files under ${OUT:-out}:
+#   env.txt tests.log bench.log results_cuda.json table_cuda.md
+#   time_vs_m_cuda.png speedup_cuda.png memory_cuda.png
+# Usage (repo root, no install needed): bash benchmarks/gpu_check.sh
+# Exit status: 0 when every step passed, else the first failing step's status.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+# the package is not installed in the GPU image: run from the checkout
+# (fastlora.triton_backend loads kernels/ as fastlora.kernels when it is not installed)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET FASTLORA_BACKEND FASTLORA_STRATEGY
+export PYTHONUNBUFFERED=1
+
+T_TESTS="${T_TESTS:-200}"   # seconds for the CUDA test suite
+T_BENCH="${T_BENCH:-230}"   # seconds for the quick suite (it stops starting cases at 150 s)
+T_CTEST="${T_CTEST:-30}"
+status=0
+step() {  # step NAME RC: remember the first failure, keep going
+    if [ "$2" -ne 0 ]; then
+        echo "== $1: FAILED (rc=$2$([ "$2" -eq 124 ] && echo ', timed out'))"
+        [ "$status" -ne 0 ] || status=$2
+    else
+        echo "== $1: ok"
+    fi
+}
+
+start=$(date +%s)
+{
+    date -u '+%Y-%m-%d %H:%M UTC'
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    python - <<'PY'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for name in ("triton", "peft", "transformers", "matplotlib", "tqdm", "pytest", "hypothesis"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:
+        print(name, "MISSING:", exc)
+PY
+    git rev-parse --short HEAD 2>/dev/null || true
+    git status --short 2>/dev/null | head -n 30 || true
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+rc=0
+timeout -k 10 "$T_TESTS" python -m pytest tests -q -x -p no:cacheprovider > "$OUT/tests.log" 2>&1 || rc=$?
+tail -n 15 "$OUT/tests.log"
+step "tests on CUDA ($(( $(date +%s) - start )) s so far)" "$rc"
+
+rc=0
+timeout -k 10 "$T_BENCH" python -m benchmarks --quick --device cuda --out "$OUT" --budget-s 150 \
+    > "$OUT/bench.log" 2>&1 || rc=$?
+grep -v -e 'case/s' -e '^benchmarks:' "$OUT/bench.log" | tail -n 80 || true
+step "quick benchmark suite ($(( $(date +%s) - start )) s so far)" "$rc"
+
+if [ -d build ]; then
+    rc=0
+    { echo; echo "== ctest"; timeout -k 5 "$T_CTEST" ctest --test-dir build --output-on-failure; } \
+        >> "$OUT/tests.log" 2>&1 || rc=$?
+    tail -n 8 "$OUT/tests.log"
+    step "ctest" "$rc"
+fi
+
+echo "== done in $(( $(date +%s) - start )) s; files in $OUT:"
+ls -l "$OUT"
+exit "$status"
