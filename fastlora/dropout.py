@@ -29,9 +29,11 @@ def keep_scale(p: float) -> float:
 
 def _byte_table(device: torch.device) -> torch.Tensor:
     """[256, 1] int64: row b holds the eight 0/1 bytes of b's bits (little-endian), so one
-    embedding lookup unpacks a byte into eight bools."""
-    bits = (torch.arange(256).unsqueeze(-1) >> torch.arange(_BITS)) & 1
-    return bits.to(torch.uint8).view(torch.int64).to(device)
+    embedding lookup unpacks a byte into eight bools. Built on ``device``: a host-to-device
+    copy would synchronize the stream in every forward and backward."""
+    byte = torch.arange(256, device=device).unsqueeze(-1)
+    bits = (byte >> torch.arange(_BITS, device=device)) & 1
+    return bits.to(torch.uint8).view(torch.int64)
 
 
 def draw_packed_mask(rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:

@@ -78,6 +78,14 @@ def check_inputs(
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
 
 
+def _autocast_cast(t: object, dtype: torch.dtype) -> object:
+    """What autocast does to one argument (``at::autocast::is_eligible``): floating-point
+    tensors other than float64 go to the autocast dtype; anything else is left to the checks."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -94,14 +102,14 @@ def lora_linear(
     Dropout with rate ``dropout_p`` acts on the low-rank input only and only when
     ``training``. Returns [..., N] in x's dtype (or the autocast dtype under autocast).
     """
+    _check_tensor("x", x)  # first: autocast has no state for some devices (meta)
+    if torch.is_autocast_enabled(x.device.type):
+        # as nn.Linear under autocast: cast before the dtype checks, since x and weight may
+        # arrive in different dtypes (a bf16 activation into an fp32 layer); the casts are
+        # differentiable, so gradients return in each tensor's own dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # as nn.Linear under autocast: compute in the autocast dtype; casts are differentiable,
-        # so gradients return in each tensor's own dtype
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
