@@ -4,15 +4,32 @@
 it; ``set_backend`` picks the implementation ("auto", "torch", "triton").
 """
 
+from fastlora.adapter import load_adapter, save_adapter
 from fastlora.backend import get_backend, set_backend, use_backend
 from fastlora.functional import lora_linear
 from fastlora.layer import FastLoRALinear
+from fastlora.model import (
+    FastLoRAConfig,
+    apply_lora,
+    from_peft,
+    merge_lora,
+    print_trainable_parameters,
+    trainable_parameters,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FastLoRALinear",
     "lora_linear",
+    "apply_lora",
+    "merge_lora",
+    "from_peft",
+    "save_adapter",
+    "load_adapter",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "FastLoRAConfig",
     "set_backend",
     "get_backend",
     "use_backend",

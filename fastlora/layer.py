@@ -61,7 +61,6 @@ class FastLoRALinear(nn.Linear):
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.merged = False
-        self.init_lora_weights = init_lora_weights
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
         self.reset_lora_parameters(init_lora_weights)
@@ -71,6 +70,7 @@ class FastLoRALinear(nn.Linear):
         if self.merged:
             raise RuntimeError("reset_lora_parameters: unmerge() the layer first")
         inits.initialize(self, init_lora_weights)
+        self.init_lora_weights = init_lora_weights
 
     @classmethod
     def from_linear(
@@ -107,23 +107,27 @@ class FastLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B A`` in float32 [out, in]."""
-        return (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling)
+        """``scaling * B A`` [out, in] in float32 at least (float64 for a float64 weight)."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).mul_(self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scaling * B A`` into ``weight`` (float32 arithmetic); forward becomes the plain linear."""
+        """Fold ``scaling * B A`` into ``weight`` (float32 arithmetic at least, in place in the
+        same tensor); forward becomes the plain linear."""
         if self.merged:
             return
-        self.weight.copy_(self.weight.float() + self.delta_weight())
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) + delta)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update again (float32 arithmetic) and return to the LoRA forward."""
+        """Subtract the update again (same arithmetic) and return to the LoRA forward."""
         if not self.merged:
             return
-        self.weight.copy_(self.weight.float() - self.delta_weight())
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.to(delta.dtype) - delta)
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -1,0 +1,578 @@
+"""Model-level helpers with PEFT's face: ``apply_lora``, ``merge_lora``, ``from_peft``,
+``trainable_parameters``/``print_trainable_parameters``.
+
+Target matching follows PEFT (``peft.tuners.tuners_utils.check_target_module_exists``):
+a string is a regex that must match the whole qualified module name; a list matches a name
+equal to an entry or ending with ``"." + entry``; ``"all-linear"`` (any case) takes every
+``nn.Linear`` but the output head; ``exclude_modules`` (same two forms) wins over targets.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from fastlora import inits
+from fastlora.layer import FastLoRALinear, _check_hparams
+
+TargetModules = Union[str, Iterable[str]]
+
+ALL_LINEAR = "all-linear"
+# PEFT's SEQ_CLS_HEAD_NAMES: classifier heads "all-linear" leaves alone when a model has no
+# output embeddings
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+# how many module names an error message lists before it says "... (N in all)"
+MAX_LISTED_NAMES = 30
+
+
+@dataclass
+class FastLoRAConfig:
+    """What ``apply_lora`` did, recorded on the model as ``model.fastlora_config``.
+
+    ``target_modules`` is kept as given (a regex string, or a sorted list of names/suffixes),
+    except ``"all-linear"``, which is stored resolved to the sorted list of adapted names so a
+    saved adapter targets exactly the same layers wherever it is loaded.
+    ``initial_factors`` holds the ``(lora_A, lora_B)`` of a PiSSA/OLoRA start, per module
+    name, for ``save_adapter(..., convert_to_lora=True)``; it is not part of any state dict.
+    """
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: inits.InitMode = True
+    target_modules: str | list = field(default_factory=list)
+    exclude_modules: str | list | None = None
+    base_model_name_or_path: str | None = None
+    initial_factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+# ---------------------------------------------------------------------------------------------
+# target matching
+
+
+def _normalise_names(value: object, arg: str, allow_none: bool) -> str | list | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"{arg}: expected a regex string or a list of names, got ''")
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(
+        isinstance(v, str) and v for v in value
+    ):
+        if not value and not allow_none:
+            raise ValueError(
+                f"{arg}: expected at least one name, got an empty {type(value).__name__}"
+            )
+        return sorted(set(value))
+    raise TypeError(
+        f"{arg}: expected a regex string, a list of module names or suffixes"
+        f"{', or None' if allow_none else ''}, got {value!r}"
+    )
+
+
+def _matches(spec: str | list, name: str) -> bool:
+    """PEFT's rule: a string full-matches as a regex; a list entry equals the name or is a
+    suffix after a dot."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith("." + entry) for entry in spec)
+
+
+def _entry_matches(entry: str, name: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2-style ``Conv1D``: a linear map stored transposed ([in, out])."""
+    return type(module).__name__ == "Conv1D"
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+
+
+def _listing(names: list[str]) -> str:
+    shown = names[:MAX_LISTED_NAMES]
+    more = f", ... ({len(names)} in all)" if len(names) > len(shown) else ""
+    return ", ".join(shown) + more
+
+
+def _describe_linears(model: nn.Module) -> str:
+    names = _linear_names(model)
+    if not names:
+        return f"{type(model).__name__} has no nn.Linear layers"
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return (
+        f"the nn.Linear layers of {type(model).__name__} are named (last part) "
+        f"{', '.join(suffixes)}; in full: {_listing(names)}"
+    )
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """The layers ``"all-linear"`` leaves out: ``get_output_embeddings()`` (an LM head) or,
+    when there is none, a top-level ``score``/``classifier`` (PEFT's rule with SEQ_CLS)."""
+    heads: list[nn.Module] = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if isinstance(out, nn.Module):
+        heads.append(out)
+    else:
+        for attr in SEQ_CLS_HEAD_NAMES:
+            head = getattr(model, attr, None)
+            if isinstance(head, nn.Module):
+                heads.append(head)
+                break
+    names = set()
+    for name, module in model.named_modules():
+        if any(module is head for head in heads):
+            names.add(name)
+    return names
+
+
+def find_target_modules(
+    model: nn.Module, target_modules: TargetModules, exclude_modules: TargetModules | None = None
+) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers that ``target_modules`` selects (PEFT's rules).
+
+    Raises ``ValueError`` when a target matches nothing (listing the model's linear layers),
+    ``TypeError`` when it matches a module that is not an ``nn.Linear`` (GPT-2-style
+    ``Conv1D`` included: fastlora refuses fan_in_fan_out layers) or one that already has LoRA.
+    """
+    targets = _normalise_names(target_modules, "target_modules", allow_none=False)
+    exclude = _normalise_names(exclude_modules, "exclude_modules", allow_none=True)
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if all_linear:
+        heads = output_head_names(model)
+        matched = [
+            (n, m)
+            for n, m in modules
+            if (isinstance(m, nn.Linear) or _is_conv1d(m)) and n not in heads
+        ]
+    else:
+        matched = [(n, m) for n, m in modules if _matches(targets, n)]
+        if isinstance(targets, str):
+            if not matched:
+                raise ValueError(
+                    f"target_modules: the regex {targets!r} matches no module name "
+                    f"(it must match the whole name); {_describe_linears(model)}"
+                )
+        else:
+            unknown = [e for e in targets if not any(_entry_matches(e, n) for n, _ in modules)]
+            if unknown:
+                raise ValueError(
+                    f"target_modules: {unknown} match no module of "
+                    f"{type(model).__name__}; {_describe_linears(model)}"
+                )
+    if exclude is not None:
+        matched = [(n, m) for n, m in matched if not _matches(exclude, n)]
+    if not matched:
+        raise ValueError(
+            f"target_modules: every module matched by {targets!r} is excluded by "
+            f"exclude_modules={exclude!r}; {_describe_linears(model)}"
+        )
+    bad = []
+    for name, module in matched:
+        if isinstance(module, FastLoRALinear):
+            bad.append(f"{name} (already a FastLoRALinear)")
+        elif _is_conv1d(module):
+            bad.append(
+                f"{name} (a transposed Conv1D, PEFT's fan_in_fan_out=True: fastlora supports "
+                "nn.Linear only; convert the model to nn.Linear first)"
+            )
+        elif not isinstance(module, nn.Linear):
+            bad.append(f"{name} ({type(module).__name__}, not an nn.Linear)")
+    if bad:
+        raise TypeError(
+            f"target_modules={targets!r} selects layers fastlora cannot adapt: "
+            f"{_listing(bad)}. Narrow target_modules or use exclude_modules; "
+            f"{_describe_linears(model)}"
+        )
+    return [n for n, _ in matched]
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / merge
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, FastLoRALinear]:
+    """Every ``FastLoRALinear`` in ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
+
+
+def _check_untouched(model: nn.Module, fn: str) -> None:
+    if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
+        raise TypeError(f"{fn}: got a PEFT model; use fastlora.from_peft(model) to convert it")
+    if getattr(model, "fastlora_config", None) is not None or lora_layers(model):
+        raise ValueError(
+            f"{fn}: the model already has FastLoRALinear layers; start from the "
+            "base model, or fastlora.merge_lora(model) first"
+        )
+
+
+def _check_decomposable(model: nn.Module, names: list[str], mode: str, r: int) -> None:
+    """PiSSA/OLoRA overwrite the base weight: refuse weights shared with another parameter
+    (tied embeddings), integer/quantised weights and r beyond the weight's rank."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    problems = []
+    for name in names:
+        w = model.get_submodule(name).weight
+        shared = [o for o in owners.get(id(w), []) if o != f"{name}.weight"]
+        if shared:
+            problems.append(
+                f"{name}.weight is shared with {shared} (tied weights would change there too)"
+            )
+        if not w.dtype.is_floating_point:
+            problems.append(f"{name}.weight has dtype {w.dtype} (needs a float weight)")
+        if r > min(w.shape):
+            problems.append(f"{name}: r={r} exceeds min(out, in)={min(w.shape)}")
+    if problems:
+        raise ValueError(f"init_lora_weights={mode!r} cannot decompose: {'; '.join(problems)}")
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: TargetModules,
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    init_lora_weights: inits.InitMode = True,
+    exclude_modules: TargetModules | None = None,
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` selected by ``target_modules`` with a
+    ``FastLoRALinear`` sharing its weight and bias, freeze every other parameter, record the
+    config as ``model.fastlora_config`` and return ``model``.
+
+    ``target_modules``: a list of names/suffixes, a regex matched against the full name, or
+    ``"all-linear"`` (the output head is left out). ``init_lora_weights``: ``True``,
+    ``"gaussian"``, ``False``, or ``"pissa"``/``"olora"``, which overwrite each adapted base
+    weight with its residual (output unchanged at step 0). Everything is checked before the
+    model is touched.
+    """
+    _check_hparams(r, lora_alpha, lora_dropout)
+    mode = inits.check_mode(init_lora_weights)
+    _check_untouched(model, "apply_lora")
+    names = find_target_modules(model, target_modules, exclude_modules)
+    if inits.is_decomposition(mode):
+        _check_decomposable(model, names, mode, r)
+
+    targets = _normalise_names(target_modules, "target_modules", allow_none=False)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = sorted(names)
+    config = FastLoRAConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=float(lora_dropout),
+        use_rslora=bool(use_rslora),
+        init_lora_weights=mode,
+        target_modules=targets,
+        exclude_modules=_normalise_names(exclude_modules, "exclude_modules", allow_none=True),
+        base_model_name_or_path=_name_or_path(model),
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        linear = model.get_submodule(name)
+        layer = FastLoRALinear.from_linear(
+            linear,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            init_lora_weights=mode,
+        )
+        layer.train(linear.training)
+        if inits.is_decomposition(mode):
+            config.initial_factors[name] = (
+                layer.lora_A.detach().clone(),
+                layer.lora_B.detach().clone(),
+            )
+        _set_submodule(model, name, layer)
+    model.fastlora_config = config
+    return model
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Turn every ``FastLoRALinear`` into a plain ``nn.Linear`` holding ``W + scaling * B A``
+    (float32 arithmetic at least, float64 for float64 weights; in place in the existing weight
+    tensor; the bias is the same
+    parameter), drop ``model.fastlora_config`` and return ``model``. The merged weights keep
+    ``requires_grad=False``. A PiSSA/OLoRA layer merges to ``W_res + s * B A``, the trained
+    weight in the original basis."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("merge_lora: the model has no FastLoRALinear layers")
+    for name, layer in layers.items():
+        layer.merge()
+        linear = nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+        )
+        linear.weight = layer.weight
+        linear.bias = layer.bias
+        linear.train(layer.training)
+        _set_submodule(model, name, linear)
+    if hasattr(model, "fastlora_config"):
+        del model.fastlora_config
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter counts
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` element counts, each shared parameter counted once."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's line: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7324``."""
+    trainable, total = trainable_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT -> fastlora
+
+# LoraConfig fields whose non-default values change what the adapter computes in ways
+# fastlora does not represent
+_PEFT_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA (use_dora=True)",
+    "lora_bias": "a bias on lora_B (lora_bias=True)",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QALoRA",
+    "target_parameters": "LoRA on nn.Parameters (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
+}
+
+
+def _peft_config_problems(config: Any) -> list[str]:
+    """Reasons a PEFT LoRA config (a LoraConfig or its JSON dict) is not representable."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    problems = []
+    peft_type = get("peft_type")
+    peft_type = getattr(peft_type, "value", peft_type)
+    if peft_type != "LORA":
+        problems.append(f"peft_type is {peft_type!r}, fastlora holds LoRA adapters only ('LORA')")
+    for key, what in _PEFT_UNSUPPORTED_FIELDS.items():
+        if get(key):
+            problems.append(f"{what} is not supported ({key}={get(key)!r})")
+    if get("bias", "none") != "none":
+        problems.append(f"bias={get('bias')!r} trains base biases; only 'none' is supported")
+    if get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out=True (GPT-2-style Conv1D layers) is not supported")
+    if get("rank_pattern") or get("alpha_pattern"):
+        problems.append(
+            "per-layer rank_pattern/alpha_pattern are not supported "
+            "(one r and lora_alpha for all layers)"
+        )
+    if get("layers_to_transform") is not None or get("layers_pattern"):
+        problems.append("layers_to_transform/layers_pattern are not supported")
+    init = get("init_lora_weights", True)
+    lowered = init.lower() if isinstance(init, str) else init
+    if lowered not in inits.PEFT_BASE_PRESERVING_INITS + inits.DECOMPOSITION_INITS:
+        problems.append(
+            f"init_lora_weights={init!r} is not supported: fastlora reloads adapters whose base is "
+            f"untouched {inits.PEFT_BASE_PRESERVING_INITS} or split by 'pissa'/'olora'"
+        )
+    return problems
+
+
+def config_from_peft(config: Any, base_model_name_or_path: str | None = None) -> FastLoRAConfig:
+    """A ``FastLoRAConfig`` from a PEFT ``LoraConfig`` or its ``adapter_config.json`` dict;
+    ``ValueError`` listing every field fastlora cannot represent."""
+    problems = _peft_config_problems(config)
+    if problems:
+        raise ValueError("PEFT adapter not supported by fastlora: " + "; ".join(problems))
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    init = get("init_lora_weights", True)
+    init = init.lower() if isinstance(init, str) else init
+    target = get("target_modules")
+    exclude = get("exclude_modules")
+    return FastLoRAConfig(
+        r=get("r", 8),
+        lora_alpha=get("lora_alpha", 8),
+        lora_dropout=float(get("lora_dropout", 0.0) or 0.0),
+        use_rslora=bool(get("use_rslora", False)),
+        init_lora_weights=init,
+        target_modules=target if isinstance(target, str) else sorted(target or []),
+        exclude_modules=exclude if isinstance(exclude, str) or exclude is None else sorted(exclude),
+        base_model_name_or_path=get("base_model_name_or_path") or base_model_name_or_path,
+    )
+
+
+def from_peft(peft_model: nn.Module) -> nn.Module:
+    """Swap PEFT's LoRA ``Linear`` layers for ``FastLoRALinear`` layers holding the very same
+    parameter objects (base weight and bias, ``lora_A``, ``lora_B``), so outputs, gradients and
+    an optimizer built on them carry over; return the underlying model with
+    ``model.fastlora_config`` set. Accepts a ``PeftModel``, a ``LoraModel`` or a model with
+    injected LoRA layers; the PEFT wrapper is consumed (its modules are replaced).
+
+    Refused with a ``ValueError``/``TypeError`` that names the layer and the feature: several
+    adapters, DoRA and other LoRA variants, lora_bias, merged or disabled adapters, Conv1D
+    (fan_in_fan_out) and non-Linear LoRA layers, modules_to_save and other PEFT wrappers,
+    per-layer rank/alpha patterns, base-mutating inits other than PiSSA/OLoRA.
+    """
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+        from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+    except ImportError as err:  # pragma: no cover - peft is a test dependency
+        raise ImportError(
+            "fastlora.from_peft needs peft installed (pip install fastlora[peft])"
+        ) from err
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper as _Wrapper
+    except ImportError:  # older PEFT
+        from peft.utils.other import ModulesToSaveWrapper as _Wrapper
+
+    configs: dict = {}
+    model = peft_model
+    if hasattr(peft_model, "base_model") and isinstance(peft_model.base_model, BaseTuner):
+        configs = dict(peft_model.peft_config)
+        model = peft_model.base_model.model
+    elif isinstance(peft_model, BaseTuner):
+        configs = dict(peft_model.peft_config)
+        model = peft_model.model
+    if len(configs) > 1:
+        raise ValueError(
+            f"from_peft: the model has several adapters {sorted(configs)}; fastlora "
+            "holds one (delete the others, or merge them with PEFT first)"
+        )
+
+    problems: list[str] = []
+    found: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _Wrapper):
+            problems.append(f"{name}: {type(module).__name__} (modules_to_save / trainable tokens)")
+        elif isinstance(module, BaseTunerLayer) and type(module) is not PeftLoraLinear:
+            problems.append(
+                f"{name}: {type(module).__name__} "
+                "(fastlora adapts nn.Linear layers with plain LoRA)"
+            )
+        elif isinstance(module, PeftLoraLinear):
+            found[name] = module
+    if not found and not problems:
+        raise ValueError("from_peft: found no PEFT LoRA Linear layers in the model")
+
+    adapter_names = {a for m in found.values() for a in m.lora_A}
+    if len(adapter_names) > 1:
+        problems.append(
+            f"several adapters {sorted(adapter_names)} on the layers; fastlora holds one"
+        )
+    hparams = set()
+    for name, m in found.items():
+        if len(adapter_names) > 1:
+            break
+        (adapter,) = adapter_names
+        base = m.get_base_layer()
+        if m.lora_variant:
+            problems.append(
+                f"{name}: LoRA variant {sorted(type(v).__name__ for v in m.lora_variant.values())} "
+                "(DoRA and friends) is not supported"
+            )
+        if m.use_dora.get(adapter) or adapter in m.lora_magnitude_vector:
+            problems.append(f"{name}: DoRA is not supported")
+        if m.lora_bias.get(adapter):
+            problems.append(f"{name}: lora_bias=True is not supported")
+        if m.merged:
+            problems.append(
+                f"{name}: the adapter is merged into the base weight; unmerge() it first"
+            )
+        if m.disable_adapters:
+            problems.append(f"{name}: adapters are disabled; enable them first")
+        if adapter not in m.active_adapters:
+            problems.append(f"{name}: adapter {adapter!r} is not active")
+        if getattr(m, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
+            problems.append(
+                f"{name}: base layer {type(base).__name__} (fan_in_fan_out/Conv1D or "
+                "quantised layers are not supported; fastlora needs nn.Linear)"
+            )
+        drop = m.lora_dropout[adapter]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        r, alpha, scaling = m.r[adapter], m.lora_alpha[adapter], m.scaling[adapter]
+        rslora = bool(m.use_rslora.get(adapter, False))
+        expected = alpha / (math.sqrt(r) if rslora else r)
+        if not math.isclose(scaling, expected, rel_tol=1e-12):
+            problems.append(
+                f"{name}: scaling {scaling} differs from lora_alpha/r ({expected}); "
+                "set_scale/scale_layer changes are not supported"
+            )
+        hparams.add((r, alpha, p, rslora))
+    if len(hparams) > 1:
+        problems.append(
+            f"layers differ in (r, lora_alpha, lora_dropout, use_rslora): {sorted(hparams)}; "
+            "fastlora records one setting for all layers"
+        )
+    config = None
+    if configs:
+        peft_config = next(iter(configs.values()))
+        problems += _peft_config_problems(peft_config)
+    if problems:
+        raise ValueError(
+            "from_peft: cannot convert without changing the adapter: " + "; ".join(problems)
+        )
+
+    r, alpha, p, rslora = next(iter(hparams))
+    if configs:
+        config = config_from_peft(peft_config, _name_or_path(model))
+    else:
+        config = FastLoRAConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=p,
+            use_rslora=rslora,
+            target_modules=sorted(found),
+            base_model_name_or_path=_name_or_path(model),
+        )
+    (adapter,) = adapter_names
+    for name, m in found.items():
+        base = m.get_base_layer()
+        # init False: random factors that are replaced at once by PEFT's parameters
+        layer = FastLoRALinear.from_linear(
+            base, r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=rslora, init_lora_weights=False
+        )
+        layer.init_lora_weights = config.init_lora_weights
+        layer.lora_A = m.lora_A[adapter].weight
+        layer.lora_B = m.lora_B[adapter].weight
+        layer.train(m.training)
+        _set_submodule(model, name, layer)
+    model.fastlora_config = config
+    return model
