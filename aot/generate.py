@@ -1,0 +1,346 @@
+"""Ahead-of-time build of fastlora's Triton kernels into C sources (run by CMakeLists.txt).
+
+    python aot/generate.py pack   --src ROOT --out build/gen/fl_pack.h
+    python aot/generate.py cubins --src ROOT --arch 90 --dtype fp16 --out build/gen
+
+``pack`` writes, for every kernel, a C function that lays the launch values out in the
+kernel's parameter order (read from the ``@triton.jit`` function, so a renamed or added
+argument fails the build here, not a launch on a GPU), and the checks that decide whether
+the 16-aligned specialisation may run.  ``cubins`` compiles every variant for one arch
+and dtype with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
+(no GPU needed) and writes ``fl_sm<arch>_<dtype>.c``: the cubins, embedded with
+``.incbin``, and a table the runtime (aot/src/fastlora_kernels.c) picks from.
+
+Variants per (arch, dtype, rank block R_PAD in 16/32/64/128), from ``_configs.configs_for``:
+    shrink, forward, dx  "large" (first config that fits) and "small" (last) tile, both
+                         16-aligned; "generic" = the small tile without alignment hints
+    da, db               one tile (the first that fits): aligned and generic
+    flags                forward: HAS_BIAS on/off; shrink, dx, da: HAS_DROPOUT on/off
+plus ``_sum_splits_kernel`` (aot/sum_splits.py), the C side's ``torch.sum`` of partials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, with the GPU tiles
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sum_splits import SUM_BLOCK, SUM_NUM_WARPS, _sum_splits_kernel  # noqa: E402
+
+PARAM_BYTES = {"ptr": 8, "i32": 4, "f32": 4}  # CUdeviceptr, int32_t, float
+ALIGN = 16  # the divisibility Triton's runtime specialises on (pointers and ints)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """How one kernel argument is fed from C.  kind: ptr | i32 | f32 | unit | const.
+    ``field``: the ``fl_launch`` member (aot/src/fl_internal.h) or, for const, the
+    variant key; ``div``: hinted divisible by 16 in the aligned specialisation."""
+
+    kind: str
+    field: str = ""
+    div: bool = True
+
+
+def P(f, div=True):
+    return Arg("ptr", f, div)
+
+
+def I(f, div=True):  # noqa: E743
+    return Arg("i32", f, div)
+
+
+def F(f):
+    return Arg("f32", f, False)
+
+
+U = Arg("unit")  # a last-dimension stride: the C API takes contiguous rows, so it is 1
+
+
+def C(key):
+    return Arg("const", key)
+
+
+# Every argument of every kernel, by name.  The hints mirror kernels/_compile.py (what
+# Triton's runtime specialises for aligned tensors) except M, which is left unhinted so
+# any M takes the fast path (a hint on M only sharpens the row mask).
+KERNEL_ARGS = {
+    "shrink": {
+        "x_ptr": P("x"), "a_ptr": P("a"), "u_ptr": P("u"), "seed_ptr": P("seed"),
+        "M": I("M", False), "K": I("K"), "R": I("R", False),
+        "stride_xm": I("ldx"), "stride_xk": U, "stride_ar": I("lda"), "stride_ak": U,
+        "stride_um": I("ldu", False), "stride_ur": U,
+        "scaling": F("scaling"), "dropout_p": F("dropout_p"), "M_BUCKET": I("m_bucket", False),
+        "HAS_DROPOUT": C("flag"), "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
+        "BLOCK_M": C("BLOCK_M"), "BLOCK_K": C("BLOCK_K"),
+    },
+    "forward": {
+        "x_ptr": P("x"), "w_ptr": P("w"), "bias_ptr": P("bias"), "u_ptr": P("u"),
+        "b_ptr": P("b"), "y_ptr": P("y"),
+        "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
+        "stride_xm": I("ldx"), "stride_xk": U, "stride_wn": I("ldw"), "stride_wk": U,
+        "stride_um": I("ldu", False), "stride_ur": U, "stride_bn": I("ldb", False),
+        "stride_br": U, "stride_ym": I("ldy"), "stride_yn": U,
+        "M_BUCKET": I("m_bucket", False),
+        "HAS_BIAS": C("flag"), "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
+        "BLOCK_M": C("BLOCK_M"), "BLOCK_N": C("BLOCK_N"), "BLOCK_K": C("BLOCK_K"),
+        "GROUP_M": C("GROUP_M"),
+    },
+    "dx": {
+        "dy_ptr": P("dy"), "w_ptr": P("w"), "b_ptr": P("b"), "a_ptr": P("a"),
+        "seed_ptr": P("seed"), "dx_ptr": P("dx"), "g_ptr": P("g"),
+        "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
+        "stride_dym": I("lddy"), "stride_dyn": U, "stride_wn": I("ldw"), "stride_wk": U,
+        "stride_bn": I("ldb", False), "stride_br": U, "stride_ar": I("lda"), "stride_ak": U,
+        "stride_dxm": I("lddx"), "stride_dxk": U, "stride_gm": I("ldg", False), "stride_gr": U,
+        "scaling": F("scaling"), "dropout_p": F("dropout_p"), "M_BUCKET": I("m_bucket", False),
+        "COMPUTE_DX": C("compute_dx"), "WRITE_G": C("write_g"), "HAS_DROPOUT": C("flag"),
+        "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
+        "BLOCK_M": C("BLOCK_M"), "BLOCK_N": C("BLOCK_N"), "BLOCK_K": C("BLOCK_K"),
+        "GROUP_M": C("GROUP_M"),
+    },
+    "da": {
+        "g_ptr": P("g"), "x_ptr": P("x"), "seed_ptr": P("seed"), "ws_ptr": P("ws_a"),
+        "M": I("M", False), "K": I("K"), "R": I("R", False), "ROWS_PER_SPLIT": I("rows"),
+        "stride_gm": I("ldg", False), "stride_gr": U, "stride_xm": I("ldx"), "stride_xk": U,
+        "stride_ws": I("ws_a_split"), "stride_wr": I("ws_a_row"), "stride_wk": U,
+        "dropout_p": F("dropout_p"), "M_BUCKET": I("m_bucket", False),
+        "HAS_DROPOUT": C("flag"), "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
+        "REDUCE_BLOCK_M": C("REDUCE_BLOCK_M"), "BLOCK_K": C("BLOCK_K"),
+    },
+    "db": {
+        "dy_ptr": P("dy"), "u_ptr": P("u"), "ws_ptr": P("ws_b"),
+        "M": I("M", False), "N": I("N"), "R": I("R", False), "ROWS_PER_SPLIT": I("rows"),
+        "stride_dym": I("lddy"), "stride_dyn": U, "stride_um": I("ldu", False), "stride_ur": U,
+        "stride_ws": I("ws_b_split"), "stride_wn": I("ws_b_row", False), "stride_wr": U,
+        "M_BUCKET": I("m_bucket", False),
+        "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
+        "REDUCE_BLOCK_M": C("REDUCE_BLOCK_M"), "BLOCK_N": C("BLOCK_N"),
+    },
+    "sum": {
+        "ws_ptr": P("ws_sum"), "out_ptr": P("out"),
+        "SPLITS": I("splits", False), "NUMEL": I("numel", False), "BLOCK": C("SUM_BLOCK"),
+    },
+}  # fmt: skip
+KERNEL_IDS = {k: i for i, k in enumerate(KERNEL_ARGS)}  # FL_K_<NAME> in fl_internal.h
+M_TILED = ("shrink", "forward", "dx")
+FLAG_NAME = {"shrink": "HAS_DROPOUT", "forward": "HAS_BIAS", "dx": "HAS_DROPOUT",
+             "da": "HAS_DROPOUT"}  # fmt: skip
+ROLES = {"large": 0, "small": 1, "generic": 2}
+DTYPES = {"fp16": 0, "bf16": 1}  # FASTLORA_FP16 / FASTLORA_BF16 in fastlora_kernels.h
+KIND = "16bit"  # _configs.operand_kind of fp16/bf16 operands: their config table
+# usable shared memory per block for archs _configs does not list (sm_86/89 class)
+SMEM_DEFAULT = 99 * 1024
+
+
+def import_kernels(src: Path):
+    """The kernels of the source tree being built (not whatever copy is installed)."""
+    sys.path.insert(0, str(src))
+    from kernels import _compile, _configs
+
+    fns = dict(_compile.JIT_KERNELS)
+    fns["sum"] = _sum_splits_kernel
+    return fns, _configs
+
+
+def check_args(fns) -> None:
+    for name, fn in fns.items():
+        have, want = list(fn.arg_names), set(KERNEL_ARGS[name])
+        if set(have) != want:
+            raise SystemExit(
+                f"aot/generate.py: kernel {name} ({fn.__name__}) changed its arguments: "
+                f"new {sorted(set(have) - want)}, gone {sorted(want - set(have))}; "
+                "update KERNEL_ARGS (and fl_launch in aot/src/fl_internal.h)"
+            )
+
+
+def runtime_args(fn, kernel):
+    return [(n, KERNEL_ARGS[kernel][n]) for n in fn.arg_names if KERNEL_ARGS[kernel][n].kind
+            in ("ptr", "i32", "f32")]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- pack
+
+
+def write_pack(out: Path, fns, cfg) -> None:
+    lines = [
+        "/* generated by aot/generate.py pack: do not edit */",
+        "#ifndef FL_PACK_H", "#define FL_PACK_H", '#include "fl_internal.h"', "",
+        "/* mirrored from kernels/_configs.py and aot/sum_splits.py */",
+        f"#define FL_MAX_R {cfg.MAX_R}",
+        f"#define FL_MMA_MIN_R {cfg.MMA_MIN_R}",
+        f"#define FL_ROWS_PER_SPLIT_MIN {cfg.ROWS_PER_SPLIT_MIN}",
+        f"#define FL_MAX_SPLITS {cfg.MAX_SPLITS}",
+        f"#define FL_SUM_BLOCK {SUM_BLOCK}",
+        "",
+    ]  # fmt: skip
+    for kernel, fn in fns.items():
+        args = runtime_args(fn, kernel)
+        names = ", ".join(n for n, _ in args)
+        lines.append(f"/* {fn.__name__}: {names} */")
+        lines.append(f"static int fl_aligned_{kernel}(const fl_launch* L) {{")
+        conds = [f"FL_DIV16(L->{a.field})" for _, a in args if a.div and a.kind != "f32"]
+        lines.append("    return " + (" &&\n           ".join(conds) or "1") + ";")
+        lines.append("}")
+        lines.append(f"static int fl_pack_{kernel}(const fl_launch* L, fl_params* P) {{")
+        lines.append("    P->n = 0;")
+        for n, a in args:
+            macro = {"ptr": "FL_PUT_PTR", "i32": "FL_PUT_I32", "f32": "FL_PUT_F32"}[a.kind]
+            lines.append(f'    {macro}(P, L->{a.field}, "{n}");')
+        lines.append("    return fl_put_scratch(P);")
+        lines.append("}")
+        lines.append("")
+    lines.append("typedef int (*fl_pack_fn)(const fl_launch*, fl_params*);")
+    lines.append("static const fl_pack_fn fl_packers[FL_K_COUNT] = {")
+    lines += [f"    fl_pack_{k}," for k in fns]
+    lines.append("};")
+    lines.append("static int (*const fl_aligned_checks[FL_K_COUNT])(const fl_launch*) = {")
+    lines += [f"    fl_aligned_{k}," for k in fns]
+    lines.append("};")
+    lines.append("#endif")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------- cubins
+
+
+def compile_one(fn, kernel, dtype, arch, r_pad, tile, flag, aligned, cfg):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    consts = {
+        "flag": flag, "r_pad": r_pad, "precision": "ieee", "compute_dx": True, "write_g": True,
+        "GROUP_M": cfg.GROUP_M, "REDUCE_BLOCK_M": cfg.reduce_block_m(KIND),
+        "SUM_BLOCK": SUM_BLOCK,
+    }  # fmt: skip
+    if tile is not None:
+        consts.update({"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        a = KERNEL_ARGS[kernel][name]
+        if a.kind == "const":
+            signature[name], constexprs[name] = "constexpr", consts[a.field]
+        elif a.kind == "unit":
+            signature[name], constexprs[name] = "constexpr", 1
+        elif a.kind == "ptr":
+            signature[name] = {"seed_ptr": "*i64", "ws_ptr": "*fp32"}.get(name, "*" + dtype)
+        else:
+            signature[name] = a.kind.replace("f32", "fp32")
+        if aligned and a.div and a.kind in ("ptr", "i32"):
+            attrs[(i,)] = [["tt.divisibility", ALIGN]]
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    warps, stages = (tile.num_warps, tile.num_stages) if tile else (SUM_NUM_WARPS, 1)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+
+
+def scratch_params(md) -> int:
+    """Trailing pointer parameters Triton's launcher appends (global, profile scratch)."""
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise SystemExit("aot: kernels needing scratch memory are not supported")
+    return int(hasattr(md, "global_scratch_size")) + int(hasattr(md, "profile_scratch_size"))
+
+
+def write_cubins(out: Path, fns, cfg, arch: int, dtype: str) -> None:
+    tag = f"sm{arch}_{dtype}"
+    bindir = out / tag
+    bindir.mkdir(parents=True, exist_ok=True)
+    limit = cfg.SMEM_LIMIT.get(arch, SMEM_DEFAULT)
+    entries, blobs, manifest, t0 = [], [], [], time.time()
+    cache: dict = {}
+
+    def emit(kernel, r_pad, role, flag, tile, aligned):
+        key = (kernel, r_pad, flag, tile, aligned)
+        if key not in cache:
+            ck = compile_one(fns[kernel], kernel, dtype, arch, r_pad, tile, flag, aligned, cfg)
+            if ck.metadata.shared > limit:
+                return None
+            sym = f"fl_cubin_{tag}_{len(blobs)}"
+            path = bindir / f"{kernel}_r{r_pad}_{role}_{flag}.cubin"
+            path.write_bytes(ck.asm["cubin"])
+            blobs.append((sym, path))
+            md = ck.metadata
+            cache[key] = (sym, len(ck.asm["cubin"]), md.shared, md.name, scratch_params(md))
+            sizes = [PARAM_BYTES[a.kind] for _, a in runtime_args(fns[kernel], kernel)]
+            manifest.append({"cubin": str(path.resolve()), "function": md.name, "arch": arch,
+                             "params": sizes + [8] * scratch_params(md)})  # fmt: skip
+        sym, size, shared, name, nscratch = cache[key]
+        bm, bn, bk, warps = (tile.block_m, tile.block_n, tile.block_k, tile.num_warps) if tile \
+            else (0, SUM_BLOCK, 0, SUM_NUM_WARPS)  # fmt: skip
+        entries.append(
+            f"    {{FL_K_{kernel.upper()}, {r_pad}, {ROLES[role]}, {int(flag)}, {bm}, {bn}, {bk}, "
+            f'{warps}, {shared}, {nscratch}, "{name}", {sym}, {size}}},'
+        )
+        return True
+
+    for r_pad in cfg.R_PADS:
+        for kernel in ("shrink", "forward", "dx", "da", "db"):
+            tiles = cfg.configs_for(kernel, KIND, r_pad, interpreter=False)
+            if not tiles:
+                raise SystemExit(f"aot: no config for {kernel} r_pad={r_pad}")
+            flags = (False,) if kernel == "db" else (False, True)  # db has no flag
+            roles = (("large", tiles), ("small", tiles[::-1])) if kernel in M_TILED \
+                else (("large", tiles),)  # fmt: skip
+            for role, order in roles:
+                for flag in flags:
+                    if not any(emit(kernel, r_pad, role, flag, t, True) for t in order):
+                        raise SystemExit(f"aot: no {kernel} r_pad={r_pad} tile fits sm_{arch}")
+            # generic: the smallest tile that fits, no alignment hints
+            for flag in flags:
+                if not any(emit(kernel, r_pad, "generic", flag, t, False) for t in tiles[::-1]):
+                    raise SystemExit(f"aot: no generic {kernel} r_pad={r_pad} fits sm_{arch}")
+    emit("sum", 0, "generic", False, None, False)
+
+    c = [f"/* generated by aot/generate.py cubins --arch {arch} --dtype {dtype}: do not edit */",
+         '#include "fl_internal.h"', ""]  # fmt: skip
+    for sym, path in blobs:
+        p = str(path.resolve()).replace("\\", "\\\\").replace('"', '\\"')
+        asm = f'.section .rodata\\n.balign 16\\n{sym}:\\n.incbin \\"{p}\\"\\n.previous\\n'
+        c.append(f'__asm__("{asm}");')
+        c.append(f'extern const unsigned char {sym}[] __attribute__((visibility("hidden")));')
+    c.append("")
+    c.append("static const fl_variant variants[] = {")
+    c += entries
+    c.append("};")
+    c.append(f"const fl_table fl_table_{tag} = {{{arch}, {DTYPES[dtype]}, variants, "
+             f"sizeof(variants) / sizeof(variants[0])}};")  # fmt: skip
+    (out / f"fl_{tag}.c").write_text("\n".join(c) + "\n")
+    # what the launcher passes, per cubin: aot/tests/check_abi.py compares it with the cubin
+    (out / f"fl_{tag}.json").write_text(json.dumps(manifest, indent=0) + "\n")
+    print(f"aot: sm_{arch} {dtype}: {len(blobs)} cubins, {len(entries)} variants, "
+          f"{sum(p.stat().st_size for _, p in blobs) / 1e6:.1f} MB, "
+          f"{time.time() - t0:.0f} s")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("what", choices=("pack", "cubins"))
+    ap.add_argument("--src", type=Path, default=Path(__file__).resolve().parents[1])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--arch", type=int)
+    ap.add_argument("--dtype", choices=tuple(DTYPES))
+    a = ap.parse_args()
+    fns, cfg = import_kernels(a.src)
+    check_args(fns)
+    if cfg.operand_kind(2, "ieee") != KIND:
+        raise SystemExit(f"aot: _configs.operand_kind(2, 'ieee') is no longer {KIND!r}")
+    if a.what == "pack":
+        write_pack(a.out, fns, cfg)
+    else:
+        if a.arch is None or a.dtype is None:
+            ap.error("cubins needs --arch and --dtype")
+        write_cubins(a.out, fns, cfg, a.arch, a.dtype)
+
+
+if __name__ == "__main__":
+    main()
