@@ -1,0 +1,332 @@
+"""The Triton backend: the fused kernels as ``fastlora::`` ops with autograd, and the
+per-shape pick between them and the cuBLAS composition (``fastlora.torch_backend``).
+
+    forward   fastlora::lora_fwd_triton  shrink + GEMM launches   -> y [M, N], u [M, r]
+    backward  fastlora::lora_bwd_triton  dx, dA, dB launches      -> dx, dA, dB
+
+Saved for backward: ``x``, ``u`` [M, r] and the int64 dropout seed; the keep mask is
+regenerated in the kernels from (seed, row, column), never stored.  The seed comes from
+torch's generator for x's device (``torch.randint``, no host sync), so ``torch.manual_seed``
+reproduces a run.  Backward has no atomics: dA and dB are split-M partial sums reduced by
+``torch.sum``, bitwise reproducible from run to run.
+
+On CPU tensors this backend runs only under ``TRITON_INTERPRET=1`` (the real kernels,
+interpreted), which is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("fastlora")
+
+STRATEGIES = ("fused", "composition", "auto")
+# do_bench budget per candidate when a shape bucket is first seen (ms)
+_BENCH_WARMUP_MS = 5
+_BENCH_REP_MS = 20
+
+
+def _import_kernels() -> ModuleType:
+    """``fastlora.kernels``; from a source checkout that was not pip-installed, load the
+    top-level ``kernels/`` directory under that name (the package-dir mapping of pyproject)."""
+    try:
+        import fastlora.kernels as kernels
+
+        return kernels
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastlora.kernels":
+            raise
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "fastlora.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"fastlora.kernels: not installed and no {root}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastlora.kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_kernels = _import_kernels()
+_interpreting = _kernels._configs.interpreting
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """Whether the fused kernels can run on ``device``, and why not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if _interpreting():
+            return False, "TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only"
+        if not torch.cuda.is_available():
+            return False, "no CUDA driver or device is available to torch"
+        try:
+            from triton.runtime import driver
+
+            driver.active.get_current_device()
+        except Exception as exc:  # no GPU driver triton can use
+            return False, f"triton has no active GPU driver ({exc})"
+        return True, ""
+    if device.type == "cpu":
+        if _interpreting():
+            return True, ""
+        return False, "Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1"
+    return False, f"Triton kernels are built for CUDA devices, not {device.type!r}"
+
+
+# --------------------------------------------------------------------------- the ops
+
+# triton_op lets torch.compile trace into the op body and see each wrap_triton launch.  Under
+# the interpreter the kernels are launched raw (wrap_triton is bypassed) and cannot run on
+# fake tensors, so the ops are registered as opaque custom_ops there: AOTAutograd and
+# opcheck then use the fake implementations below instead of tracing the body.
+_register_op = torch.library.custom_op if _interpreting() else torch.library.triton_op
+
+
+@_register_op("fastlora::lora_fwd_triton", mutates_args=())
+def lora_fwd_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
+    seed: int64 [1]. Returns y: [M, N] and u = s D(x) A^T: [M, r], both in x.dtype."""
+    return _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@lora_fwd_triton.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@_register_op("fastlora::lora_bwd_triton", mutates_args=())
+def lora_bwd_triton(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    u: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: Tensor,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx [M, K], dA [r, K], dB [N, r]); a gradient not asked for comes back
+    empty and its work is skipped."""
+    dx, dA, dB = _kernels.lora_backward(
+        dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA, need_dB
+    )
+    # one fresh empty per missing gradient: outputs of an op may not alias each other
+    return (
+        dx if dx is not None else x.new_empty(0),
+        dA if dA is not None else x.new_empty(0),
+        dB if dB is not None else x.new_empty(0),
+    )
+
+
+@lora_bwd_triton.register_fake
+def _(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
+        lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
+
+
+def _backward(ctx, dy, _du):
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+    dx, dA, dB = lora_bwd_triton(
+        dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed,
+        need_x, need_A, need_B,
+    )  # fmt: skip
+    # the base is frozen in LoRA; if a user unfroze it, its gradients are still exact
+    dW = torch.mm(dy.t(), x).to(weight.dtype) if need_w else None
+    db = dy.sum(0).to(weight.dtype) if (need_b and ctx.has_bias) else None
+    return (
+        dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
+        None, None, None,
+    )  # fmt: skip
+
+
+lora_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> Tensor:
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    else:  # never read by the kernels; empty launches nothing
+        seed = torch.empty(1, device=x.device, dtype=torch.int64)
+    y, _ = lora_fwd_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y
+
+
+def apply(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> Tensor:
+    """x: [M, K] -> y: [M, N] in x.dtype, through the fused kernels or, where it was
+    measured faster for this shape bucket, the cuBLAS composition.  ``dropout_p == 0``
+    means no dropout (eval passes 0)."""
+    M, K = x.shape
+    N, r = weight.shape[0], lora_A.shape[0]
+    backward = torch.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+    )
+    pick = strategy_for(M, K, N, r, x.dtype, dropout_p, x.device, backward=backward)
+    if pick == "composition":
+        from fastlora import torch_backend
+
+        return torch_backend.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    return _fused(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p))
+
+
+# --------------------------------------------------------------------------- strategy
+
+_strategy_lock = threading.Lock()
+_strategy_override: str | None = None
+_strategy_cache: dict[tuple, str] = {}
+
+
+def _check_strategy(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.lower() not in STRATEGIES:
+        raise ValueError(
+            f"{source}: expected one of {', '.join(map(repr, STRATEGIES))}, got {name!r}"
+        )
+    return name.lower()
+
+
+def set_strategy(strategy: str | None) -> str | None:
+    """Force ``"fused"`` or ``"composition"`` for every shape, or ``"auto"`` to measure per
+    shape bucket; ``None`` returns to ``FASTLORA_STRATEGY`` (default ``"auto"``).  Returns
+    the previous setting."""
+    global _strategy_override
+    if strategy is not None:
+        strategy = _check_strategy(strategy, "set_strategy(strategy)")
+    with _strategy_lock:
+        previous, _strategy_override = _strategy_override, strategy
+    return previous
+
+
+def clear_strategy_cache() -> None:
+    """Forget every measured pick (they are re-measured on next use)."""
+    with _strategy_lock:
+        _strategy_cache.clear()
+
+
+def strategy_for(
+    M: int,
+    K: int,
+    N: int,
+    r: int,
+    dtype: torch.dtype,
+    dropout_p: float,
+    device: torch.device,
+    *,
+    backward: bool = True,
+) -> str:
+    """``"fused"`` or ``"composition"`` for this shape.
+
+    On CUDA with strategy ``"auto"``, the first call for a shape bucket (M rounded up to a
+    power of two; K, N, r, dtype, dropout on/off, device index, forward-only or training)
+    times both with ``triton.testing.do_bench`` and caches the faster.  Under the
+    interpreter (CPU) the answer is ``"fused"`` so the kernels are what is tested.  Ranks
+    above the kernels' limit (128; 64 for fp32 without TF32) always take the composition.
+    While torch.compile traces, an unmeasured bucket takes ``"fused"`` (nothing can be
+    timed during tracing): run one eager step first, or set the strategy, to have the
+    measured pick compiled in."""
+    device = torch.device(device)
+    cfg = _kernels._configs
+    if r > cfg.MAX_R:
+        return "composition"
+    kind = cfg.operand_kind(dtype.itemsize, _kernels.dot_precision(dtype))
+    if device.type == "cuda" and cfg.pad_rank(r) > cfg.max_r_pad(kind):
+        return "composition"  # no kernel config for it (fp32 without TF32, r > 64)
+    forced = _strategy_override or _check_strategy(
+        os.environ.get("FASTLORA_STRATEGY", "auto"), "FASTLORA_STRATEGY"
+    )
+    if forced != "auto":
+        return forced
+    if device.type != "cuda":
+        return "fused"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (_kernels._configs.m_bucket(M), K, N, r, dtype, dropout_p > 0.0, index, backward)
+    pick = _strategy_cache.get(key)
+    if pick is not None:
+        return pick
+    if torch.compiler.is_compiling():
+        return "fused"
+    with _strategy_lock:
+        pick = _strategy_cache.get(key)
+        if pick is None:
+            pick = _measure(*key)
+            _strategy_cache[key] = pick
+    return pick
+
+
+def _measure(M, K, N, r, dtype, has_dropout, index, backward) -> str:
+    """Time the fused op and the composition on random data of this bucket's shape."""
+    import triton.testing
+
+    from fastlora import torch_backend
+
+    device = torch.device("cuda", index)
+    p = 0.1 if has_dropout else 0.0
+    with torch.enable_grad():
+        x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=backward)
+        weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+        bias = torch.zeros(N, device=device, dtype=dtype)
+        lora_A = torch.randn(r, K, device=device, dtype=dtype, requires_grad=backward)
+        lora_B = torch.randn(N, r, device=device, dtype=dtype, requires_grad=backward)
+        dy = torch.randn(M, N, device=device, dtype=dtype)
+
+        def step(fn):
+            def run():
+                y = fn(x, weight, bias, lora_A, lora_B, 1.0, p)
+                if backward:
+                    torch.autograd.grad(y, (x, lora_A, lora_B), dy)
+
+            return run
+
+        ms = {
+            name: triton.testing.do_bench(step(fn), warmup=_BENCH_WARMUP_MS, rep=_BENCH_REP_MS)
+            for name, fn in (("fused", _fused), ("composition", torch_backend.apply))
+        }
+    pick = "fused" if ms["fused"] <= ms["composition"] else "composition"
+    log.debug(
+        "fastlora strategy M<=%d K=%d N=%d r=%d %s dropout=%s backward=%s cuda:%d: "
+        "fused %.4f ms, composition %.4f ms -> %s",
+        M, K, N, r, dtype, has_dropout, backward, index, ms["fused"], ms["composition"], pick,
+    )  # fmt: skip
+    return pick

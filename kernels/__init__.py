@@ -1,0 +1,13 @@
+"""fastlora's Triton kernels (installed as ``fastlora.kernels``): the fused LoRA forward
+and backward and their launchers.  Nothing here is module-shaped; autograd and op
+registration live in ``fastlora.triton_backend``."""
+
+from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
+from ._launch import dot_precision
+from .lora_backward import lora_backward
+from .lora_forward import lora_forward
+
+__all__ = [
+    "MAX_R", "MMA_MIN_R", "configs_for", "dot_precision", "lora_backward", "lora_forward",
+    "pad_rank",
+]

@@ -1,0 +1,239 @@
+"""Tile configurations of the LoRA kernels: the one list autotune, the report and a
+later ahead-of-time build all read, so what is tuned is what is checked.
+
+Block names per kernel (the loop dimension is the one each program walks):
+
+    shrink   u  [M, r]  tiles BLOCK_M,            loop over K in BLOCK_K
+    forward  y  [M, N]  tiles BLOCK_M x BLOCK_N,  loop over K in BLOCK_K
+    dx       dx [M, K]  tiles BLOCK_M x BLOCK_K,  loop over N in BLOCK_N (and g [M, r])
+    da       dA [r, K]  tiles BLOCK_K x split-M,  loop over M in REDUCE_BLOCK_M
+    db       dB [N, r]  tiles BLOCK_N x split-M,  loop over M in REDUCE_BLOCK_M
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# tl.dot needs every dimension >= 16 (mma.sync m16n8k16 / wgmma k16 for 16-bit operands),
+# so the rank r is padded up to this inside the kernels, then to a power of two (tl.arange).
+MMA_MIN_R = 16
+MAX_R = 128
+# Grouped program order along M (Triton matmul tutorial): 8 row-tiles share W tiles in L2.
+GROUP_M = 8
+# The split-M reductions (dA, dB) walk M in a fixed step on every config, so their
+# summation order, hence their bits, do not depend on which config autotune picked.
+REDUCE_BLOCK_M_GPU = 64
+REDUCE_BLOCK_M_FP32 = 32  # FMA dots (fp32 without TF32) hold operands in registers
+# The interpreter runs every program in numpy: small tiles keep the tests fast.
+INTERPRET_BLOCK = 16
+# Rows handed to one split of the dA/dB reductions: a multiple of every BLOCK_M we use.
+ROWS_PER_SPLIT_MIN = 512
+MAX_SPLITS = 64
+# Usable shared memory per block (bytes): cudaDevAttrMaxSharedMemoryPerBlockOptin.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+KERNELS = ("shrink", "forward", "dx", "da", "db")
+# Autotune keys: the bucketed M and the exact sizes the kernel loops or tiles over
+# (Triton adds the argument dtypes itself); a training run tunes once per layer shape.
+AUTOTUNE_KEYS = {
+    "shrink": ["M_BUCKET", "K"],
+    "forward": ["M_BUCKET", "N", "K"],
+    "dx": ["M_BUCKET", "N", "K"],
+    "da": ["M_BUCKET", "K"],
+    "db": ["M_BUCKET", "N"],
+}
+R_PADS = (16, 32, 64, 128)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pad_rank(r: int) -> int:
+    """r -> the constexpr rank block: >= MMA_MIN_R, a power of two (tl.arange)."""
+    if not 1 <= r <= MAX_R:
+        raise ValueError(f"fastlora triton kernels support 1 <= r <= {MAX_R}, got r={r}")
+    p = MMA_MIN_R
+    while p < r:
+        p *= 2
+    return p
+
+
+def reduce_block_m(kind: str) -> int:
+    """The fixed M step of the dA/dB reductions for an operand kind (``operand_kind``)."""
+    if interpreting():
+        return INTERPRET_BLOCK
+    return REDUCE_BLOCK_M_FP32 if kind == "fp32" else REDUCE_BLOCK_M_GPU
+
+
+def max_r_pad(kind: str) -> int:
+    """Largest rank block the kernels have configs for, per operand kind."""
+    return FP32_MAX_R_PAD if kind == "fp32" and not interpreting() else MAX_R
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    why: str
+    max_r_pad: int = MAX_R  # register guard: big tiles only with small ranks
+    min_r_pad: int = MMA_MIN_R  # configs made for the largest rank block only
+
+    def meta(self, kernel: str) -> dict:
+        """The constexpr block arguments this kernel takes."""
+        names = {
+            "shrink": ("BLOCK_M", "BLOCK_K"),
+            "forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "dx": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "da": ("BLOCK_K",),
+            "db": ("BLOCK_N",),
+        }[kernel]
+        vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        return {n: vals[n] for n in names}
+
+
+T = TileConfig
+SMALL_R = 64  # r_pad up to this: the big tiles fit registers; r_pad 128 gets its own
+# ``max_r_pad``/``min_r_pad``: a config is launched only for rank blocks in that range.
+# Every config here compiles without spills for sm_80 and sm_90 (python -m
+# fastlora.kernels.report); the r ranges are where ptxas showed the next rank block spilling.
+# 16-bit operands (fp16, bf16): tensor-core tiles.
+_CONFIGS_16 = {
+    "forward": [
+        T(128, 256, 64, 8, 3, "large M and N: the tutorial's best fp16 tile on A100/H100", SMALL_R),
+        T(128, 128, 64, 4, 4, "all-round square tile, deep pipeline (spills at r_pad 32)", 16),
+        T(128, 128, 64, 8, 3, "square tile for r_pad >= 32: 8 warps hold acc + the u B^T step",
+          min_r_pad=32),
+        T(64, 128, 64, 4, 4, "mid M (a few hundred rows): twice the CTAs of 128-row tiles"),
+        T(32, 64, 128, 4, 4, "small M (decode, short sequences): many CTAs along N, long K steps"),
+    ],
+    "shrink": [
+        T(128, 0, 64, 4, 3, "large M: one CTA per 128 rows", SMALL_R),
+        T(64, 0, 128, 4, 3, "mid M: more CTAs, longer K steps", SMALL_R),
+        T(64, 0, 64, 8, 3, "r_pad 128: u [64, 128] fp32 over 8 warps", min_r_pad=MAX_R),
+        T(16, 0, 256, 4, 3, "small M: the K loop is the whole job, make its steps long", SMALL_R),
+        T(16, 0, 128, 4, 3, "small M, r_pad 128", min_r_pad=MAX_R),
+    ],
+    "dx": [
+        T(128, 64, 128, 8, 3, "large M and K: dy tile reused over 128 columns of W", SMALL_R),
+        T(128, 64, 64, 4, 4, "large M, narrower K tile, deep pipeline (spills at r_pad 64)", 32),
+        T(128, 64, 64, 8, 3, "large M, r_pad >= 64: 8 warps hold acc and g", min_r_pad=64),
+        T(64, 64, 128, 4, 3, "mid M", SMALL_R),
+        T(64, 64, 64, 8, 3, "mid M, r_pad 128", min_r_pad=MAX_R),
+        T(32, 64, 128, 4, 3, "small M: many CTAs along K"),
+    ],
+    "da": [
+        T(0, 0, 128, 4, 3, "wide K tile: fewer programs re-reading g", SMALL_R),
+        T(0, 0, 64, 4, 3, "narrow K tile: more programs, any r"),
+    ],
+    "db": [
+        T(0, 128, 0, 4, 3, "wide N tile: fewer programs re-reading u", SMALL_R),
+        T(0, 64, 0, 4, 3, "narrow N tile: more programs, any r"),
+    ],
+}
+# fp32 operands with TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32): the
+# streamed dimension is halved so the pipelined tiles fit the same shared memory.
+_CONFIGS_TF32 = {
+    "forward": [
+        T(128, 128, 32, 8, 3, "large M and N", SMALL_R),
+        T(64, 128, 32, 4, 4, "mid M", SMALL_R),
+        T(64, 64, 32, 4, 3, "r_pad 128, and mid M on narrow layers"),
+        T(32, 64, 64, 4, 4, "small M: many CTAs along N"),
+    ],
+    "shrink": [
+        T(128, 0, 32, 4, 3, "large M", SMALL_R),
+        T(64, 0, 64, 4, 3, "mid M", SMALL_R),
+        T(64, 0, 32, 8, 3, "large M, r_pad 128", min_r_pad=MAX_R),
+        T(16, 0, 128, 4, 3, "small M: long K steps", SMALL_R),
+        T(16, 0, 64, 4, 3, "small M, r_pad 128", min_r_pad=MAX_R),
+    ],
+    "dx": [
+        T(128, 32, 64, 8, 3, "large M and K", SMALL_R),
+        T(64, 32, 64, 4, 3, "mid M", SMALL_R),
+        T(32, 32, 64, 4, 3, "small M, and r_pad 128"),
+    ],
+    "da": [
+        T(0, 0, 64, 4, 3, "wide K tile", SMALL_R),
+        T(0, 0, 32, 4, 3, "narrow K tile, any r"),
+    ],
+    "db": [
+        T(0, 64, 0, 4, 3, "wide N tile", SMALL_R),
+        T(0, 32, 0, 4, 3, "narrow N tile, any r"),
+    ],
+}
+# fp32 with IEEE products (TF32 off): no tensor cores, tl.dot becomes FMA loops whose
+# operands live in registers, so only small tiles and r_pad <= FP32_MAX_R_PAD fit (r_pad 128
+# spilled in every tile tried).  cuBLAS SGEMM usually wins here and the per-shape pick will
+# say so; these exist so the fused path is correct when chosen or forced.
+FP32_MAX_R_PAD = 64
+_CONFIGS_FP32 = {
+    "forward": [T(32, 32, 32, 4, 3, "the FMA tile that fits registers up to r_pad 64")],
+    "shrink": [T(32, 0, 32, 4, 3, "FMA tile")],
+    "dx": [T(32, 32, 32, 4, 3, "FMA tile")],
+    "da": [T(0, 0, 32, 4, 3, "FMA tile")],
+    "db": [T(0, 32, 0, 4, 3, "FMA tile")],
+}
+_TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
+del T
+
+_INTERPRET_CONFIG = TileConfig(
+    INTERPRET_BLOCK, INTERPRET_BLOCK, INTERPRET_BLOCK, 4, 1, "interpreter: one small tile"
+)
+
+
+def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
+    """Pipelined operand buffers in bytes (the bulk of shared memory); the report
+    checks the compiler's real figure."""
+    bm, bn, bk, s = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
+    rb = REDUCE_BLOCK_M_GPU  # the larger step: an upper bound for every kind
+    loop = {
+        "forward": (bm * bk + bn * bk),
+        "shrink": (bm * bk + r_pad * bk),
+        "dx": (bm * bn + bn * bk + bn * r_pad),
+        "da": (rb * r_pad + rb * bk),
+        "db": (bn * rb + rb * r_pad),
+    }[kernel]
+    return s * loop * esize
+
+
+def operand_kind(esize: int, precision: str) -> str:
+    """Which config table: "16bit" (fp16/bf16), "tf32" or "fp32" (IEEE fp32 products)."""
+    if esize <= 2:
+        return "16bit"
+    return "tf32" if precision == "tf32" else "fp32"
+
+
+def configs_for(
+    kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None
+) -> list[TileConfig]:
+    """Every config the dispatcher may launch for this kernel, operand kind
+    (``operand_kind``) and rank block; ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
+    if interpreting() if interpreter is None else interpreter:
+        return [_INTERPRET_CONFIG]
+    esize = 2 if kind == "16bit" else 4
+    if r_pad > (FP32_MAX_R_PAD if kind == "fp32" else MAX_R):
+        return []
+    return [
+        c
+        for c in _TABLES[kind][kernel]
+        if c.min_r_pad <= r_pad <= c.max_r_pad
+        and smem_estimate(kernel, c, esize, r_pad) <= SMEM_LIMIT[80]
+    ]
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: the next power of two, so a training run tunes once per bucket."""
+    return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
+
+
+def num_splits(m: int) -> tuple[int, int]:
+    """(splits, rows per split) for the split-M reductions; depends on M only."""
+    # under the interpreter a split is one tile, so small test shapes still cross splits
+    step = INTERPRET_BLOCK if interpreting() else ROWS_PER_SPLIT_MIN
+    rows = max(step, -(-m // MAX_SPLITS))
+    rows = -(-rows // step) * step
+    return max(1, -(-m // rows)), rows

@@ -1,0 +1,96 @@
+"""Compile every launchable kernel config for GPU targets and report its resources.
+
+    python -m fastlora.kernels.report --arch 80 90      (or ``-m kernels.report`` in a checkout)
+
+One row per kernel / config / dtype / rank block / arch: shared memory, registers, spill
+bytes.  Exit status 1 when a config fails to compile, needs more shared memory than the
+arch has, or spills.  No GPU is needed: ``triton.compile`` targets ``GPUTarget("cuda",
+arch, 32)`` and Triton's bundled ptxas reports registers and spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter cannot compile
+    os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, minus its warning
+
+from . import _compile, _configs  # noqa: E402
+
+
+def jobs(archs, dtypes, r_pads):
+    """(arch, dtype, r_pad, kernel, config) for every launchable config; with ``r_pads``
+    None, each config at the largest rank block it is launched with (the rank block only
+    adds registers and shared memory, so that is its worst case)."""
+    for arch in archs:
+        for dtype in dtypes:
+            kind = _compile.operand_kind(dtype)
+            for kernel in _configs.KERNELS:
+                seen = {}
+                for r_pad in _configs.R_PADS:
+                    for cfg in _configs.configs_for(kernel, kind, r_pad, interpreter=False):
+                        seen.setdefault(cfg, []).append(r_pad)
+                for cfg, pads in seen.items():
+                    for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
+                        if r_pads is None and r_pad != max(pads):
+                            continue
+                        yield arch, dtype, r_pad, kernel, cfg
+
+
+def check(job):
+    arch, dtype, r_pad, kernel, cfg = job
+    t0 = time.perf_counter()
+    try:
+        compiled = _compile.compile_kernel(kernel, dtype, cfg, arch, r_pad)
+        res = _compile.resources(compiled, arch)
+    except Exception as exc:  # a config that does not compile is a failure to report
+        first_line = (str(exc).splitlines() or [""])[0][:120]
+        return job, None, f"compile error: {type(exc).__name__}: {first_line}", 0.0
+    problems = []
+    limit = _compile.SMEM_LIMIT[arch]
+    if res.shared > limit:
+        problems.append(f"shared {res.shared} > {limit}")
+    if res.spill_bytes:
+        problems.append(f"spills {res.spill_bytes} B")
+    return job, res, "; ".join(problems), time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                    choices=sorted(_compile.SMEM_LIMIT))  # fmt: skip
+    ap.add_argument("--dtype", nargs="+", default=list(_compile.DTYPES),
+                    choices=list(_compile.DTYPES))  # fmt: skip
+    ap.add_argument("--r-pad", type=int, nargs="+", default=None, choices=_configs.R_PADS,
+                    help="rank blocks to build (default: each config at its largest)")  # fmt: skip
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+
+    todo = list(jobs(args.arch, args.dtype, args.r_pad))
+    t0 = time.perf_counter()
+    header = f"{'kernel':7} {'config (BM,BN,BK,w,s)':22} {'dtype':11} {'r_pad':>5} {'arch':>5} " \
+             f"{'smem B':>7} {'regs':>4} {'spill B':>7}  status"  # fmt: skip
+    print(header)
+    failed = 0
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for job, res, problem, _ in pool.map(check, todo):
+            arch, dtype, r_pad, kernel, c = job
+            cfg = f"{c.block_m},{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
+            if res:
+                cols = f"{res.shared:7d} {res.registers:4d} {res.spill_bytes:7d}"
+            else:
+                cols = f"{'-':>7} {'-':>4} {'-':>7}"
+            failed += bool(problem)
+            print(f"{kernel:7} {cfg:22} {dtype:11} {r_pad:5d} sm_{arch:<2} {cols}  "
+                  f"{'FAIL ' + problem if problem else 'ok'}", flush=True)  # fmt: skip
+    print(f"{len(todo)} kernel builds, {failed} failing, {time.perf_counter() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
