@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastlora import _autograd
 from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
 
 
@@ -100,42 +101,12 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits):
 
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, u, mask_bits, scaling, dropout_p, need_dx, need_dA, need_dB):
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
-        lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
-    )
+    return _autograd.fake_grads(x, lora_A, lora_B, need_dx, need_dA, need_dB)
 
 
-def _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits, u):
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, mask_bits)
-
-
-def _grads(ctx, dy, bwd):
-    x, weight, lora_A, lora_B, u, mask_bits = ctx.saved_tensors
-    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    dy = dy.contiguous()
-    dx, dA, dB = bwd(
-        dy, x, weight, lora_A, lora_B, u, mask_bits, ctx.scaling, ctx.dropout_p,
-        need_x, need_A, need_B,
-    )
-    # the base is frozen in LoRA; if a user unfroze it, its gradients are still exact
-    dW = torch.mm(dy.t(), x).to(weight.dtype) if need_w else None
-    db = dy.sum(0).to(weight.dtype) if (need_b and ctx.has_bias) else None
-    return (
-        dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
-        None, None, None,
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[1])
-    _save(ctx, *inputs, output[1])
-
-
-lora_fwd.register_autograd(lambda ctx, dy, _du: _grads(ctx, dy, lora_bwd), setup_context=_setup_context)
+lora_fwd.register_autograd(
+    lambda ctx, dy, _du: _autograd.grads(ctx, dy, lora_bwd), setup_context=_autograd.setup_context
+)
 
 
 class _LoRAFunction(torch.autograd.Function):
@@ -145,12 +116,12 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits):
         y, u = forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits)
-        _save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits, u)
+        _autograd.save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits, u)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return _grads(ctx, dy, backward)
+        return _autograd.grads(ctx, dy, backward)
 
 
 def apply(

@@ -27,6 +27,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from fastlora import _autograd
+
 log = logging.getLogger("fastlora")
 
 STRATEGIES = ("fused", "composition", "auto")
@@ -58,6 +60,10 @@ def _import_kernels() -> ModuleType:
 
 
 _kernels = _import_kernels()
+# Triton's Autotuner keeps per-call state on the shared object and its interpreter patches
+# triton.language globally: neither is thread-safe, so launches from several threads are
+# serialized on the host (the GPU work itself stays asynchronous).
+_launch_lock = threading.RLock()
 _interpreting = _kernels._configs.interpreting
 
 
@@ -105,7 +111,8 @@ def lora_fwd_triton(
 ) -> tuple[Tensor, Tensor]:
     """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
     seed: int64 [1]. Returns y: [M, N] and u = s D(x) A^T: [M, r], both in x.dtype."""
-    return _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    with _launch_lock:
+        return _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 @lora_fwd_triton.register_fake
@@ -130,9 +137,10 @@ def lora_bwd_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx [M, K], dA [r, K], dB [N, r]); a gradient not asked for comes back
     empty and its work is skipped."""
-    dx, dA, dB = _kernels.lora_backward(
-        dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA, need_dB
-    )
+    with _launch_lock:
+        dx, dA, dB = _kernels.lora_backward(
+            dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA, need_dB
+        )
     # one fresh empty per missing gradient: outputs of an op may not alias each other
     return (
         dx if dx is not None else x.new_empty(0),
@@ -143,39 +151,16 @@ def lora_bwd_triton(
 
 @lora_bwd_triton.register_fake
 def _(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA, need_dB):
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        lora_A.new_empty(lora_A.shape) if need_dA else x.new_empty(0),
-        lora_B.new_empty(lora_B.shape) if need_dB else x.new_empty(0),
-    )
+    return _autograd.fake_grads(x, lora_A, lora_B, need_dx, need_dA, need_dB)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed = inputs
-    _, u = output
-    ctx.mark_non_differentiable(u)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, lora_A, lora_B, u, seed)
+def _lora_grads(dy, x, weight, lora_A, lora_B, u, seed, scaling, dropout_p, *needs):
+    return lora_bwd_triton(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, *needs)
 
 
-def _backward(ctx, dy, _du):
-    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
-    need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    dx, dA, dB = lora_bwd_triton(
-        dy, x, weight, lora_A, lora_B, u, ctx.scaling, ctx.dropout_p, seed,
-        need_x, need_A, need_B,
-    )  # fmt: skip
-    # the base is frozen in LoRA; if a user unfroze it, its gradients are still exact
-    dW = torch.mm(dy.t(), x).to(weight.dtype) if need_w else None
-    db = dy.sum(0).to(weight.dtype) if (need_b and ctx.has_bias) else None
-    return (
-        dx if need_x else None, dW, db, dA if need_A else None, dB if need_B else None,
-        None, None, None,
-    )  # fmt: skip
-
-
-lora_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
+lora_fwd_triton.register_autograd(
+    lambda ctx, dy, _du: _autograd.grads(ctx, dy, _lora_grads), setup_context=_autograd.setup_context
+)
 
 
 def _fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> Tensor:
