@@ -27,13 +27,22 @@ def keep_scale(p: float) -> float:
     return _LEVELS / (_LEVELS - _threshold(p))
 
 
-def _byte_table(device: torch.device) -> torch.Tensor:
-    """[256, 1] int64: row b holds the eight 0/1 bytes of b's bits (little-endian), so one
-    embedding lookup unpacks a byte into eight bools. Built on ``device``: a host-to-device
-    copy would synchronize the stream in every forward and backward."""
-    byte = torch.arange(256, device=device).unsqueeze(-1)
-    bits = (byte >> torch.arange(_BITS, device=device)) & 1
-    return bits.to(torch.uint8).view(torch.int64)
+# lookup tables of unpack_mask, one per (dtype, device); building one on the device once
+# avoids a host-to-device copy (a stream sync on CUDA) in every call
+_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _byte_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Row b holds the eight 0/1 values of b's bits: [256, 8] in ``dtype``, or for bool
+    [256, 1] int64 holding the eight bytes (one embedding lookup per packed byte)."""
+    key = (dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        byte = torch.arange(256, device=device).unsqueeze(-1)
+        bits = (byte >> torch.arange(_BITS, device=device)) & 1
+        table = bits.to(torch.uint8).view(torch.int64) if dtype == torch.bool else bits.to(dtype)
+        _TABLES[key] = table
+    return table
 
 
 def draw_packed_mask(rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
@@ -56,8 +65,11 @@ def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """uint8 [rows, ceil(cols / 8)] -> bool [rows, cols]."""
-    rows = packed.shape[0]
-    lanes = torch.nn.functional.embedding(packed.long(), _byte_table(packed.device))
-    return lanes.view(torch.bool).view(rows, packed.shape[1] * _BITS)[:, :cols]
+def unpack_mask(packed: torch.Tensor, cols: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """uint8 [rows, ceil(cols / 8)] -> [rows, cols] of 0/1 in ``dtype`` (a floating dtype
+    makes products with the mask plain multiplies, with no per-call type conversion)."""
+    rows, width = packed.shape[0], packed.shape[1] * _BITS
+    lanes = torch.nn.functional.embedding(packed.long(), _byte_table(dtype, packed.device))
+    if dtype == torch.bool:
+        lanes = lanes.view(torch.bool)
+    return lanes.view(rows, width)[:, :cols]

@@ -20,7 +20,8 @@ from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
 
 
 def _keep(x: Tensor, mask_bits: Tensor) -> Tensor:
-    return unpack_mask(mask_bits, x.shape[1])
+    """The keep mask as 0/1 in x's dtype: masking is then a plain multiply."""
+    return unpack_mask(mask_bits, x.shape[1], x.dtype)
 
 
 def forward(
@@ -41,7 +42,7 @@ def forward(
         u = torch.mm(x, A.t()).mul_(scaling)
     else:
         # the 1/(1-p) factor goes on the tiny [M, r] side, not on an [M, K] pass
-        xk = torch.where(_keep(x, mask_bits), x, 0)
+        xk = x * _keep(x, mask_bits)
         u = torch.mm(xk, A.t()).mul_(scaling * keep_scale(dropout_p))
     # low-rank part (and bias) first, then the base GEMM accumulates onto it (beta = 1):
     # y is written once by the small GEMM and once by the big one, never re-read by a pass
@@ -81,7 +82,7 @@ def backward(
                 dx.mul_(keep)
             dx.addmm_(dy, weight)
         if need_dA:
-            xk = x if keep is None else torch.where(keep, x, 0)
+            xk = x if keep is None else x * keep
             dA = torch.mm(g.t(), xk).to(lora_A.dtype)
     if need_dB:
         # (u^T dy)^T: the reduction over M runs faster with dy untransposed

@@ -69,3 +69,20 @@ def test_compile_inductor_matches_eager():
     y.sum().backward()
     assert max_err(y, ref) < 1e-5
     assert max_err(layer.lora_A.grad, g_ref) < 1e-4
+
+
+def test_compile_on_cpu_tensors_reaches_the_torch_backend():
+    """Under "auto", CPU tensors take the torch backend's op even while compiling (the
+    interpreter being on for the Triton tests must not change that)."""
+    torch._dynamo.reset()
+    fastlora.set_backend("auto")
+    targets = []
+
+    def inspect(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    layer = fastlora.FastLoRALinear(16, 8, r=2, init_lora_weights=False)
+    torch.compile(layer, backend=inspect, fullgraph=True)(torch.randn(3, 16))
+    assert any("fastlora.lora_fwd" in t for t in targets), targets
+    assert not any("triton" in t for t in targets), targets

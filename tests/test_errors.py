@@ -58,3 +58,13 @@ def test_meta_weight_is_refused():
     kwargs["weight"] = torch.randn(6, 8, device="meta")
     with pytest.raises(ValueError, match="weight: expected a tensor with data"):
         fastlora.lora_linear(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arg", ["weight", "bias", "lora_A", "lora_B"])
+def test_mixed_devices_are_refused(arg):
+    kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    kwargs[arg] = kwargs[arg].cpu()
+    with pytest.raises(ValueError, match=f"{arg}: expected device cuda:0"):
+        fastlora.lora_linear(**kwargs)
