@@ -89,6 +89,9 @@ class FastLoRALinear(nn.Linear):
                 f"linear: expected a torch.nn.Linear, got {type(linear).__name__} "
                 "(transposed Conv1D layers such as GPT-2's are not nn.Linear)"
             )
+        if isinstance(linear, FastLoRALinear):
+            raise TypeError("linear: expected a plain torch.nn.Linear, got a FastLoRALinear "
+                            "(it already carries a LoRA update)")
         _check_hparams(r, lora_alpha, lora_dropout)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)

@@ -259,6 +259,7 @@ def apply_lora(
     use_rslora: bool = False,
     init_lora_weights: inits.InitMode = True,
     exclude_modules: TargetModules | None = None,
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``target_modules`` with a
     ``FastLoRALinear`` sharing its weight and bias, freeze every other parameter, record the
@@ -267,8 +268,10 @@ def apply_lora(
     ``target_modules``: a list of names/suffixes, a regex matched against the full name, or
     ``"all-linear"`` (the output head is left out). ``init_lora_weights``: ``True``,
     ``"gaussian"``, ``False``, or ``"pissa"``/``"olora"``, which overwrite each adapted base
-    weight with its residual (output unchanged at step 0). Everything is checked before the
-    model is touched.
+    weight with its residual (output unchanged at step 0). ``autocast_adapter_dtype``
+    (PEFT's default): the LoRA factors of float16/bfloat16 layers are kept in float32, so
+    the optimizer updates them in full precision; the matmuls still run in the input's dtype.
+    Everything is checked before the model is touched.
     """
     _check_hparams(r, lora_alpha, lora_dropout)
     mode = inits.check_mode(init_lora_weights)
@@ -303,6 +306,9 @@ def apply_lora(
             init_lora_weights=mode,
         )
         layer.train(linear.training)
+        if autocast_adapter_dtype and layer.lora_A.dtype in (torch.float16, torch.bfloat16):
+            layer.lora_A = nn.Parameter(layer.lora_A.detach().float())
+            layer.lora_B = nn.Parameter(layer.lora_B.detach().float())
         if inits.is_decomposition(mode):
             config.initial_factors[name] = (
                 layer.lora_A.detach().clone(),

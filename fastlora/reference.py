@@ -25,3 +25,7 @@ def lora_linear_reference(
     base = F.linear(x, weight, bias)
     xd = x if dropout_mask is None else x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
     return base + F.linear(F.linear(xd, lora_A), lora_B) * scaling
+
+
+# the same name as the op it checks, for ``from fastlora import reference; reference.lora_linear``
+lora_linear = lora_linear_reference

@@ -71,6 +71,8 @@ def test_from_linear_shares_tensors_and_keeps_device_dtype():
     assert nobias.bias is None
     with pytest.raises(TypeError, match="linear: expected a torch.nn.Linear"):
         FastLoRALinear.from_linear(nn.Conv1d(4, 4, 1))
+    with pytest.raises(TypeError, match="linear: expected a plain torch.nn.Linear, got a FastLoRALinear"):
+        FastLoRALinear.from_linear(layer)
 
 
 def test_forward_matches_reference_with_leading_dims_and_empty_batch():

@@ -496,3 +496,26 @@ def test_error_messages_are_specific():
     with pytest.raises(ValueError) as err:
         fm.from_peft(pm)
     assert re.search(r"encoder.layer.1.attention.self.query: LoRA variant", str(err.value))
+
+
+def test_adapters_of_half_precision_layers_are_kept_in_float32_like_peft():
+    import torch
+    from torch import nn
+
+    import fastlora
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16)
+
+    model = fastlora.apply_lora(build(), ["0"], r=4)
+    layer = model[0]
+    assert layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_B.dtype == torch.float32
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_B.grad.dtype == torch.float32
+    kept = fastlora.apply_lora(build(), ["0"], r=4, autocast_adapter_dtype=False)
+    assert kept[0].lora_A.dtype == torch.bfloat16
