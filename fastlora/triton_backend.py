@@ -288,7 +288,9 @@ def _measure(M, K, N, r, dtype, has_dropout, index, backward) -> str:
 
     device = torch.device("cuda", index)
     p = 0.1 if has_dropout else 0.0
-    with torch.enable_grad():
+    # fork_rng: the timing runs draw random data and dropout seeds, which must not shift the
+    # caller's random stream (a seeded run gives the same masks with or without a measurement)
+    with torch.random.fork_rng(devices=[index]), torch.enable_grad():
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=backward)
         weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
         bias = torch.zeros(N, device=device, dtype=dtype)
