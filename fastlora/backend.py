@@ -8,6 +8,7 @@ under ``TRITON_INTERPRET=1``). The environment variable ``FASTLORA_BACKEND`` set
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Iterator
@@ -18,23 +19,20 @@ BACKENDS = ("auto", "torch", "triton")
 # dtypes the Triton kernels are written for; float64 always runs on the torch path
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_lock = threading.Lock()
-_current: str | None = None
-
-
 def _check_name(name: object, source: str) -> str:
     if not isinstance(name, str) or name.lower() not in BACKENDS:
         raise ValueError(f"{source}: expected one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
     return name.lower()
 
 
+_lock = threading.Lock()
+# read once at import: get_backend() runs inside torch.compile traces, where a lock or an
+# environment lookup would break the graph
+_current: str = _check_name(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
+
+
 def get_backend() -> str:
     """The backend name in force (``FASTLORA_BACKEND`` until ``set_backend`` is called)."""
-    global _current
-    if _current is None:
-        with _lock:
-            if _current is None:
-                _current = _check_name(os.environ.get("FASTLORA_BACKEND", "auto"), "FASTLORA_BACKEND")
     return _current
 
 
@@ -42,9 +40,8 @@ def set_backend(name: str) -> str:
     """Select the backend for every later call; returns the previous name."""
     global _current
     name = _check_name(name, "set_backend(name)")
-    previous = get_backend()
     with _lock:
-        _current = name
+        previous, _current = _current, name
     return previous
 
 
@@ -58,12 +55,23 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def _triton_status(device: torch.device) -> tuple[bool, str]:
+@functools.lru_cache(maxsize=None)
+def _triton_status_of(device_type: str, index: int) -> tuple[bool, str]:
     try:
         from fastlora import triton_backend
     except ImportError as exc:  # triton missing or broken
         return False, f"triton cannot be imported ({exc})"
+    device = torch.device(device_type) if index < 0 else torch.device(device_type, index)
     return triton_backend.available(device)
+
+
+# Asked once per device and, while torch.compile traces, taken as a constant: the probe
+# (an import, a driver query in try/except) would otherwise break the graph.
+_triton_status_constant = torch.compiler.assume_constant_result(_triton_status_of)
+
+
+def _triton_status(device: torch.device) -> tuple[bool, str]:
+    return _triton_status_constant(device.type, -1 if device.index is None else device.index)
 
 
 def resolve(x: torch.Tensor) -> str:

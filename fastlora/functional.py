@@ -29,6 +29,10 @@ def _check_tensor(name: str, t: object, ndim: int | None = None) -> Tensor:
     return t
 
 
+def _is_number(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float))
+
+
 def check_inputs(
     x: Tensor,
     weight: Tensor,
@@ -72,9 +76,13 @@ def check_inputs(
     for name, t in named:
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (x's device), got {t.device}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces float attributes as symbols, which have no value
+        # to check here; they were checked where they were set (FastLoRALinear, eager calls)
+        return
+    if not _is_number(scaling) or not math.isfinite(scaling):
         raise ValueError(f"scaling: expected a finite float, got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not _is_number(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
 
 

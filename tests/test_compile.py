@@ -86,3 +86,37 @@ def test_compile_on_cpu_tensors_reaches_the_torch_backend():
     torch.compile(layer, backend=inspect, fullgraph=True)(torch.randn(3, 16))
     assert any("fastlora.lora_fwd" in t for t in targets), targets
     assert not any("triton" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_compile_dynamic_shapes_one_frame(p):
+    """dynamic=True traces the float attributes (scaling, dropout) as symbols and M as a
+    symbolic size: still one graph for every batch size."""
+    torch._dynamo.reset()
+    counter = _Counter()
+    layer = fastlora.FastLoRALinear(24, 16, r=4, lora_dropout=p, init_lora_weights=False)
+    compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=True)
+    for M in (5, 9, 17, 33):
+        x = torch.randn(2, M, 24, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        if p == 0.0:
+            assert max_err(y, layer(x)) < 1e-5
+    assert counter.frames == 1
+
+
+def test_compile_as_the_first_call_in_a_process():
+    """Nothing lazily initialised on the first call (backend name, Triton probe) may break
+    a fullgraph trace."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastlora\n"
+        "layer = fastlora.FastLoRALinear(8, 4, r=2, lora_dropout=0.1)\n"
+        "y = torch.compile(layer, backend='eager', fullgraph=True)(torch.randn(3, 8))\n"
+        "print(tuple(y.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(3, 4)")
