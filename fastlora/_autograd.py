@@ -32,7 +32,6 @@ def grads(ctx, dy: Tensor, lora_grads: LoRAGrads) -> tuple:
     need_dA, need_dB)`` returns (dx, dA, dB), empty where not asked for."""
     x, weight, lora_A, lora_B, u, state = ctx.saved_tensors
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-    dy = dy.contiguous()
     dx, dA, dB = lora_grads(
         dy, x, weight, lora_A, lora_B, u, state, ctx.scaling, ctx.dropout_p, need_x, need_A, need_B
     )

@@ -131,3 +131,15 @@ def test_frozen_inputs_get_no_grad_and_unfrozen_base_gets_exact_grads(backend, d
     lora_linear_reference(d64[0], w64, b64, d64[3], d64[4], 1.5).backward(dy.double())
     assert max_err(wg.grad, w64.grad) < 1e-4
     assert max_err(bg.grad, b64.grad) < 1e-4
+
+
+def test_non_contiguous_output_gradient(backend, device):
+    """dy arrives transposed (a downstream .t()): the backward reads it through its strides."""
+    x, w, b, A, B = make_inputs(19, 24, 40, 3, torch.float32, device)
+    dy = torch.randn(40, 19, device=device).t()
+    assert not dy.is_contiguous()
+    xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+    fastlora.lora_linear(xg, w, b, Ag, Bg, 1.5).backward(dy)
+    truth = reference_grads(*(t.double() for t in (x, w, b, A, B)), 1.5, dy.double())
+    for got, want in zip((xg.grad, Ag.grad, Bg.grad), truth[1:]):
+        assert max_err(got, want) < 1e-4
