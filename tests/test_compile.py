@@ -120,3 +120,50 @@ def test_compile_as_the_first_call_in_a_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("(3, 4)")
+
+
+_TRACE_TRITON_OP = r"""
+import logging, torch
+logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
+from torch._functorch.aot_autograd import aot_module_simplified
+from fastlora import triton_backend as tb
+
+class Captured(Exception):
+    pass
+
+def backend(gm, example_inputs):
+    def fw(graph, _):
+        raise Captured([str(n.target) for n in graph.graph.nodes if n.op == "call_function"])
+    return aot_module_simplified(gm, example_inputs, fw_compiler=fw)
+
+x = torch.randn(64, 32, dtype=torch.float16, requires_grad=True)
+w, b = torch.randn(48, 32, dtype=torch.float16), torch.randn(48, dtype=torch.float16)
+A = torch.randn(4, 32, dtype=torch.float16, requires_grad=True)
+B = torch.randn(48, 4, dtype=torch.float16, requires_grad=True)
+fn = torch.compile(lambda *a: tb._fused(*a, 0.5, 0.1), backend=backend, fullgraph=True)
+try:
+    fn(x, w, b, A, B)
+except Exception as exc:
+    cause = exc
+    while cause is not None and not isinstance(cause, Captured):
+        cause = cause.__cause__ or cause.__context__
+    targets = cause.args[0]
+    print("LAUNCHES", sum("triton_kernel_wrapper" in t for t in targets))
+    print("OPAQUE", sum("fastlora" in t for t in targets))
+"""
+
+
+def test_triton_op_is_traced_into_without_a_gpu():
+    """Without the interpreter the Triton ops are triton_ops: torch.compile must see the
+    kernel launches inside (shrink + forward GEMM), not one opaque call. Tracing needs no
+    GPU; the compiled graph is captured before anything runs."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _TRACE_TRITON_OP], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "LAUNCHES 2" in out.stdout and "OPAQUE 0" in out.stdout, out.stdout + out.stderr[-2000:]
