@@ -18,7 +18,6 @@ has a deadline, after which the workers are killed and the test fails.
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -248,12 +247,13 @@ def _fsdp(rank: int, out: Path) -> dict:
     return results
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, out: str) -> None:
     """One rank: DDP, then FSDP2, in one process group (one spawn: start-up is most of the cost)."""
     torch.set_num_threads(1)
     out = Path(out)
+    # a file rendezvous: no TCP store whose host rank could exit first, no port to race for
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        "gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=WORLD,
         timeout=COLLECTIVE_TIMEOUT,
     )
     try:
@@ -262,6 +262,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         for engine, run in (("ddp", _ddp), ("fsdp2", _fsdp)):
             results[engine] = run(rank, out / engine)
         torch.save(results, out / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears down while the other is still communicating
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -272,12 +273,6 @@ def _worker(rank: int, port: int, out: str) -> None:
 # --------------------------------------------------------------------------- the launcher
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path) -> list[dict]:
     """Spawn WORLD workers and return each rank's results; fail (and kill the workers) if
     they do not finish within JOIN_TIMEOUT_S."""
@@ -285,7 +280,7 @@ def launch(out: Path) -> list[dict]:
         pytest.skip("torch.distributed with gloo is not available in this build")
     out.mkdir(parents=True, exist_ok=True)
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
+        _worker, args=(str(out),), nprocs=WORLD, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     try:
