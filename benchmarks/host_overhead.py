@@ -257,9 +257,14 @@ class LaunchCounter(TorchDispatchMode):
             if opdef is not None:
                 with self:
                     return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
         if func not in NO_KERNEL and not is_view(func):
-            self.log.launches.append(Launch(f"torch:{func.name()}"))
-        return func(*args, **kwargs)
+            self.record(func, args, kwargs, out)
+        return out
+
+    def record(self, func, args, kwargs, out) -> None:
+        """One launch of ``func``; subclasses record more (benchmarks/roofline.py)."""
+        self.log.launches.append(Launch(f"torch:{func.name()}"))
 
 
 def _is_composite(func) -> bool:

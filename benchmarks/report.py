@@ -177,6 +177,10 @@ def markdown(results: dict) -> str:
         "",
         *_memory_table(results),
     ]
+    if cuda and results["cases"]:
+        from benchmarks.roofline import case_lines  # beside the measured tables: the model
+
+        out += ["", *case_lines(results["cases"], meta.get("gpu"))]
     if results.get("goals"):
         out += ["", "Goals:", "", "| goal | provider | where | value | limit | result |",
                 "|---|---|---|---|---|---|"]

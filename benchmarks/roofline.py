@@ -1,0 +1,524 @@
+"""A roofline MODEL of fastlora's GPU cost: ``python -m benchmarks.roofline``.
+
+Not a measurement.  For a shape it lists every GPU launch of one forward and one backward
+with the bytes it must move and the FLOPs it must do, and bounds its time from below on
+A100, H100 and H200 by the published peaks:
+
+    t(launch) = max(bytes / bandwidth, tensor FLOPs / tensor peak, ALU ops / ALU peak)
+
+summed over launches (each launch waits for the one before it).  Ratios are to the same
+bound of the frozen ``nn.Linear`` (one GEMM forward, one ``dy W`` backward).
+
+- bytes: compulsory DRAM traffic, every operand read once and every output written once
+  (what L2 or shared memory serve again is free).  A real GEMM reaches ~70-80% of the
+  tensor peak, so absolute times are optimistic; ratios are what the model is for.
+- tensor FLOPs: 2 m n k per matmul, with the rank padded to the MMA minimum (16) and the
+  power-of-two block the kernels compute with.
+- ALU ops: work outside the tensor cores that cannot hide in the memory stream: Philox
+  dropout bits and the 4-bit decode, both estimates (``PHILOX_OPS``, ``DECODE_OPS``).
+- not modelled: launch latency and the tail of a small grid (a few microseconds per
+  launch, which matters below M ~ 1024), and L2 reuse between launches.
+
+Plans (each a list of launches per phase):
+    frozen            nn.Linear: x W^T; dy W (hand-counted, checked against the derived one)
+    composition       fastlora's torch backend, the cuBLAS composition the dispatcher
+                      measures against: derived by running it on meta tensors under
+                      ``host_overhead.LaunchCounter`` (every op that launches, its operands)
+    fused             the Triton kernels in kernels/ as they are (hand-counted from them)
+    *_4bit            the same over an NF4 base (blocksize 64, with or without double
+                      quantization of absmax): frozen = bnb dequantize + GEMM (Linear4bit),
+                      composition = dequantize + the dense composition, fused = the fused
+                      launches with W read packed and decoded in the mainloop
+    dora_fused        fused DoRA as issue 13 designs it (column scale in the epilogue, the
+                      per-step weight norm from W A^T [N, r], with p > 0 a second
+                      accumulator over D(x) sharing the W tiles)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+# --------------------------------------------------------------------------- hardware
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bandwidth: float  # bytes/s, peak HBM
+    tensor: float  # FLOP/s, dense bf16 tensor cores (no sparsity)
+    alu: float  # op/s, fp32 non-tensor (CUDA cores)
+    source: str
+
+
+# Published peaks (SXM parts). Dense bf16 is half of the "with sparsity" figure that the
+# H100/H200 datasheets headline.
+GPUS = {
+    "A100": GPU("A100 SXM4 80GB", 2.039e12, 312e12, 19.5e12,
+                "NVIDIA A100 Tensor Core GPU datasheet (2021): HBM2e 2,039 GB/s; BF16 tensor "
+                "312 TFLOPS dense; FP32 19.5 TFLOPS"),
+    "H100": GPU("H100 SXM5 80GB", 3.35e12, 989.4e12, 67e12,
+                "NVIDIA H100 Tensor Core GPU datasheet: HBM3 3.35 TB/s; BF16 tensor 1,979 "
+                "TFLOPS with sparsity = 989 dense; FP32 67 TFLOPS"),
+    "H200": GPU("H200 SXM 141GB", 4.8e12, 989.4e12, 67e12,
+                "NVIDIA H200 Tensor Core GPU datasheet: HBM3e 4.8 TB/s; BF16 tensor 1,979 "
+                "TFLOPS with sparsity = 989 dense; FP32 67 TFLOPS"),
+}  # fmt: skip
+
+# ALU estimates (ops per element): Philox4x32-10 gives 4 uniforms for ~10 rounds of 2
+# multiplies and ~4 xor/adds, plus the compare and select; the NF4/FP4 decode is a nibble
+# extract, a 16-entry table lookup, the absmax multiply and a convert.
+PHILOX_OPS = 16
+DECODE_OPS = 4
+MMA_MIN = 16  # tl.dot's smallest dimension (kernels/_configs.py MMA_MIN_R)
+
+
+# --------------------------------------------------------------------------- launches
+
+
+@dataclass(frozen=True)
+class Launch:
+    name: str
+    bytes: float
+    flops: float = 0.0  # tensor-core FLOPs
+    alu: float = 0.0  # non-tensor ops
+
+    def seconds(self, gpu: GPU) -> float:
+        return max(self.bytes / gpu.bandwidth, self.flops / gpu.tensor, self.alu / gpu.alu)
+
+    def bound(self, gpu: GPU) -> str:
+        """Which ceiling sets the time: "memory", "tensor" or "alu"."""
+        t = {"memory": self.bytes / gpu.bandwidth, "tensor": self.flops / gpu.tensor,
+             "alu": self.alu / gpu.alu}
+        return max(t, key=t.get)
+
+
+Plan = dict  # {"fwd": [Launch], "bwd": [Launch]}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """x [M, K], W [N, K], A [r, K], B [N, r]; bf16 (``esize`` 2) with adapters in the same
+    dtype, as the GPU benchmark suite runs them; ``p`` the dropout rate."""
+
+    M: int
+    K: int
+    N: int
+    r: int
+    p: float = 0.0
+    esize: int = 2
+    bias: bool = False
+
+    @property
+    def r_pad(self) -> int:
+        """The rank the MMAs compute with: >= 16, a power of two."""
+        return max(MMA_MIN, 1 << (self.r - 1).bit_length())
+
+    def label(self) -> str:
+        return f"{self.K}x{self.N} M={self.M} r={self.r} p={self.p:g}"
+
+
+def _mm(name: str, m: int, n: int, k: int, e: int, extra_bytes: float = 0.0) -> Launch:
+    """C [m, n] = A [m, k] B [k, n]: each operand read once, C written once."""
+    return Launch(name, (m * k + k * n + m * n) * e + extra_bytes, 2.0 * m * n * k)
+
+
+# --------------------------------------------------------------------------- frozen layer
+
+
+def frozen(s: Shape) -> Plan:
+    """nn.Linear with a frozen weight: y = x W^T (+ b); dx = dy W."""
+    bias = s.N * s.esize if s.bias else 0
+    return {"fwd": [_mm("x W^T", s.M, s.N, s.K, s.esize, bias)],
+            "bwd": [_mm("dx = dy W", s.M, s.K, s.N, s.esize)]}
+
+
+# --------------------------------------------------------------------------- derived plans
+
+
+def _tensors(obj) -> list:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _nbytes(t) -> int:
+    # an expanded (stride 0) operand is read once, not once per broadcast element
+    return min(t.numel(), t.untyped_storage().nbytes() // t.element_size()) * t.element_size()
+
+
+_MATMULS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2),
+            "aten::bmm": (0, 1), "aten::baddbmm": (1, 2)}
+
+
+def _launch_of(func, args, kwargs, out) -> Launch:
+    name = func._schema.name
+    flops = 0.0
+    if name in _MATMULS:
+        ia, ib = _MATMULS[name]
+        a, b = args[ia], args[ib]
+        batch = a.shape[0] if a.dim() == 3 else 1
+        flops = 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    reads = sum(_nbytes(t) for t in _tensors(list(args) + list(kwargs.values())))
+    writes = sum(t.numel() * t.element_size() for t in _tensors(out))
+    return Launch(func.name().replace("aten::", ""), float(reads + writes), flops)
+
+
+def derive(run: Callable[[], Callable[[], None]]) -> Plan:
+    """Run ``run()`` (the forward; it returns the backward) on meta tensors under the
+    launch counter, once to warm caches and once recorded: every op that would launch a GPU
+    kernel becomes a ``Launch`` with its operands' bytes and, for matmuls, its FLOPs."""
+    from benchmarks.host_overhead import LaunchCounter, LaunchLog
+
+    class Recorder(LaunchCounter):
+        def record(self, func, args, kwargs, out):
+            self.log.launches.append(_launch_of(func, args, kwargs, out))
+
+    run()()  # warm-up: one-time tables (the dropout unpack table) are not per-step work
+    log = LaunchLog()
+    with Recorder(log):
+        backward = run()
+    fwd = list(log.launches)
+    log.clear()
+    with Recorder(log):
+        backward()
+    return {"fwd": fwd, "bwd": list(log.launches)}
+
+
+def _meta_inputs(s: Shape):
+    import torch
+
+    dt = {2: torch.bfloat16, 4: torch.float32}[s.esize]
+    kw = dict(device="meta", dtype=dt)
+    x = torch.empty(s.M, s.K, requires_grad=True, **kw)
+    w = torch.empty(s.N, s.K, **kw)
+    b = torch.empty(s.N, **kw) if s.bias else None
+    a = torch.empty(s.r, s.K, requires_grad=True, **kw)
+    bb = torch.empty(s.N, s.r, requires_grad=True, **kw)
+    dy = torch.empty(s.M, s.N, **kw)
+    return x, w, b, a, bb, dy
+
+
+@functools.lru_cache(maxsize=None)
+def composition(s: Shape) -> Plan:
+    """The cuBLAS composition (fastlora's torch backend on CUDA), derived from its code."""
+    import torch
+
+    from fastlora import torch_backend
+
+    def run():
+        x, w, b, a, bb, dy = _meta_inputs(s)
+        y = torch_backend.apply(x, w, b, a, bb, 2.0, s.p)
+        return lambda: torch.autograd.grad(y, (x, a, bb), dy)
+
+    return derive(run)
+
+
+@functools.lru_cache(maxsize=None)
+def frozen_derived(s: Shape) -> Plan:
+    """``frozen`` derived from torch's own nn.Linear (a check on the hand count)."""
+    import torch
+
+    def run():
+        x, w, b, _, _, dy = _meta_inputs(s)
+        y = torch.nn.functional.linear(x, w, b)
+        return lambda: torch.autograd.grad(y, (x,), dy)
+
+    return derive(run)
+
+
+# --------------------------------------------------------------------------- fused kernels
+
+# kernels/_configs.py: the tiles the large-M shapes launch with (first config per kernel)
+FWD_BLOCK_M = 128
+DX_BLOCK_M = 128
+DX_BLOCK_K = 128  # the dx kernel recomputes g = s dy B once per K tile of this width
+ROWS_PER_SPLIT_MIN = 512  # split-M partials of dA/dB (kernels/_configs.num_splits)
+MAX_SPLITS = 64
+
+
+def _splits(m: int) -> int:
+    rows = max(ROWS_PER_SPLIT_MIN, -(-m // MAX_SPLITS))
+    rows = -(-rows // ROWS_PER_SPLIT_MIN) * ROWS_PER_SPLIT_MIN
+    return max(1, -(-m // rows))
+
+
+def fused(s: Shape, w_bytes: float | None = None, decode_ops: float = 0.0) -> Plan:
+    """kernels/lora_forward.py and lora_backward.py as they are (see their docstrings).
+
+    ``w_bytes``: bytes per element of W as the mainloops read it (default: dense, esize);
+    ``decode_ops``: ALU ops per W element each time a CTA loads it (the 4-bit decode)."""
+    M, K, N, e, R = s.M, s.K, s.N, s.esize, s.r_pad
+    r = s.r
+    wb = e if w_bytes is None else w_bytes
+    drop = s.p > 0
+    philox = PHILOX_OPS * M * K if drop else 0.0
+    splits = _splits(M)
+    fwd = []
+    if drop:
+        fwd.append(Launch("seed: randint", 8))
+    fwd += [
+        Launch("shrink: u = s D(x) A^T", (M * K + r * K + M * r) * e, 2.0 * M * K * R, philox),
+        Launch("forward: y = x W^T + u B^T (+b)",
+               (M * K + M * r + N * r + M * N + (N if s.bias else 0)) * e + N * K * wb,
+               2.0 * M * N * K + 2.0 * M * N * R,
+               decode_ops * N * K * math.ceil(M / FWD_BLOCK_M)),
+    ]  # fmt: skip
+    k_tiles = math.ceil(K / DX_BLOCK_K)
+    bwd = [
+        Launch("zeros: du (autograd)", M * r * e),
+        Launch("dx: dy W + (g A) m/(1-p), g",
+               (M * N + N * r + r * K + M * K + M * r) * e + N * K * wb,
+               2.0 * M * K * N + 2.0 * M * N * R * k_tiles + 2.0 * M * K * R,
+               philox + decode_ops * N * K * math.ceil(M / DX_BLOCK_M)),
+        Launch("da: split-M partials of g^T D(x)", (M * r + M * K) * e + splits * r * K * 4,
+               2.0 * M * K * R, philox),
+        Launch("sum: dA partials", splits * r * K * 4 + r * K * 4),
+        Launch("cast: dA to the adapter dtype", r * K * (4 + e)),
+        Launch("db: split-M partials of dy^T u", (M * N + M * r) * e + splits * N * r * 4,
+               2.0 * M * N * R),
+        Launch("sum: dB partials", splits * N * r * 4 + N * r * 4),
+        Launch("cast: dB to the adapter dtype", N * r * (4 + e)),
+    ]
+    return {"fwd": fwd, "bwd": bwd}
+
+
+# --------------------------------------------------------------------------- 4-bit base
+
+
+@dataclass(frozen=True)
+class Quant:
+    """bitsandbytes NF4/FP4: two codes per byte, one absmax per ``blocksize`` elements, in
+    fp32, or with double quantization in uint8 with one fp32 absmax per 256 of them."""
+
+    blocksize: int = 64
+    double_quant: bool = False
+
+    @property
+    def bytes_per_element(self) -> float:
+        absmax = (1 + 4 / 256) if self.double_quant else 4
+        return 0.5 + absmax / self.blocksize
+
+    def label(self) -> str:
+        return f"nf4/{self.blocksize}" + (" dq" if self.double_quant else "")
+
+
+def _dequantize(s: Shape, q: Quant) -> Launch:
+    """bnb dequantize_4bit: W [N, K] packed -> bf16, written to memory."""
+    return Launch("bnb dequantize W -> bf16", s.N * s.K * (q.bytes_per_element + s.esize),
+                  alu=DECODE_OPS * s.N * s.K)
+
+
+def frozen_4bit(s: Shape, q: Quant) -> Plan:
+    """bnb Linear4bit (M > 1): dequantize, then the GEMM; backward dequantizes again."""
+    base = frozen(s)
+    return {"fwd": [_dequantize(s, q), *base["fwd"]], "bwd": [_dequantize(s, q), *base["bwd"]]}
+
+
+def composition_4bit(s: Shape, q: Quant) -> Plan:
+    """bnb dequantize to bf16 + the cuBLAS composition on it, in both phases (as PEFT)."""
+    base = composition(s)
+    return {"fwd": [_dequantize(s, q), *base["fwd"]], "bwd": [_dequantize(s, q), *base["bwd"]]}
+
+
+def fused_4bit(s: Shape, q: Quant) -> Plan:
+    """The fused launches with W read packed (~0.5 byte/element plus absmax) and decoded in
+    the forward and dx mainloops, once per CTA that loads a tile (ceil(M / BLOCK_M))."""
+    return fused(s, w_bytes=q.bytes_per_element, decode_ops=DECODE_OPS)
+
+
+# --------------------------------------------------------------------------- DoRA
+
+
+def dora_fused(s: Shape) -> Plan:
+    """Fused DoRA (issue 13) on the fused LoRA launches:
+    - norm: ||W_n + s (B A)_n|| from the cached ||W_n||^2, W A^T [N, r] (one read of W a
+      step) and A A^T; writes the column scale m/norm [N] (fp32);
+    - forward: the column scale in the epilogue; with p > 0 a second accumulator
+      D(x) W^T on the same W tiles (2x the GEMM's MMAs), the mask read as bits written by
+      the shrink, and D(x) W^T stored for dm;
+    - backward: the pass over dy also reads the pre-scale output (y at p = 0, D(x) W^T
+      at p > 0) for dm; dx with p > 0 runs a second accumulator (dy c) W under the mask."""
+    M, K, N, e, R = s.M, s.K, s.N, s.esize, s.r_pad
+    base = fused(s)
+    drop = s.p > 0
+    scale = N * 4
+    norm = Launch("dora norm: W A^T, A A^T -> m/norm",
+                  (N * K + s.r * K + N * s.r) * e + 2 * scale, 2.0 * N * K * R + 2.0 * s.r * R * K)
+    fwd, bwd = [], []
+    for launch in base["fwd"]:
+        if launch.name.startswith("forward"):
+            extra_flops = 2.0 * M * N * K if drop else 0.0
+            extra_bytes = scale + ((M * K / 8 + M * N * e) if drop else 0.0)
+            launch = replace(launch, name=launch.name + ", column scale"
+                             + (", + D(x) W^T" if drop else ""),
+                             bytes=launch.bytes + extra_bytes, flops=launch.flops + extra_flops)
+        elif launch.name.startswith("shrink") and drop:
+            launch = replace(launch, name=launch.name + ", mask bits",
+                             bytes=launch.bytes + M * K / 8)
+        fwd.append(launch)
+    fwd.insert(0, norm)
+    for launch in base["bwd"]:
+        if launch.name.startswith("db"):
+            launch = replace(launch, name=launch.name + ", dm",
+                             bytes=launch.bytes + M * N * e + scale)
+        elif launch.name.startswith("dx"):
+            launch = replace(launch, name=launch.name + (", 2nd accumulator" if drop else ""),
+                             bytes=launch.bytes + scale,
+                             flops=launch.flops + (2.0 * M * K * N if drop else 0.0))
+        bwd.append(launch)
+    return {"fwd": fwd, "bwd": bwd}
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def seconds(plan: Plan, gpu: GPU, phases=("fwd", "bwd")) -> float:
+    """The plan's lower bound: its launches' bounds, one after the other."""
+    return sum(k.seconds(gpu) for ph in phases for k in plan[ph])
+
+
+def ratios(plan: Plan, s: Shape, gpu: GPU) -> dict[str, float]:
+    """Predicted fwd and fwd+bwd time over the frozen nn.Linear's, on one GPU."""
+    base = frozen(s)
+    return {"fwd": seconds(plan, gpu, ("fwd",)) / seconds(base, gpu, ("fwd",)),
+            "fwd+bwd": seconds(plan, gpu) / seconds(base, gpu)}
+
+
+def plans(s: Shape, with_variants: bool = True) -> dict[str, Plan]:
+    """Every modelled plan for a shape, by row label."""
+    out = {"frozen nn.Linear": frozen(s), "fused (kernels/)": fused(s),
+           "composition (cuBLAS)": composition(s)}
+    if with_variants:
+        for q in (Quant(64, False), Quant(64, True)):
+            out[f"frozen Linear4bit {q.label()}"] = frozen_4bit(s, q)
+            out[f"fused 4-bit {q.label()}"] = fused_4bit(s, q)
+            out[f"composition 4-bit {q.label()}"] = composition_4bit(s, q)
+        out["fused DoRA"] = dora_fused(s)
+    return out
+
+
+def launch_table(s: Shape, plan: Plan, gpus=("A100", "H100", "H200")) -> list[str]:
+    head = ["phase", "launch", "MB moved", "GFLOP", *[f"{g} us" for g in gpus], "bound (H100)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ph in ("fwd", "bwd"):
+        for k in plan[ph]:
+            times = [f"{k.seconds(GPUS[g]) * 1e6:.1f}" for g in gpus]
+            lines.append(f"| {ph} | {k.name} | {k.bytes / 1e6:.2f} | {k.flops / 1e9:.2f} | "
+                         + " | ".join(times) + f" | {k.bound(GPUS['H100'])} |")
+    return lines
+
+
+DENSE = ("fused (kernels/)", "composition (cuBLAS)")
+
+
+def ratio_table(shapes: list[Shape], labels: tuple[str, ...] | None = None,
+                gpus=("A100", "H100", "H200")) -> list[str]:
+    """Predicted fwd and fwd+bwd ratios to the frozen nn.Linear, one row per shape and plan
+    (``labels``: the plans to show; default every one but the frozen layer itself)."""
+    head = ["shape", "plan", "launches fwd/bwd",
+            *[f"{g} {ph}" for g in gpus for ph in ("fwd", "fwd+bwd")]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in shapes:
+        for label, plan in plans(s, with_variants=labels is None or labels != DENSE).items():
+            if label == "frozen nn.Linear" or (labels is not None and label not in labels):
+                continue
+            cells = []
+            for g in gpus:
+                rt = ratios(plan, s, GPUS[g])
+                cells += [f"{rt['fwd']:.3f}", f"{rt['fwd+bwd']:.3f}"]
+            lines.append(f"| {s.label()} | {label} | {len(plan['fwd'])}/{len(plan['bwd'])} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def gpu_for(name: str | None) -> list[str]:
+    """The modelled GPUs matching a device name (all three when none matches)."""
+    found = [g for g in GPUS if name and g in name.upper()]
+    return found or list(GPUS)
+
+
+def case_lines(cases: list[dict], device_name: str | None) -> list[str]:
+    """Markdown beside a GPU benchmark run: the model's fwd and fwd+bwd ratios for each
+    case, for the fused kernels and the composition (benchmarks/report.py)."""
+    gpus = gpu_for(device_name)
+    head = ["K x N", "M", "r", "p",
+            *[f"{g} {plan} {ph}" for g in gpus for plan in ("fused", "composition")
+              for ph in ("fwd", "fwd+bwd")]]
+    lines = [f"Roofline MODEL, not a measurement (benchmarks/roofline.py; bf16 peaks of "
+             f"{', '.join(GPUS[g].name for g in gpus)}): predicted time / frozen nn.Linear's.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cases:
+        if c.get("dtype") not in (None, "bfloat16", "float16"):
+            continue
+        s = Shape(c["M"], c["K"], c["N"], c["r"], c["p"], bias=bool(c.get("bias")))
+        cells = []
+        for g in gpus:
+            for plan in (fused(s), composition(s)):
+                rt = ratios(plan, s, GPUS[g])
+                cells += [f"{rt['fwd']:.3f}", f"{rt['fwd+bwd']:.3f}"]
+        lines.append(f"| {c['K']}x{c['N']} | {c['M']} | {c['r']} | {c['p']:g} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def sources() -> list[str]:
+    return [f"- {g.name}: {g.bandwidth / 1e12:.2f} TB/s, {g.tensor / 1e12:.0f} TFLOPS bf16 dense, "
+            f"{g.alu / 1e12:.1f} TFLOPS fp32 ({g.source})" for g in GPUS.values()]
+
+
+def _shapes(kn_list: str, ms: str, rs: str, ps: str) -> list[Shape]:
+    out = []
+    for kn in kn_list.split(","):
+        k, n = (int(v) for v in kn.lower().split("x"))
+        for m in (int(v) for v in ms.split(",")):
+            for r in (int(v) for v in rs.split(",")):
+                for p in (float(v) for v in ps.split(",")):
+                    out.append(Shape(m, k, n, r, p))
+    return out
+
+
+HEADER = ("Roofline MODEL, not a measurement: per launch t = max(bytes / bandwidth, tensor "
+          "FLOPs / bf16 dense peak, ALU ops / fp32 peak), summed over launches; cells are "
+          "that bound over the frozen nn.Linear's (x W^T forward, dy W backward), bf16, "
+          "adapters in bf16, no bias.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096",
+                    help="comma list of KxN (in x out)")
+    ap.add_argument("--m", default="8192", help="comma list of M")
+    ap.add_argument("--r", default="16", help="comma list of ranks")
+    ap.add_argument("--p", default="0,0.1", help="comma list of dropout rates")
+    ap.add_argument("--variants", default="4096x4096",
+                    help="KxN list for the 4-bit and DoRA rows ('' for none)")
+    ap.add_argument("--launches", default="4096x4096:8192:16:0.1",
+                    help="KxN:M:r:p whose launches to list ('' for none)")
+    args = ap.parse_args(argv)
+    print(HEADER, "Peaks used:", "", *sources(), sep="\n")
+    print("\nfastlora, dense base:\n")
+    print("\n".join(ratio_table(_shapes(args.shapes, args.m, args.r, args.p), DENSE)))
+    if args.variants:
+        variants = tuple(k for k in plans(Shape(16, 16, 16, 1)) if k not in DENSE)
+        variants = tuple(k for k in variants if k != "frozen nn.Linear")
+        print("\n4-bit base (bnb NF4, blocksize 64) and DoRA:\n")
+        print("\n".join(ratio_table(_shapes(args.variants, args.m, args.r, args.p), variants)))
+    if args.launches:
+        kn, m, r, p = args.launches.split(":")
+        s = _shapes(kn, m, r, p)[0]
+        for label in ("fused (kernels/)", "composition (cuBLAS)"):
+            print(f"\n{label}, {s.label()}, per launch:\n")
+            print("\n".join(launch_table(s, plans(s, with_variants=False)[label])))
+
+
+if __name__ == "__main__":
+    main()

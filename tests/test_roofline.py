@@ -1,0 +1,147 @@
+"""The roofline model's arithmetic on shapes counted by hand, its derivation of the cuBLAS
+composition from the torch backend's code, and its labelling as a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import roofline as R
+
+# M=256 tokens, K=128 in, N=64 out, r=4 (padded to 16 in the MMAs), bf16
+S = R.Shape(M=256, K=128, N=64, r=4)
+
+
+def _by_name(launches):
+    return {launch.name: launch for launch in launches}
+
+
+def test_frozen_linear_by_hand():
+    plan = R.frozen(S)
+    (fwd,), (bwd,) = plan["fwd"], plan["bwd"]
+    # x 256*128 + W 64*128 + y 256*64 = 57344 elements of 2 bytes; 2*256*64*128 FLOPs
+    assert fwd.bytes == 114688 and fwd.flops == 4194304
+    assert bwd.bytes == 114688 and bwd.flops == 4194304  # dy, W read; dx written
+
+
+def test_derived_linear_matches_the_hand_count():
+    # torch's own nn.Linear run on meta tensors under the launch counter
+    derived = R.frozen_derived(S)
+    assert [(k.bytes, k.flops) for k in derived["fwd"]] == [(114688, 4194304)]
+    assert [(k.bytes, k.flops) for k in derived["bwd"]] == [(114688, 4194304)]
+
+
+def test_composition_at_p0_by_hand():
+    # the torch backend's forward: u = x A^T; u *= s; y = u B^T; y += x W^T (addmm_, beta 1)
+    plan = R.composition(S)
+    got = [(k.name, k.bytes, k.flops) for k in plan["fwd"]]
+    assert got == [
+        ("mm", (256 * 128 + 4 * 128 + 256 * 4) * 2, 2 * 256 * 4 * 128),
+        ("mul_.Tensor", 256 * 4 * 2 * 2, 0),
+        ("mm", (256 * 4 + 4 * 64 + 256 * 64) * 2, 2 * 256 * 64 * 4),
+        ("addmm_", (256 * 64 + 256 * 128 + 64 * 128 + 256 * 64) * 2, 2 * 256 * 64 * 128),
+    ]
+    bwd_flops = sorted(k.flops for k in plan["bwd"] if k.flops)
+    # g = dy B, dx = g A, dx += dy W, dA = g^T x, dB = u^T dy
+    assert bwd_flops == sorted([2 * 256 * 4 * 64, 2 * 256 * 128 * 4, 2 * 256 * 128 * 64,
+                                2 * 4 * 128 * 256, 2 * 4 * 64 * 256])
+
+
+def test_composition_with_dropout_reads_more():
+    plain, drop = R.composition(S), R.composition(R.Shape(256, 128, 64, 4, p=0.1))
+    assert len(drop["fwd"]) > len(plain["fwd"])
+    assert sum(k.bytes for k in drop["fwd"]) > sum(k.bytes for k in plain["fwd"]) + 256 * 128 * 2
+
+
+def test_fused_by_hand():
+    plan = R.fused(S)
+    fwd = _by_name(plan["fwd"])
+    shrink = fwd["shrink: u = s D(x) A^T"]
+    assert shrink.bytes == (32768 + 512 + 1024) * 2  # x, A read; u written
+    assert shrink.flops == 2 * 256 * 128 * 16  # rank padded to 16 in the MMA
+    main = fwd["forward: y = x W^T + u B^T (+b)"]
+    assert main.bytes == (32768 + 1024 + 256 + 16384 + 8192) * 2  # x, u, B, y; W
+    assert main.flops == 2 * 256 * 64 * 128 + 2 * 256 * 64 * 16
+    assert "seed: randint" not in fwd  # no RNG draw without dropout
+    assert "seed: randint" in _by_name(R.fused(R.Shape(256, 128, 64, 4, p=0.1))["fwd"])
+
+
+def test_launch_time_is_the_highest_ceiling():
+    h100 = R.GPUS["H100"]
+    mem = R.Launch("copy", bytes=3.35e12)  # one second of HBM3
+    mma = R.Launch("gemm", bytes=1.0, flops=989.4e12 / 2)
+    alu = R.Launch("decode", bytes=1.0, alu=67e12 * 3)
+    assert mem.seconds(h100) == pytest.approx(1.0) and mem.bound(h100) == "memory"
+    assert mma.seconds(h100) == pytest.approx(0.5) and mma.bound(h100) == "tensor"
+    assert alu.seconds(h100) == pytest.approx(3.0) and alu.bound(h100) == "alu"
+
+
+def test_ratios_of_the_frozen_layer_are_one():
+    s = R.Shape(8192, 4096, 4096, 16)
+    assert R.ratios(R.frozen(s), s, R.GPUS["H200"]) == {"fwd": 1.0, "fwd+bwd": 1.0}
+
+
+def test_fused_gemm_shape_is_compute_bound_and_near_the_floor():
+    # Llama-7B q_proj: the fused forward's GEMM does 1 + 16/4096 of the frozen FLOPs
+    s = R.Shape(8192, 4096, 4096, 16)
+    fwd = _by_name(R.fused(s)["fwd"])["forward: y = x W^T + u B^T (+b)"]
+    assert fwd.bound(R.GPUS["H100"]) == "tensor"
+    assert fwd.flops / R.frozen(s)["fwd"][0].flops == pytest.approx(1 + 16 / 4096)
+
+
+def test_nf4_bytes_per_element():
+    assert R.Quant(64, False).bytes_per_element == 0.5 + 4 / 64  # fp32 absmax per 64
+    # uint8 absmax per 64, and an fp32 absmax per 256 of those
+    assert R.Quant(64, True).bytes_per_element == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
+
+
+def test_4bit_plans_by_hand():
+    q = R.Quant(64, False)
+    deq = R.frozen_4bit(S, q)["fwd"][0]
+    assert deq.bytes == 64 * 128 * (0.5625 + 2)  # packed read, bf16 written
+    fused4 = _by_name(R.fused_4bit(S, q)["fwd"])["forward: y = x W^T + u B^T (+b)"]
+    dense = _by_name(R.fused(S)["fwd"])["forward: y = x W^T + u B^T (+b)"]
+    assert dense.bytes - fused4.bytes == 64 * 128 * (2 - 0.5625)  # W read packed
+    assert fused4.alu == R.DECODE_OPS * 64 * 128 * 2  # decoded by ceil(256 / 128) CTAs
+    comp4 = R.composition_4bit(S, q)
+    assert len(comp4["bwd"]) == len(R.composition(S)["bwd"]) + 1  # dequantized again
+
+
+def test_dora_adds_the_norm_pass_and_dm():
+    lora, dora = R.fused(S), R.dora_fused(S)
+    norm = dora["fwd"][0]
+    assert norm.name.startswith("dora norm")
+    assert norm.flops == 2 * 64 * 128 * 16 + 2 * 4 * 16 * 128  # W A^T, A A^T (padded rank)
+    extra_bwd = sum(k.bytes for k in dora["bwd"]) - sum(k.bytes for k in lora["bwd"])
+    assert extra_bwd == 256 * 64 * 2 + 2 * 64 * 4  # the pre-scale output and the scales
+    # p > 0: the second accumulator doubles the forward GEMM's MMAs
+    d = R.Shape(256, 128, 64, 4, p=0.1)
+    f = [k for k in R.dora_fused(d)["fwd"] if k.name.startswith("forward")][0]
+    assert f.flops == 2 * (2 * 256 * 64 * 128) + 2 * 256 * 64 * 16
+
+
+def test_report_prints_the_model_beside_gpu_tables():
+    from benchmarks import report
+
+    meta = {"device": "cuda", "gpu": "NVIDIA H200", "date": "d", "torch": "t", "triton": "t",
+            "peft": "p", "fastlora": "f", "git": "g", "dtype": "bfloat16", "timing": "do_bench"}
+    lin = {"status": "ok", "ms": {m: {"median": 1.0, "n": None} for m in report.MODES},
+           "ratio": {m: 1.0 for m in report.MODES}, "saved": {"extra": 0}, "check": {"ok": True}}
+    case = {"M": 8192, "K": 4096, "N": 4096, "r": 16, "p": 0.0, "dtype": "bfloat16",
+            "bias": False, "providers": {"linear": lin}}
+    text = report.markdown({"meta": meta, "cases": [case]})
+    assert "Roofline MODEL, not a measurement" in text
+    row = [line for line in text.splitlines() if line.startswith("| 4096x4096 | 8192 | 16 | 0 |")]
+    s = R.Shape(8192, 4096, 4096, 16)
+    expected = R.ratios(R.fused(s), s, R.GPUS["H200"])
+    assert row and f"{expected['fwd']:.3f} | {expected['fwd+bwd']:.3f}" in row[-1]
+    assert "H100" not in text.split("Roofline MODEL")[1].split("\n")[2]  # only the H200 run
+
+
+def test_cli_labels_itself_a_model(capsys):
+    R.main(["--shapes", "256x512", "--m", "512", "--r", "8", "--p", "0",
+            "--variants", "", "--launches", "256x512:512:8:0"])
+    out = capsys.readouterr().out
+    assert out.startswith("Roofline MODEL, not a measurement")
+    assert "measured" not in out.lower().replace("not a measurement", "")
+    for g in R.GPUS.values():
+        assert g.name in out
