@@ -1,0 +1,229 @@
+"""Training frameworks: ``transformers.Trainer`` and TRL's ``SFTTrainer`` (any Trainer subclass).
+
+A fastlora model trains under a Trainer as it is: only its trainable parameters (the LoRA
+factors) reach the optimizer, and ``model.gradient_checkpointing_enable()`` works. What the
+Trainer cannot know by itself is that the model is an adapter on a frozen base: it would save
+the full model in every ``checkpoint-N/`` and, handed an adapter-only checkpoint, it cannot
+resume (its non-PEFT path looks for ``model.safetensors``). One line fixes both::
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[fastlora.integrations.AdapterCheckpointCallback()])
+
+With it, every checkpoint (and ``trainer.save_model()``) holds the adapter in PEFT's format,
+``adapter_config.json`` + ``adapter_model.safetensors`` (``peft.PeftModel.from_pretrained`` and
+``fastlora.load_adapter`` read it), beside the Trainer's own optimizer, scheduler, RNG and state
+files; ``trainer.train(resume_from_checkpoint=...)`` restores the adapter, then the Trainer
+restores the optimizer and scheduler as usual; ``load_best_model_at_end`` reloads the best
+adapter. Trainable parameters outside the adapter (a classification head left trainable) are
+saved beside it in ``trainable_extra.safetensors`` and restored on resume (PEFT ignores that
+file).
+
+How: when the Trainer announces itself (``on_init_end``) the callback finds that Trainer and
+overrides, on that instance only, its ``_save``, ``_load_from_checkpoint`` and
+``_load_best_model``; a checkpoint that holds full weights still goes to the Trainer's own code.
+Single-process and DDP training are covered; FSDP and DeepSpeed, which gather or shard the
+state themselves, are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastlora.adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
+from fastlora.model import lora_layers
+
+EXTRA_NAME = "trainable_extra.safetensors"
+# files that mean "this checkpoint holds the full model": left to the Trainer's own loader
+_FULL_WEIGHT_NAMES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+try:  # the base class only; the callback works without it being importable at module load
+    from transformers import TrainerCallback as _CallbackBase
+except ImportError:  # pragma: no cover - transformers is a test/peft extra
+    _CallbackBase = object
+
+
+def _lora_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+
+
+def extra_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters of ``model`` that are not LoRA factors (e.g. a classifier head),
+    by state-dict name."""
+    lora = _lora_param_ids(model)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora}
+
+
+def check_model(model: nn.Module) -> None:
+    """``ValueError``/``TypeError`` unless ``model`` carries a fastlora adapter."""
+    if type(model).__name__ in ("PeftModel", "PeftMixedModel") or hasattr(model, "peft_config"):
+        raise TypeError(
+            "AdapterCheckpointCallback: the Trainer's model is a PEFT model, which the Trainer "
+            "already saves as an adapter; convert it with fastlora.from_peft(model) first, or "
+            "drop the callback"
+        )
+    if getattr(model, "fastlora_config", None) is None or not lora_layers(model):
+        raise ValueError(
+            f"AdapterCheckpointCallback: the Trainer's model ({type(model).__name__}) has no "
+            "fastlora adapter; call fastlora.apply_lora(model, ...) (or load_adapter/from_peft) "
+            "before building the Trainer"
+        )
+
+
+def save_checkpoint(model: nn.Module, output_dir: str) -> None:
+    """The adapter (PEFT's format) and any other trainable parameters into ``output_dir``."""
+    from safetensors.torch import save_file
+
+    save_adapter(model, output_dir)
+    extra = extra_trainable(model)
+    if extra:
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in extra.items()}
+        path = os.path.join(output_dir, EXTRA_NAME)
+        try:
+            save_file(tensors, path, metadata={"format": "pt"})
+        except (OSError, RuntimeError) as err:
+            raise OSError(f"AdapterCheckpointCallback: cannot write {path}: {err}") from err
+
+
+def is_adapter_checkpoint(path: str) -> bool:
+    """True for a directory holding a fastlora/PEFT adapter and no full model weights."""
+    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+    return has(CONFIG_NAME) and has(SAFETENSORS_NAME) and not any(map(has, _FULL_WEIGHT_NAMES))
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Restore what ``save_checkpoint`` wrote: the adapter's factors (checked first, model
+    unchanged on a mismatch) and the extra trainable parameters (names must match exactly)."""
+    from safetensors.torch import load_file
+
+    extra_file = os.path.join(path, EXTRA_NAME)
+    extra_now = extra_trainable(model)
+    saved = load_file(extra_file, device="cpu") if os.path.isfile(extra_file) else {}
+    if set(saved) != set(extra_now):
+        raise ValueError(
+            f"resume from {path}: the checkpoint holds trainable parameters outside the adapter "
+            f"{sorted(saved) or 'none'}, the model has {sorted(extra_now) or 'none'}; build the "
+            "model the same way (same trainable modules) before resuming"
+        )
+    for name, p in extra_now.items():
+        if saved[name].shape != p.shape:
+            raise ValueError(
+                f"resume from {path}: {name} has shape {list(saved[name].shape)} in {EXTRA_NAME}, "
+                f"{list(p.shape)} in the model"
+            )
+    load_adapter(model, path)
+    with torch.no_grad():
+        for name, p in extra_now.items():
+            p.copy_(saved[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# the Trainer-side overrides (bound to one Trainer instance)
+
+
+def _unwrap(trainer: Any) -> nn.Module:
+    try:
+        return trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+    except TypeError:  # older accelerate
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    """Trainer._save: the adapter instead of the full model; tokenizer and args as usual."""
+    output_dir = output_dir if output_dir is not None else self.args.output_dir
+    if not self.args.should_save:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    save_checkpoint(_unwrap(self), output_dir)
+    if self.processing_class is not None:
+        self.processing_class.save_pretrained(output_dir)
+    torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
+    if not is_adapter_checkpoint(resume_from_checkpoint):
+        return self._fastlora_original["_load_from_checkpoint"](resume_from_checkpoint, model)
+    load_checkpoint(_unwrap(self) if model is None else model, resume_from_checkpoint)
+    return None
+
+
+def _load_best_model(self) -> None:
+    best = self.state.best_model_checkpoint
+    if best is None or not is_adapter_checkpoint(best):
+        return self._fastlora_original["_load_best_model"]()
+    load_checkpoint(_unwrap(self), best)
+    return None
+
+
+_OVERRIDES = {
+    "_save": _save,
+    "_load_from_checkpoint": _load_from_checkpoint,
+    "_load_best_model": _load_best_model,
+}
+
+
+def attach(trainer: Any) -> None:
+    """Make ``trainer`` save and resume its fastlora model as an adapter (idempotent). The
+    callback calls this; call it directly for a Trainer built without the callback."""
+    for name in _OVERRIDES:
+        if not callable(getattr(trainer, name, None)):
+            raise TypeError(
+                f"fastlora.integrations.attach: expected a transformers.Trainer, "
+                f"{type(trainer).__name__} has no {name}()"
+            )
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        raise ValueError(
+            "AdapterCheckpointCallback: FSDP and DeepSpeed gather the model state themselves; "
+            "save the adapter from an unsharded copy (see the README's FSDP2 example)"
+        )
+    check_model(_unwrap(trainer))
+    if getattr(trainer, "_fastlora_original", None) is not None:
+        return
+    trainer._fastlora_original = {name: getattr(trainer, name) for name in _OVERRIDES}
+    for name, fn in _OVERRIDES.items():
+        setattr(trainer, name, types.MethodType(fn, trainer))
+
+
+def _find_trainer(callback: Any) -> Any:
+    """The Trainer whose callback handler holds ``callback``: the event comes from one of its
+    methods, so it is ``self`` in a frame up the stack."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            handler = getattr(owner, "callback_handler", None)
+            if handler is not None and any(cb is callback for cb in getattr(handler, "callbacks", ())):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    raise RuntimeError(
+        "AdapterCheckpointCallback: could not find the Trainer that called it; pass it as "
+        "Trainer(..., callbacks=[fastlora.integrations.AdapterCheckpointCallback()]), or call "
+        "fastlora.integrations.attach(trainer)"
+    )
+
+
+class AdapterCheckpointCallback(_CallbackBase):
+    """``Trainer(..., callbacks=[AdapterCheckpointCallback()])``: checkpoints hold the fastlora
+    adapter in PEFT's format instead of the full model, and resuming restores it (see the
+    module docstring)."""
+
+    def on_init_end(self, args, state, control, **kwargs):
+        attach(_find_trainer(self))
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # added with trainer.add_callback() after __init__: saving still goes through us
+        attach(_find_trainer(self))
+        return control
