@@ -13,6 +13,8 @@ def save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, state, u) -> 
     """Saved: x, the parameters, u [M, r] and the dropout state (bits or a seed), no more."""
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.has_bias = bias is not None
+    # u's gradient is never used: no zeros materialized for it (nor for an unused y)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, lora_A, lora_B, u, state)
 
 
@@ -29,7 +31,10 @@ def grads(ctx, dy: Tensor, lora_grads: LoRAGrads) -> tuple:
     """Gradients for (x, weight, bias, lora_A, lora_B, scaling, dropout_p, state).
 
     ``lora_grads(dy, x, weight, lora_A, lora_B, u, state, scaling, dropout_p, need_dx,
-    need_dA, need_dB)`` returns (dx, dA, dB), empty where not asked for."""
+    need_dA, need_dB)`` returns (dx, dA, dB), empty or None where not asked for.  ``dy``
+    is None when y got no gradient (grads are not materialized)."""
+    if dy is None:
+        return (None,) * 8
     x, weight, lora_A, lora_B, u, state = ctx.saved_tensors
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     dx, dA, dB = lora_grads(

@@ -1,14 +1,21 @@
-"""The Triton backend: the fused kernels as ``fastlora::`` ops with autograd, and the
-per-shape pick between them and the cuBLAS composition (``fastlora.torch_backend``).
+"""The Triton backend: the fused kernels with autograd, and the per-shape pick between
+them and the cuBLAS composition (``fastlora.torch_backend``).
 
-    forward   fastlora::lora_fwd_triton  shrink + GEMM launches   -> y [M, N], u [M, r]
-    backward  fastlora::lora_bwd_triton  dx, dA, dB launches      -> dx, dA, dB
+    forward   shrink + GEMM launches           -> y [M, N], u [M, r]
+    backward  dy pass, dx GEMM, reduce         -> dx, dA, dB   (at most 3 launches)
+
+Two entry points to the same kernels:
+- eager: ``_LoRAFunction`` (an autograd.Function) calls the launchers, which launch cached
+  compiled kernels directly (``fastlora.kernels._launch``): no custom-op dispatch, no
+  autotuner, no ``wrap_triton`` per call;
+- torch.compile: the ``fastlora::lora_fwd_triton`` / ``lora_bwd_triton`` triton_ops, whose
+  bodies launch through ``wrap_triton`` so the graph holds each kernel.
 
 Saved for backward: ``x``, ``u`` [M, r] and the int64 dropout seed; the keep mask is
 regenerated in the kernels from (seed, row, column), never stored.  The seed comes from
 torch's generator for x's device (``torch.randint``, no host sync), so ``torch.manual_seed``
-reproduces a run.  Backward has no atomics: dA and dB are split-M partial sums reduced by
-``torch.sum``, bitwise reproducible from run to run.
+reproduces a run.  Backward has no atomics: dA and dB are partial sums reduced in a fixed
+order by a kernel, bitwise reproducible from run to run.
 
 On CPU tensors this backend runs only under ``TRITON_INTERPRET=1`` (the real kernels,
 interpreted), which is how the tests check it without a GPU.
@@ -60,9 +67,9 @@ def _import_kernels() -> ModuleType:
 
 
 _kernels = _import_kernels()
-# Triton's Autotuner keeps per-call state on the shared object and its interpreter patches
-# triton.language globally: neither is thread-safe, so launches from several threads are
-# serialized on the host (the GPU work itself stays asynchronous).
+# Triton's interpreter patches triton.language globally and a first launch compiles into
+# shared caches: launches from several threads are serialized on the host (an uncontended
+# lock is ~0.1 us; the GPU work itself stays asynchronous).
 _launch_lock = threading.RLock()
 _interpreting = _kernels._configs.interpreting
 
@@ -112,7 +119,9 @@ def lora_fwd_triton(
     """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
     seed: int64 [1]. Returns y: [M, N] and u = s D(x) A^T: [M, r], both in x.dtype."""
     with _launch_lock:
-        return _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        return _kernels.lora_forward(
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, traceable=True
+        )
 
 
 @lora_fwd_triton.register_fake
@@ -139,8 +148,9 @@ def lora_bwd_triton(
     empty and its work is skipped."""
     with _launch_lock:
         dx, dA, dB = _kernels.lora_backward(
-            dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA, need_dB
-        )
+            dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA,
+            need_dB, traceable=True,
+        )  # fmt: skip
     # one fresh empty per missing gradient: outputs of an op may not alias each other
     return (
         dx if dx is not None else x.new_empty(0),
@@ -163,13 +173,37 @@ lora_fwd_triton.register_autograd(
 )
 
 
+def _eager_grads(dy, x, weight, lora_A, lora_B, u, seed, scaling, dropout_p, *needs):
+    with _launch_lock:
+        return _kernels.lora_backward(
+            dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, *needs
+        )
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """Eager path: the launchers called straight from autograd, without the custom-op
+    dispatch the registered ops cost (~100 us a call)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        with _launch_lock:
+            y, u = _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        _autograd.save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _autograd.grads(ctx, dy, _eager_grads)
+
+
 def _fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> Tensor:
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
     else:  # never read by the kernels; empty launches nothing
         seed = torch.empty(1, device=x.device, dtype=torch.int64)
-    y, _ = lora_fwd_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    return y
+    if torch.compiler.is_compiling():
+        return lora_fwd_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+    return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def apply(

@@ -18,60 +18,80 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import _configs
-from .lora_backward import _lora_da_kernel, _lora_db_kernel, _lora_dx_kernel
+from .lora_backward import _lora_dx_kernel, _lora_dy_kernel, _lora_reduce_kernel
 from .lora_forward import _lora_forward_kernel, _lora_shrink_kernel
 
 JIT_KERNELS = {
     "shrink": _lora_shrink_kernel,
     "forward": _lora_forward_kernel,
+    "dy": _lora_dy_kernel,
     "dx": _lora_dx_kernel,
-    "da": _lora_da_kernel,
-    "db": _lora_db_kernel,
+    "reduce": _lora_reduce_kernel,
 }
 
-# dtype variant -> (operand type, dot input precision); adapters are cast to the operand
-# type by the launchers, so every pointer but the seed and the fp32 workspace has it
+# dtype variant -> (activation type, adapter type, dot input precision).  Adapters are
+# read in their own dtype: "bf16+fp32" is PEFT's default on a bf16 model.
 DTYPES = {
-    "fp16": ("fp16", "ieee"),
-    "bf16": ("bf16", "ieee"),
-    "fp32": ("fp32", "ieee"),
-    "tf32": ("fp32", "tf32"),  # fp32 tensors with torch's allow_tf32 on
+    "fp16": ("fp16", "fp16", "ieee"),
+    "bf16": ("bf16", "bf16", "ieee"),
+    "bf16+fp32": ("bf16", "fp32", "ieee"),
+    "fp16+fp32": ("fp16", "fp32", "ieee"),
+    "fp32": ("fp32", "fp32", "ieee"),
+    "tf32": ("fp32", "fp32", "tf32"),  # fp32 tensors with torch's allow_tf32 on
 }
 _ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-_SPECIAL_PTRS = {"seed_ptr": "*i64", "ws_ptr": "*fp32"}
+_ADAPTER_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr"}
+_SPECIAL_PTRS = {"seed_ptr": "*i64", "ws_ptr": "*fp32", "wsa_ptr": "*fp32", "wsb_ptr": "*fp32"}
 _FLOATS = {"scaling", "dropout_p"}
 # last-dimension strides of contiguous tensors: Triton specialises a stride of 1 to a constant
 _UNIT_STRIDES = {
     "shrink": {"stride_xk", "stride_ak", "stride_ur"},
     "forward": {"stride_xk", "stride_wk", "stride_ur", "stride_br", "stride_yn"},
-    "dx": {"stride_dyn", "stride_wk", "stride_br", "stride_ak", "stride_dxk", "stride_gr"},
-    "da": {"stride_gr", "stride_xk", "stride_wk"},  # ws [splits, r, K]
-    "db": {"stride_dyn", "stride_ur", "stride_wr"},  # ws [splits, N, r]
+    "dy": {"stride_dyn", "stride_br", "stride_ur", "stride_gr"},
+    "dx": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
+    "reduce": set(),
 }
-# sizes that are r (or M_BUCKET) and so not known to be multiples of 16
-_NOT_DIVISIBLE = {"R", "M_BUCKET", "stride_um", "stride_gm", "stride_bn"}
-_NOT_DIVISIBLE_IN = {"db": {"stride_wn"}}
+# sizes that are r (or counts) and so not known to be multiples of 16
+_NOT_DIVISIBLE = {
+    "R", "NUM_PROGS", "stride_um", "stride_gm", "stride_bn", "stride_wsn", "stride_wsp",
+    "NA", "NB", "PA", "PB", "PROGS_A",
+}
 # the constexpr flags compiled: every optional piece of code on
-FLAGS = {"HAS_BIAS": True, "HAS_DROPOUT": True, "COMPUTE_DX": True, "WRITE_G": True}
+FLAGS = {
+    "HAS_BIAS": True, "HAS_DROPOUT": True, "COMPUTE_DX": True, "NEED_DA": True,
+    "WRITE_G": True, "NEED_DB": True,
+}
 SMEM_LIMIT = _configs.SMEM_LIMIT
+# builds per arch: sm_90 launches the TMA build, and the pointer build where a stride or
+# base address is not 16-byte aligned; sm_80 the pointer build only
+BUILDS = {80: ("ptr",), 86: ("ptr",), 89: ("ptr",), 90: ("tma", "ptr")}
 
 
 def operand_kind(dtype: str) -> str:
     """The config table a dtype variant launches from (``_configs.operand_kind``)."""
-    act, precision = DTYPES[dtype]
+    act, _, precision = DTYPES[dtype]
     return _configs.operand_kind(_ESIZE[act], precision)
 
 
-def compile_kernel(kernel: str, dtype: str, config: _configs.TileConfig, arch: int, r_pad: int):
-    """``triton.compile`` of one kernel for ``sm_<arch>``; returns the CompiledKernel
-    (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
+def compile_kernel(
+    kernel: str, dtype: str, config: _configs.TileConfig, arch: int, r_pad: int,
+    build: str = "ptr",
+):  # fmt: skip
+    """``triton.compile`` of one kernel for ``sm_<arch>``; ``build`` "tma" (tensor
+    descriptors, persistent) or "ptr".  Returns the CompiledKernel (``.asm["ptx"]``,
+    ``.asm["cubin"]``, ``.metadata.shared``)."""
     fn = JIT_KERNELS[kernel]
-    act, precision = DTYPES[dtype]
+    act, adapter, precision = DTYPES[dtype]
+    tma = build == "tma"
     constexprs = {
         "R_PAD": r_pad,
         "DOT_PRECISION": precision,
         "GROUP_M": _configs.GROUP_M,
-        "REDUCE_BLOCK_M": _configs.reduce_block_m(operand_kind(dtype)),
+        "USE_TMA": tma,
+        "BASE": "dense_tma" if tma else "dense",
+        "FLATTEN": tma and config.flatten,
+        "EPI_SPLIT": 2 if tma else 1,
+        "BLOCK": _configs.REDUCE_BLOCK,
         **FLAGS,
         **config.meta(kernel),
     }
@@ -87,13 +107,13 @@ def compile_kernel(kernel: str, dtype: str, config: _configs.TileConfig, arch: i
             signature[name] = _SPECIAL_PTRS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name.endswith("_ptr"):
-            signature[name] = "*" + act
+            signature[name] = "*" + (adapter if name in _ADAPTER_PTRS else act)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name not in _NOT_DIVISIBLE | _NOT_DIVISIBLE_IN.get(kernel, set()):
+            if name not in _NOT_DIVISIBLE:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(
@@ -103,16 +123,46 @@ def compile_kernel(kernel: str, dtype: str, config: _configs.TileConfig, arch: i
     )
 
 
+# Per-SM limits for the occupancy column (CUDA occupancy calculator, sm_80 and sm_90):
+# 64K 32-bit registers, 2048 threads, 32 blocks; shared memory per SM (KB) per arch.
+SM_REGISTERS = 65536
+SM_THREADS = 2048
+SM_BLOCKS = 32
+SM_SHARED = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+
+
 @dataclass
 class Resources:
     shared: int
     registers: int
     spill_bytes: int
+    wgmma: bool  # Hopper warpgroup MMA in the PTX
+    tma: bool  # TMA bulk tensor copies (cp.async.bulk.tensor)
+    wait_depth: int  # deepest wgmma.wait_group N (-1 without wgmma)
+    persistent: bool  # programs loop over tiles (grid = SM count)
+    ctas_per_sm: int
 
 
-def resources(compiled, arch: int) -> Resources:
+def ptx_facts(ptx: str) -> tuple[bool, bool, int]:
+    """(uses wgmma, uses TMA, deepest wgmma.wait_group) read from a kernel's PTX."""
+    waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+    return "wgmma.mma_async" in ptx, "cp.async.bulk.tensor" in ptx, max(waits, default=-1)
+
+
+def ctas_per_sm(arch: int, shared: int, registers: int, num_warps: int) -> int:
+    """Resident CTAs per SM from registers, threads and shared memory (allocation
+    granularities ignored: an upper bound)."""
+    threads = num_warps * 32
+    limits = [SM_THREADS // threads, SM_BLOCKS, SM_REGISTERS // max(registers * threads, 1)]
+    if shared:
+        limits.append(SM_SHARED[arch] // shared)
+    return min(limits)
+
+
+def resources(compiled, arch: int, num_warps: int, persistent: bool) -> Resources:
     """Shared memory from the compiler's metadata; registers and spills from the ptxas
-    that Triton bundles, run with ``-v`` on the kernel's PTX."""
+    that Triton bundles, run with ``-v`` on the kernel's PTX; the Hopper facts from the
+    PTX itself."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptx = compiled.asm["ptx"]
@@ -126,4 +176,7 @@ def resources(compiled, arch: int) -> Resources:
         ).stderr  # fmt: skip
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    return Resources(compiled.metadata.shared, regs, spills)
+    wgmma, tma, depth = ptx_facts(ptx)
+    shared = compiled.metadata.shared
+    occupancy = ctas_per_sm(arch, shared, regs, num_warps)
+    return Resources(shared, regs, spills, wgmma, tma, depth, persistent, occupancy)

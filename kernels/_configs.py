@@ -5,9 +5,13 @@ Block names per kernel (the loop dimension is the one each program walks):
 
     shrink   u  [M, r]  tiles BLOCK_M,            loop over K in BLOCK_K
     forward  y  [M, N]  tiles BLOCK_M x BLOCK_N,  loop over K in BLOCK_K
-    dx       dx [M, K]  tiles BLOCK_M x BLOCK_K,  loop over N in BLOCK_N (and g [M, r])
-    da       dA [r, K]  tiles BLOCK_K x split-M,  loop over M in REDUCE_BLOCK_M
-    db       dB [N, r]  tiles BLOCK_N x split-M,  loop over M in REDUCE_BLOCK_M
+    dy       g  [M, r]  tiles BLOCK_M,            loop over N in BLOCK_N (and dB partials)
+    dx       dx [M, K]  tiles BLOCK_M x BLOCK_K,  loop over N in BLOCK_N (and dA partials)
+    reduce   dA, dB     tiles REDUCE_BLOCK elements, loop over the partials
+
+There is no autotuner at launch time: ``pick`` chooses a config from the shape (like
+cuBLAS's heuristics), so the launch path stays a dictionary lookup and the number of
+dA/dB partials, hence their summation order and bits, depends on the shape alone.
 """
 
 from __future__ import annotations
@@ -21,28 +25,18 @@ MMA_MIN_R = 16
 MAX_R = 128
 # Grouped program order along M (Triton matmul tutorial): 8 row-tiles share W tiles in L2.
 GROUP_M = 8
-# The split-M reductions (dA, dB) walk M in a fixed step on every config, so their
-# summation order, hence their bits, do not depend on which config autotune picked.
-REDUCE_BLOCK_M_GPU = 64
-REDUCE_BLOCK_M_FP32 = 32  # FMA dots (fp32 without TF32) hold operands in registers
+# Elements of dA or dB one program of the reduce kernel sums over the partials.
+REDUCE_BLOCK = 1024
 # The interpreter runs every program in numpy: small tiles keep the tests fast.
 INTERPRET_BLOCK = 16
-# Rows handed to one split of the dA/dB reductions: a multiple of every BLOCK_M we use.
-ROWS_PER_SPLIT_MIN = 512
-MAX_SPLITS = 64
+# A persistent grid wants this many tiles per program before it beats one program a tile.
+PERSISTENT_MIN_WAVES = 1
 # Usable shared memory per block (bytes): cudaDevAttrMaxSharedMemoryPerBlockOptin.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
-KERNELS = ("shrink", "forward", "dx", "da", "db")
-# Autotune keys: the bucketed M and the exact sizes the kernel loops or tiles over
-# (Triton adds the argument dtypes itself); a training run tunes once per layer shape.
-AUTOTUNE_KEYS = {
-    "shrink": ["M_BUCKET", "K"],
-    "forward": ["M_BUCKET", "N", "K"],
-    "dx": ["M_BUCKET", "N", "K"],
-    "da": ["M_BUCKET", "K"],
-    "db": ["M_BUCKET", "N"],
-}
+KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
+# kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
+GEMM_KERNELS = ("forward", "dx")
 R_PADS = (16, 32, 64, 128)
 
 
@@ -60,13 +54,6 @@ def pad_rank(r: int) -> int:
     return p
 
 
-def reduce_block_m(kind: str) -> int:
-    """The fixed M step of the dA/dB reductions for an operand kind (``operand_kind``)."""
-    if interpreting():
-        return INTERPRET_BLOCK
-    return REDUCE_BLOCK_M_FP32 if kind == "fp32" else REDUCE_BLOCK_M_GPU
-
-
 def max_r_pad(kind: str) -> int:
     """Largest rank block the kernels have configs for, per operand kind."""
     return FP32_MAX_R_PAD if kind == "fp32" and not interpreting() else MAX_R
@@ -82,15 +69,16 @@ class TileConfig:
     why: str
     max_r_pad: int = MAX_R  # register guard: big tiles only with small ranks
     min_r_pad: int = MMA_MIN_R  # configs made for the largest rank block only
+    flatten: bool = True  # persistent (TMA) build: flatten tile and K loops into one
 
     def meta(self, kernel: str) -> dict:
         """The constexpr block arguments this kernel takes."""
         names = {
             "shrink": ("BLOCK_M", "BLOCK_K"),
             "forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "dy": ("BLOCK_M", "BLOCK_N"),
             "dx": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-            "da": ("BLOCK_K",),
-            "db": ("BLOCK_N",),
+            "reduce": (),
         }[kernel]
         vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         return {n: vals[n] for n in names}
@@ -126,14 +114,13 @@ _CONFIGS_16 = {
         T(64, 64, 64, 8, 3, "mid M, r_pad 128", min_r_pad=MAX_R),
         T(32, 64, 128, 4, 3, "small M: many CTAs along K"),
     ],
-    "da": [
-        T(0, 0, 128, 4, 3, "wide K tile: fewer programs re-reading g", SMALL_R),
-        T(0, 0, 64, 4, 3, "narrow K tile: more programs, any r"),
+    "dy": [
+        T(256, 64, 0, 8, 3, "large M: 256-row tiles halve the dB partials", SMALL_R),
+        T(128, 64, 0, 8, 3, "large M, r_pad 128: g [128, 128] fp32 over 8 warps",
+          min_r_pad=MAX_R),
+        T(64, 64, 0, 4, 3, "small M: more programs streaming dy"),
     ],
-    "db": [
-        T(0, 128, 0, 4, 3, "wide N tile: fewer programs re-reading u", SMALL_R),
-        T(0, 64, 0, 4, 3, "narrow N tile: more programs, any r"),
-    ],
+    "reduce": [T(0, 0, 0, 4, 1, "sums partials: memory-bound, no tiles")],
 }
 # fp32 operands with TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32): the
 # streamed dimension is halved so the pipelined tiles fit the same shared memory.
@@ -156,14 +143,11 @@ _CONFIGS_TF32 = {
         T(64, 32, 64, 4, 3, "mid M", SMALL_R),
         T(32, 32, 64, 4, 3, "small M, and r_pad 128"),
     ],
-    "da": [
-        T(0, 0, 64, 4, 3, "wide K tile", SMALL_R),
-        T(0, 0, 32, 4, 3, "narrow K tile, any r"),
+    "dy": [
+        T(128, 32, 0, 8, 3, "large M", SMALL_R),
+        T(64, 32, 0, 4, 3, "small M, and r_pad 128"),
     ],
-    "db": [
-        T(0, 64, 0, 4, 3, "wide N tile", SMALL_R),
-        T(0, 32, 0, 4, 3, "narrow N tile, any r"),
-    ],
+    "reduce": [T(0, 0, 0, 4, 1, "sums partials")],
 }
 # fp32 with IEEE products (TF32 off): no tensor cores, tl.dot becomes FMA loops whose
 # operands live in registers, so only small tiles and r_pad <= FP32_MAX_R_PAD fit (r_pad 128
@@ -174,8 +158,8 @@ _CONFIGS_FP32 = {
     "forward": [T(32, 32, 32, 4, 3, "the FMA tile that fits registers up to r_pad 64")],
     "shrink": [T(32, 0, 32, 4, 3, "FMA tile")],
     "dx": [T(32, 32, 32, 4, 3, "FMA tile")],
-    "da": [T(0, 0, 32, 4, 3, "FMA tile")],
-    "db": [T(0, 32, 0, 4, 3, "FMA tile")],
+    "dy": [T(32, 32, 0, 4, 3, "FMA tile")],
+    "reduce": [T(0, 0, 0, 4, 1, "sums partials")],
 }
 _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
 del T
@@ -189,13 +173,12 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
     """Pipelined operand buffers in bytes (the bulk of shared memory); the report
     checks the compiler's real figure."""
     bm, bn, bk, s = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
-    rb = REDUCE_BLOCK_M_GPU  # the larger step: an upper bound for every kind
     loop = {
         "forward": (bm * bk + bn * bk),
         "shrink": (bm * bk + r_pad * bk),
-        "dx": (bm * bn + bn * bk + bn * r_pad),
-        "da": (rb * r_pad + rb * bk),
-        "db": (bn * rb + rb * r_pad),
+        "dy": (bm * bn + bn * r_pad),
+        "dx": (bm * bn + bn * bk),
+        "reduce": 0,
     }[kernel]
     return s * loop * esize
 
@@ -226,14 +209,27 @@ def configs_for(
 
 
 def m_bucket(m: int) -> int:
-    """Autotune key for M: the next power of two, so a training run tunes once per bucket."""
+    """M rounded up to a power of two: the strategy cache's key for M."""
     return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
 
 
-def num_splits(m: int) -> tuple[int, int]:
-    """(splits, rows per split) for the split-M reductions; depends on M only."""
-    # under the interpreter a split is one tile, so small test shapes still cross splits
-    step = INTERPRET_BLOCK if interpreting() else ROWS_PER_SPLIT_MIN
-    rows = max(step, -(-m // MAX_SPLITS))
-    rows = -(-rows // step) * step
-    return max(1, -(-m // rows)), rows
+def pick(kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int) -> TileConfig:
+    """The config launched for a ``rows x cols`` output (cols 1 for row-tiled kernels):
+    the largest tile (table order) that still gives every one of ``sms`` SMs a tile,
+    else the config with the most tiles.  A function of the shape alone."""
+    cands = configs_for(kernel, kind, r_pad)
+    if not cands:
+        raise ValueError(
+            f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "
+            f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
+        )
+    col_block = {"forward": "block_n", "dx": "block_k"}.get(kernel)
+
+    def tiles(c: TileConfig) -> int:
+        t = -(-rows // max(c.block_m, 1))
+        return t * -(-cols // getattr(c, col_block)) if col_block else t
+
+    for c in cands:
+        if tiles(c) >= sms:
+            return c
+    return max(cands, key=tiles)

@@ -1,18 +1,24 @@
-"""LoRA backward in three launches plus two tiny ``torch.sum`` over split partials.
+"""LoRA backward in at most three launches, one pass over dy and a pure GEMM for dx.
 
-    dx   dx = dy W + (g A) * m/(1-p),  g = s dy B   [M, K]  g accumulated in the same
-                                                            loop over N as dy W (same dy
-                                                            tiles); low-rank term added
-                                                            in the epilogue; one store.
-                                                            Also writes g [M, r].
-    da   dA = g^T D(x)                              [r, K]  split-M partial sums
-    db   dB = dy^T u                                [N, r]  split-M partial sums
+    dy      g = s dy B               [M, r]   the one pass over dy: per BLOCK_M rows, the
+            dB partials dy^T u       [P, N, r] loop over N gives g (in registers) and, per
+                                               N tile, that row block's dB partial
+    dx      dx = dy W + (g A) m/(1-p) [M, K]  a pure GEMM main loop over N; the epilogue adds
+            dA partials g^T D(x)     [P, r, K] the low-rank term (g and A tiles loaded before
+                                               the main loop) and, from the x tile it loads
+                                               there, the row block's dA partial
+    reduce  dA = sum_p, dB = sum_p             fixed-order sums of the partials, cast to
+                                               each adapter's dtype in the kernel
 
-The mask m is regenerated from the forward's seed (``dropout_keep``); D(x) is never
-stored.  No atomics: partials go to an fp32 workspace [splits, ...] reduced with
-``torch.sum``; splits depend on M only and every reduction kernel walks M in the fixed
-``REDUCE_BLOCK_M``, so dA and dB are bitwise reproducible whatever autotune picked.  dx
-is bitwise reproducible for a given tuned config (its N-loop step is the config's BLOCK_N).
+The mask m is regenerated from the forward's seed (``dropout_keep``); D(x) is never stored.
+No atomics: the partials are summed in one fixed order, and how many there are follows
+from the shape alone (``_configs.pick``), so dA, dB and dx are bitwise reproducible for a
+shape.  Adapters are read in their own dtype and cast in registers.
+
+Builds as in ``lora_forward``: pointer loads (sm_80, unaligned strides) or, on sm_90,
+persistent dx programs with TMA loads of dy, W and x and a subtiled TMA store of dx.  A
+new base kind is a ``BASE`` branch of ``_tiles.load_w``; a new adapter's dy-pass
+reduction (DoRA's dm) goes beside the dB partials in ``_lora_dy_kernel``.
 """
 
 from __future__ import annotations
@@ -22,171 +28,162 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._launch import dot_precision, tuned
-from .lora_forward import dropout_keep
+from ._launch import current_device_info, dot_precision, launch
+from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords
+from .lora_forward import use_tma
 
 
 @triton.jit
-def _lora_dx_kernel(
-    dy_ptr, w_ptr, b_ptr, a_ptr, seed_ptr, dx_ptr, g_ptr,
-    M, N, K, R,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_bn, stride_br,
-    stride_ar, stride_ak, stride_dxm, stride_dxk, stride_gm, stride_gr,
-    scaling, dropout_p,
-    M_BUCKET,
-    COMPUTE_DX: tl.constexpr, WRITE_G: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, u_ptr, g_ptr, ws_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_um, stride_ur,
+    stride_gm, stride_gr, stride_wsp, stride_wsn,
+    scaling,
+    WRITE_G: tl.constexpr, NEED_DB: tl.constexpr, R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """dx tile [BLOCK_M, BLOCK_K]; with COMPUTE_DX=False only g (grid over M alone)."""
+    """Rows m0 .. m0+BLOCK_M: g = s dy B, and dB partial [pid, N, r] = dy^T u."""
     dtype = dy_ptr.dtype.element_ty
-    s = tl.cast(scaling, tl.float32)
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    if COMPUTE_DX:
-        num_pid_k = tl.cdiv(K, BLOCK_K)
-    else:
-        num_pid_k = 1
-    group = GROUP_M * num_pid_k
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = (first_m + (pid % group) % group_size).to(tl.int64)
-    pid_k = ((pid % group) // group_size).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid = tl.program_id(0).to(tl.int64)
+    m0 = pid * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     mask_m = offs_m < M
-    mask_k = offs_k < K
     mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    g_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        # int64: offs_n * stride_wn passes 2**31 on vocabulary-sized W (N*K > 2**31)
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask_n = offs_n < N
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-            mask=mask_m[:, None] & mask_n[None, :], other=0.0,
-        )  # fmt: skip
-        if COMPUTE_DX:
-            w = tl.load(
-                w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                mask=mask_n[:, None] & mask_k[None, :], other=0.0,
-            )  # fmt: skip
-            acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
-        b = tl.load(
-            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-            mask=mask_n[:, None] & mask_r[None, :], other=0.0,
-        ).to(dtype)  # fmt: skip
-        g_acc = tl.dot(dy, b, g_acc, input_precision=DOT_PRECISION)
-
-    g = (g_acc * s).to(dtype)
-    if WRITE_G:
-        if pid_k == 0:  # every K tile computed the same g; the first one stores it
-            tl.store(
-                g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                g, mask=mask_m[:, None] & mask_r[None, :],
-            )  # fmt: skip
-    if COMPUTE_DX:
-        a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-            mask=mask_r[:, None] & mask_k[None, :], other=0.0,
-        ).to(dtype)  # fmt: skip
-        low = tl.dot(g, a, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            p = tl.cast(dropout_p, tl.float32)
-            keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_k * BLOCK_K, p, BLOCK_K)
-            low = tl.where(keep, low * (1.0 / (1.0 - p)), 0.0)
-        acc += low
-        tl.store(
-            dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-            acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :],
-        )  # fmt: skip
-
-
-@triton.jit
-def _lora_da_kernel(
-    g_ptr, x_ptr, seed_ptr, ws_ptr,
-    M, K, R, ROWS_PER_SPLIT,
-    stride_gm, stride_gr, stride_xm, stride_xk, stride_ws, stride_wr, stride_wk,
-    dropout_p,
-    M_BUCKET,
-    HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    REDUCE_BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Partial dA[split] [r, BLOCK_K] = g[rows]^T D(x[rows]) over this split's rows."""
-    dtype = x_ptr.dtype.element_ty
-    pid_k = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, R_PAD)
-    mask_k = offs_k < K
-    mask_r = offs_r < R
-    m_start = pid_s * ROWS_PER_SPLIT
-    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        p = tl.cast(dropout_p, tl.float32)
-        inv_keep = 1.0 / (1.0 - p)
-    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
-    for m0 in range(m_start, m_end, REDUCE_BLOCK_M):
-        offs_m = m0 + tl.arange(0, REDUCE_BLOCK_M)
-        mask_m = offs_m < m_end
-        g_t = tl.load(
-            g_ptr + offs_r[:, None] * stride_gr + offs_m[None, :] * stride_gm,
-            mask=mask_r[:, None] & mask_m[None, :], other=0.0,
-        )  # fmt: skip
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, p, BLOCK_K)
-            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)
-        acc = tl.dot(g_t, x, acc, input_precision=DOT_PRECISION)
-    tl.store(
-        ws_ptr + pid_s * stride_ws + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
-        acc, mask=mask_r[:, None] & mask_k[None, :],
-    )  # fmt: skip
-
-
-@triton.jit
-def _lora_db_kernel(
-    dy_ptr, u_ptr, ws_ptr,
-    M, N, R, ROWS_PER_SPLIT,
-    stride_dym, stride_dyn, stride_um, stride_ur, stride_ws, stride_wn, stride_wr,
-    M_BUCKET,
-    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    REDUCE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Partial dB[split] [BLOCK_N, r] = dy[rows]^T u[rows] over this split's rows."""
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    mask_n = offs_n < N
-    mask_r = offs_r < R
-    m_start = pid_s * ROWS_PER_SPLIT
-    m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
-    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for m0 in range(m_start, m_end, REDUCE_BLOCK_M):
-        offs_m = m0 + tl.arange(0, REDUCE_BLOCK_M)
-        mask_m = offs_m < m_end
-        dy_t = tl.load(
-            dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
-            mask=mask_n[:, None] & mask_m[None, :], other=0.0,
-        )  # fmt: skip
+    if USE_TMA:
+        dy_src = tl.make_tensor_descriptor(dy_ptr, [M, N], [stride_dym, 1], [BLOCK_M, BLOCK_N])
+    else:
+        dy_src = dy_ptr
+    if NEED_DB:
         u = tl.load(
             u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
             mask=mask_m[:, None] & mask_r[None, :], other=0.0,
         )  # fmt: skip
-        acc = tl.dot(dy_t, u, acc, input_precision=DOT_PRECISION)
-    tl.store(
-        ws_ptr + pid_s * stride_ws + offs_n[:, None] * stride_wn + offs_r[None, :] * stride_wr,
-        acc, mask=mask_n[:, None] & mask_r[None, :],
-    )  # fmt: skip
+    g_acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        dy = load_rows(dy_src, m0, n0, M, N, stride_dym, stride_dyn, USE_TMA, BLOCK_M, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < N
+        if WRITE_G:
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=mask_n[:, None] & mask_r[None, :], other=0.0,
+            ).to(dtype)  # fmt: skip
+            g_acc = tl.dot(dy, b, g_acc, input_precision=DOT_PRECISION)
+        if NEED_DB:
+            part = tl.dot(dy.T, u, input_precision=DOT_PRECISION)  # [BLOCK_N, R_PAD]
+            tl.store(
+                ws_ptr + pid * stride_wsp + offs_n[:, None] * stride_wsn + offs_r[None, :],
+                part, mask=mask_n[:, None] & mask_r[None, :],
+            )  # fmt: skip
+    if WRITE_G:
+        s = tl.cast(scaling, tl.float32)
+        tl.store(
+            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+            (g_acc * s).to(g_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :],
+        )  # fmt: skip
+
+
+@triton.jit
+def _lora_dx_kernel(
+    dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, ws_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr,
+    stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, stride_wsp, stride_wsr,
+    dropout_p, NUM_PROGS,
+    COMPUTE_DX: tl.constexpr, NEED_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """dx tile [BLOCK_M, BLOCK_K] and (NEED_DA) the dA partial [pid_m, r, BLOCK_K];
+    COMPUTE_DX=False skips the GEMM (dA alone)."""
+    dtype = dy_ptr.dtype.element_ty
+    if USE_TMA:
+        dy_src = tl.make_tensor_descriptor(dy_ptr, [M, N], [stride_dym, 1], [BLOCK_M, BLOCK_N])
+        w_src = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+        x_src = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        dx_dst = tl.make_tensor_descriptor(
+            dx_ptr, [M, K], [stride_dxm, 1], [BLOCK_M, BLOCK_K // EPI_SPLIT]
+        )  # fmt: skip
+    else:
+        dy_src = dy_ptr
+        w_src = w_ptr
+        x_src = x_ptr
+        dx_dst = dx_ptr
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        p = tl.cast(dropout_p, tl.float32)
+        inv_keep = 1.0 / (1.0 - p)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_k, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_k = tile_coords(tile, num_pid_m, num_pid_k, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        k0 = pid_k * BLOCK_K
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_k = offs_k < K
+        # epilogue operands first: their loads are in flight during the main loop
+        g = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+        )  # fmt: skip
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_m, k0, p, BLOCK_K)
+        if COMPUTE_DX:
+            a = tl.load(
+                a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=mask_r[:, None] & mask_k[None, :], other=0.0,
+            ).to(dtype)  # [R_PAD, BLOCK_K], cast in registers
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                dy = load_rows(dy_src, m0, n0, M, N, stride_dym, stride_dyn, USE_TMA, BLOCK_M,
+                               BLOCK_N)  # fmt: skip
+                w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
+                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+            low = tl.dot(g, a, input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                low = tl.where(keep, low * inv_keep, 0.0)
+            store_rows(dx_dst, acc + low, m0, k0, M, K, stride_dxm, stride_dxk, USE_TMA,
+                       BLOCK_M, BLOCK_K, EPI_SPLIT)  # fmt: skip
+        if NEED_DA:
+            x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M, BLOCK_K)
+            if HAS_DROPOUT:
+                x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)
+            part = tl.dot(g.T, x, input_precision=DOT_PRECISION)  # [R_PAD, BLOCK_K]
+            tl.store(
+                ws_ptr + pid_m * stride_wsp + offs_r[:, None] * stride_wsr + offs_k[None, :],
+                part, mask=mask_r[:, None] & mask_k[None, :],
+            )  # fmt: skip
+
+
+@triton.jit
+def _lora_reduce_kernel(
+    wsa_ptr, da_ptr, wsb_ptr, db_ptr,
+    NA, PA, NB, PB, PROGS_A,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """dA[i] = sum_p wsa[p, i] (programs < PROGS_A), dB[i] = sum_p wsb[p, i] (the rest);
+    p ascending, stored in the output's dtype."""
+    pid = tl.program_id(0)
+    if pid < PROGS_A:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, PA):
+            acc += tl.load(wsa_ptr + i * NA + offs, mask=offs < NA, other=0.0)
+        tl.store(da_ptr + offs, acc.to(da_ptr.dtype.element_ty), mask=offs < NA)
+    else:
+        offs = (pid - PROGS_A).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, PB):
+            acc += tl.load(wsb_ptr + i * NB + offs, mask=offs < NB, other=0.0)
+        tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=offs < NB)
 
 
 def lora_backward(
@@ -202,73 +199,79 @@ def lora_backward(
     need_dx: bool = True,
     need_dA: bool = True,
     need_dB: bool = True,
+    *,
+    traceable: bool = False,
+    tma: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """dy: [M, N], x: [M, K], weight: [N, K], lora_A: [r, K], lora_B: [N, r], u: [M, r]
     (from ``lora_forward``), seed: the forward's int64 [1].  Returns dx [M, K] in x.dtype,
-    dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype; None for what is not needed."""
+    dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype (contiguous); None for what is
+    not needed.  ``traceable``/``tma`` as in ``lora_forward``."""
     M, K = x.shape
     N = weight.shape[0]
     R = lora_A.shape[0]
     dev = x.device
     dx = torch.empty((M, K), device=dev, dtype=x.dtype) if need_dx else None
+    dA = torch.empty(lora_A.shape, device=dev, dtype=lora_A.dtype) if need_dA else None
+    dB = torch.empty(lora_B.shape, device=dev, dtype=lora_B.dtype) if need_dB else None
     if M == 0:
-        dA = torch.zeros_like(lora_A) if need_dA else None
-        dB = torch.zeros_like(lora_B) if need_dB else None
-        return dx, dA, dB
+        return dx, dA.zero_() if need_dA else None, dB.zero_() if need_dB else None
+    if not (need_dx or need_dA or need_dB):
+        return None, None, None
     r_pad = _configs.pad_rank(R)
-    A_dtype, B_dtype = lora_A.dtype, lora_B.dtype
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # tiny; see lora_forward
     prec = dot_precision(x.dtype)
-    mb = _configs.m_bucket(M)
+    kind = _configs.operand_kind(x.dtype.itemsize, prec)
+    arch, sms = current_device_info()
+    dx_arg = dx if need_dx else x  # never written when COMPUTE_DX=False
+    tma = use_tma(arch, dy, x, weight, dx_arg) if tma is None else tma
     has_dropout = dropout_p > 0.0
-    splits, rows = _configs.num_splits(M)
-    reduce_m = _configs.reduce_block_m(_configs.operand_kind(x.dtype.itemsize, prec))
-    dA = dB = None
+    need_g = need_dx or need_dA
+    f32 = torch.float32
 
-    if need_dx or need_dA:
-        g = torch.empty((M, R), device=dev, dtype=x.dtype) if need_dA else u  # u: dummy ptr
-        dx_arg = dx if need_dx else x  # dummy pointer, never written when COMPUTE_DX=False
+    cy = _configs.pick("dy", kind, r_pad, M, 1, sms)
+    parts_b = triton.cdiv(M, cy.block_m) if need_dB else 0
+    ws_b = torch.empty((parts_b, N, R), device=dev, dtype=f32) if need_dB else u
+    g = torch.empty((M, R), device=dev, dtype=x.dtype) if need_g else u
+    launch(
+        _lora_dy_kernel, (triton.cdiv(M, cy.block_m),),
+        (dy, lora_B, u, g, ws_b, M, N, R, dy.stride(0), dy.stride(1), lora_B.stride(0),
+         lora_B.stride(1), u.stride(0), u.stride(1), g.stride(0), g.stride(1), N * R, R,
+         float(scaling)),
+        dict(WRITE_G=need_g, NEED_DB=need_dB, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
+             BLOCK_M=cy.block_m, BLOCK_N=cy.block_n),
+        cy.num_warps, cy.num_stages, traceable=traceable,
+    )  # fmt: skip
 
-        def grid(meta):
-            tiles_k = triton.cdiv(K, meta["BLOCK_K"]) if need_dx else 1
-            return (triton.cdiv(M, meta["BLOCK_M"]) * tiles_k,)
-
-        tuned(_lora_dx_kernel, "dx", x.dtype, r_pad)[grid](
-            dy, weight, lora_B, lora_A, seed, dx_arg, g,
-            M, N, K, R,
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-            lora_B.stride(0), lora_B.stride(1), lora_A.stride(0), lora_A.stride(1),
-            dx_arg.stride(0), dx_arg.stride(1), g.stride(0), g.stride(1),
-            float(scaling), float(dropout_p),
-            mb,
-            COMPUTE_DX=need_dx, WRITE_G=need_dA, HAS_DROPOUT=has_dropout,
-            R_PAD=r_pad, DOT_PRECISION=prec, GROUP_M=_configs.GROUP_M,
+    parts_a = 0
+    ws_a = u
+    if need_g:
+        c = _configs.pick("dx", kind, r_pad, M, K, sms)
+        parts_a = triton.cdiv(M, c.block_m) if need_dA else 0
+        ws_a = torch.empty((parts_a, R, K), device=dev, dtype=f32) if need_dA else u
+        tiles = triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_k)
+        progs = min(tiles, sms) if tma else tiles
+        launch(
+            _lora_dx_kernel, (progs,),
+            (dy, weight, g, lora_A, x, seed, dx_arg, ws_a, M, N, K, R,
+             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
+             g.stride(1), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
+             dx_arg.stride(0), dx_arg.stride(1), R * K, K, float(dropout_p), progs),
+            dict(COMPUTE_DX=need_dx, NEED_DA=need_dA, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
+                 DOT_PRECISION=prec, USE_TMA=tma, BASE="dense_tma" if tma else "dense",
+                 BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                 GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten, EPI_SPLIT=2 if tma else 1),
+            c.num_warps, c.num_stages, traceable=traceable,
         )  # fmt: skip
-        if need_dA:
-            ws = torch.empty((splits, R, K), device=dev, dtype=torch.float32)
-            tuned(_lora_da_kernel, "da", x.dtype, r_pad)[
-                lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)
-            ](
-                g, x, seed, ws,
-                M, K, R, rows,
-                g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-                ws.stride(0), ws.stride(1), ws.stride(2),
-                float(dropout_p),
-                mb,
-                HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PRECISION=prec, REDUCE_BLOCK_M=reduce_m,
-            )  # fmt: skip
-            dA = ws.sum(0).to(A_dtype)
-    if need_dB:
-        ws = torch.empty((splits, N, R), device=dev, dtype=torch.float32)
-        tuned(_lora_db_kernel, "db", x.dtype, r_pad)[
-            lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)
-        ](
-            dy, u, ws,
-            M, N, R, rows,
-            dy.stride(0), dy.stride(1), u.stride(0), u.stride(1),
-            ws.stride(0), ws.stride(1), ws.stride(2),
-            mb,
-            R_PAD=r_pad, DOT_PRECISION=prec, REDUCE_BLOCK_M=reduce_m,
+
+    if need_dA or need_dB:
+        na, nb = (R * K if need_dA else 0), (N * R if need_dB else 0)
+        block = _configs.REDUCE_BLOCK
+        progs_a = triton.cdiv(na, block)
+        cr = _configs.configs_for("reduce", kind, r_pad)[0]
+        launch(
+            _lora_reduce_kernel, (progs_a + triton.cdiv(nb, block),),
+            (ws_a, dA if need_dA else ws_a, ws_b, dB if need_dB else ws_b, na, parts_a, nb,
+             parts_b, progs_a),
+            dict(BLOCK=block), cr.num_warps, cr.num_stages, traceable=traceable,
         )  # fmt: skip
-        dB = ws.sum(0).to(B_dtype)
     return dx, dA, dB

@@ -1,11 +1,21 @@
 """LoRA forward: ``y = x W^T + b + s * D(x) A^T B^T`` in two launches.
 
     shrink   u = s * D(x) A^T             [M, r]   dropout applied in registers
-    forward  y = x W^T + b + u B^T        [M, N]   u B^T and b added in the epilogue,
-                                                   one store of y
+    forward  y = x W^T + b + u B^T        [M, N]   a pure GEMM main loop; u B^T and b are
+                                                   added in the epilogue (u and B^T tiles
+                                                   loaded before the main loop), one store
 
 D(x) = x * m / (1-p) is never stored: the keep mask m comes from Philox keyed by
-(seed, row, column), so the backward regenerates exactly the same mask.
+(seed, row, column), so the backward regenerates exactly the same mask.  Adapters are
+read in their own dtype (PEFT keeps them fp32) and cast in registers: no host-side cast.
+
+Two builds of the same kernels, chosen per call (``use_tma``):
+- pointer loads (cp.async pipelines), one program per tile: sm_80, and any arch where a
+  stride or base address is not 16-byte aligned;
+- on sm_90: persistent programs (grid = SM count, grouped tile order) that load x and W
+  and store y through tensor descriptors (TMA), the epilogue stored in subtiles.
+A new base kind is a ``BASE`` branch of ``_tiles.load_w``; a new adapter epilogue goes
+beside ``lora_epilogue``.
 """
 
 from __future__ import annotations
@@ -13,33 +23,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.random import philox, uint_to_uniform_float
 
 from . import _configs
-from ._launch import dot_precision, tuned
+from ._launch import current_device_info, dot_precision, launch
+from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, load_w
+from ._tiles import store_rows, tile_coords
 
+__all__ = ["RNG_COLS_PER_DRAW", "dropout_keep", "lora_forward", "use_tma"]
 
-# Philox4x32 gives four 32-bit draws per counter: one call serves 4 adjacent columns.
-RNG_COLS_PER_DRAW = 4
-
-
-@triton.jit
-def dropout_keep(seed, offs_m, k0, p, BLOCK_K: tl.constexpr):
-    """Keep mask [BM, BLOCK_K] for rows offs_m and columns k0 .. k0 + BLOCK_K (k0 a
-    multiple of 4): element (row, col) keeps iff Philox4x32-10(seed; col // 4, row, 0, 0)
-    [col % 4], as a uniform in [0, 1), is >= p.
-
-    Row and column group are separate 32-bit counters, so the stream never wraps for
-    M*K >= 2**31 (it needs M, K < 2**32) and no int64 product is formed; the same
-    (seed, row, col) gives the same bit in every kernel, whatever its tiling."""
-    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-    zero = (offs_m[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)
-    rows = offs_m[:, None].to(tl.uint32) + zero
-    cols = groups[None, :].to(tl.uint32) + zero
-    r0, r1, r2, r3 = philox(seed, cols, rows, zero, zero)
-    # [BM, BK/4, 2, 2] -> [BM, BK]: column 4g + 2i + j takes draw r_(2i+j) of group g
-    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_m.shape[0], BLOCK_K))
-    return uint_to_uniform_float(bits) >= p
+# TMA: 16-byte aligned base addresses and row strides, unit last stride (CUDA's
+# cuTensorMapEncodeTiled rules for a 2-D tensor).
+TMA_ALIGN = 16
 
 
 @triton.jit
@@ -48,43 +42,48 @@ def _lora_shrink_kernel(
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur,
     scaling, dropout_p,
-    M_BUCKET,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """u[M, r] = s * D(x) A^T; one program per BLOCK_M rows, loop over K."""
     dtype = x_ptr.dtype.element_ty
     s = tl.cast(scaling, tl.float32)
     pid_m = tl.program_id(0).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
+    if USE_TMA:
+        x_src = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+    else:
+        x_src = x_ptr
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         p = tl.cast(dropout_p, tl.float32)
-        inv_keep = 1.0 / (1.0 - p)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
+        x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M, BLOCK_K)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, k0, p, BLOCK_K)
-            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)
+            x = apply_dropout(x, seed, offs_m, k0, p, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         a_t = tl.load(
             a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-            mask=mask_k[:, None] & mask_r[None, :], other=0.0,
-        ).to(dtype)  # [BLOCK_K, R_PAD]: A^T, in x's dtype when the adapter is fp32
+            mask=(offs_k[:, None] < K) & (offs_r[None, :] < R), other=0.0,
+        ).to(dtype)  # [BLOCK_K, R_PAD]: A^T in x's dtype, cast in registers
         acc = tl.dot(x, a_t, acc, input_precision=DOT_PRECISION)
-    u = (acc * s).to(u_ptr.dtype.element_ty)
     tl.store(
         u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
-        u, mask=mask_m[:, None] & mask_r[None, :],
+        (acc * s).to(u_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
     )  # fmt: skip
+
+
+@triton.jit
+def lora_epilogue(acc, u, b_t, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """LoRA adapter epilogue on an fp32 [BM, BN] tile: + u B^T (one R_PAD-deep MMA) + b."""
+    acc = tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
 
 
 @triton.jit
@@ -93,58 +92,64 @@ def _lora_forward_kernel(
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
     stride_bn, stride_br, stride_ym, stride_yn,
-    M_BUCKET,
+    NUM_PROGS,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """y[M, N] = x W^T + b + u B^T; u B^T is one extra R_PAD-deep step in the epilogue."""
+    """y[M, N] = x W^T + b + u B^T.  Programs walk tiles tile = pid, pid + NUM_PROGS, ...
+    (NUM_PROGS = tile count without TMA: one tile each)."""
     dtype = x_ptr.dtype.element_ty
-    pid = tl.program_id(0)
+    if USE_TMA:
+        x_src = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        w_src = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+        y_dst = tl.make_tensor_descriptor(
+            y_ptr, [M, N], [stride_ym, 1], [BLOCK_M, BLOCK_N // EPI_SPLIT]
+        )  # fmt: skip
+    else:
+        x_src = x_ptr
+        w_src = w_ptr
+        y_dst = y_ptr
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = (first_m + (pid % group) % group_size).to(tl.int64)
-    pid_n = ((pid % group) // group_size).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
-        w_t = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-        )  # fmt: skip
-        acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
-
-    # epilogue: the low-rank expand u B^T, then the bias, then the one store
     offs_r = tl.arange(0, R_PAD)
-    mask_r = offs_r < R
-    u = tl.load(
-        u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
-        mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-    )  # fmt: skip
-    b_t = tl.load(
-        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=mask_r[:, None] & mask_n[None, :], other=0.0,
-    ).to(dtype)  # [R_PAD, BLOCK_N]: B^T
-    acc = tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :],
-    )  # fmt: skip
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        # epilogue operands first: their loads are in flight during the main loop
+        u = tl.load(
+            u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0,
+        )  # fmt: skip
+        b_t = tl.load(
+            b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0,
+        ).to(dtype)  # [R_PAD, BLOCK_N]: B^T in x's dtype, cast in registers
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M, BLOCK_K)
+            w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
+            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        acc = lora_epilogue(acc, u, b_t, bias_ptr, offs_n, N, HAS_BIAS, DOT_PRECISION)
+        store_rows(y_dst, acc, m0, n0, M, N, stride_ym, stride_yn, USE_TMA, BLOCK_M, BLOCK_N,
+                   EPI_SPLIT)  # fmt: skip
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or (t.stride(0) * es) % TMA_ALIGN or t.data_ptr() % TMA_ALIGN:
+            return False
+    return True
+
+
+def use_tma(arch: int, *tensors: torch.Tensor) -> bool:
+    """Whether the TMA build may run: sm_90+ and every big operand TMA-addressable."""
+    return arch >= 90 and _tma_ok(*tensors)
 
 
 def lora_forward(
@@ -156,11 +161,15 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     seed: torch.Tensor,
+    *,
+    traceable: bool = False,
+    tma: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
     seed: int64 [1] (read only when dropout_p > 0).  Returns y: [M, N] and u: [M, r],
     both in x.dtype; u = s * D(x) A^T is what the backward needs for dB.  Computes in
-    x.dtype (adapters cast to it) with fp32 accumulation."""
+    x.dtype with fp32 accumulation.  ``traceable``: launch through wrap_triton (inside a
+    triton_op); ``tma``: force the TMA build on or off (default: sm_90 and aligned)."""
     M, K = x.shape
     N = weight.shape[0]
     R = lora_A.shape[0]
@@ -169,32 +178,33 @@ def lora_forward(
     if M == 0:
         return y, u
     r_pad = _configs.pad_rank(R)
-    # adapters in x's dtype (PEFT keeps them fp32): r*(K+N) elements, so the kernels
-    # compile for one operand dtype
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     prec = dot_precision(x.dtype)
-    mb = _configs.m_bucket(M)
+    kind = _configs.operand_kind(x.dtype.itemsize, prec)
+    arch, sms = current_device_info()
+    tma = use_tma(arch, x, weight, y) if tma is None else tma
     has_dropout = dropout_p > 0.0
 
-    tuned(_lora_shrink_kernel, "shrink", x.dtype, r_pad)[
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
-    ](
-        x, lora_A, u, seed,
-        M, K, R,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), u.stride(0), u.stride(1),
-        float(scaling), float(dropout_p),
-        mb,
-        HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PRECISION=prec,
+    c = _configs.pick("shrink", kind, r_pad, M, 1, sms)
+    launch(
+        _lora_shrink_kernel, (triton.cdiv(M, c.block_m),),
+        (x, lora_A, u, seed, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0),
+         lora_A.stride(1), u.stride(0), u.stride(1), float(scaling), float(dropout_p)),
+        dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
+             BLOCK_M=c.block_m, BLOCK_K=c.block_k),
+        c.num_warps, c.num_stages, traceable=traceable,
     )  # fmt: skip
-    tuned(_lora_forward_kernel, "forward", x.dtype, r_pad)[
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    ](
-        x, weight, bias if bias is not None else weight, u, lora_B, y,
-        M, N, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0), u.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        mb,
-        HAS_BIAS=bias is not None, R_PAD=r_pad, DOT_PRECISION=prec, GROUP_M=_configs.GROUP_M,
+    c = _configs.pick("forward", kind, r_pad, M, N, sms)
+    tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
+    progs = min(tiles, sms) if tma else tiles
+    launch(
+        _lora_forward_kernel, (progs,),
+        (x, weight, bias if bias is not None else weight, u, lora_B, y, M, N, K, R,
+         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0),
+         u.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), progs),
+        dict(HAS_BIAS=bias is not None, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
+             BASE="dense_tma" if tma else "dense", BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+             BLOCK_K=c.block_k, GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten,
+             EPI_SPLIT=2 if tma else 1),
+        c.num_warps, c.num_stages, traceable=traceable,
     )  # fmt: skip
     return y, u
-

@@ -2,10 +2,15 @@
 
     python -m fastlora.kernels.report --arch 80 90      (or ``-m kernels.report`` in a checkout)
 
-One row per kernel / config / dtype / rank block / arch: shared memory, registers, spill
-bytes.  Exit status 1 when a config fails to compile, needs more shared memory than the
-arch has, or spills.  No GPU is needed: ``triton.compile`` targets ``GPUTarget("cuda",
-arch, 32)`` and Triton's bundled ptxas reports registers and spills.
+One row per kernel / config / dtype / rank block / arch / build (sm_90: "tma", the
+persistent tensor-descriptor build, and "ptr", its fallback for unaligned strides):
+shared memory, registers, spill bytes, whether the PTX uses wgmma and TMA
+(``cp.async.bulk.tensor``), the deepest ``wgmma.wait_group``, persistent or not, and
+resident CTAs per SM.  Exit status 1 when a build fails to compile, needs more shared
+memory than the arch has, spills, is an sm_90 TMA build that uses wgmma without TMA, or
+is a GEMM main loop (forward, dx) on sm_90 whose wgmma waits only with depth 0.  Every
+kernel the launchers can start is built (``_configs.configs_for``), through
+``triton.compile`` (so Triton's cache holds each build's PTX).  No GPU is needed.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, minus
 from . import _compile, _configs  # noqa: E402
 
 
-def jobs(archs, dtypes, r_pads):
-    """(arch, dtype, r_pad, kernel, config) for every launchable config; with ``r_pads``
+def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS):
+    """(arch, dtype, r_pad, kernel, config, build) for every launchable config; with ``r_pads``
     None, each config at the largest rank block it is launched with (the rank block only
     adds registers and shared memory, so that is its worst case)."""
     for arch in archs:
         for dtype in dtypes:
             kind = _compile.operand_kind(dtype)
-            for kernel in _configs.KERNELS:
+            for kernel in kernels:
                 seen = {}
                 for r_pad in _configs.R_PADS:
                     for cfg in _configs.configs_for(kernel, kind, r_pad, interpreter=False):
@@ -39,25 +44,37 @@ def jobs(archs, dtypes, r_pads):
                     for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
                         if r_pads is None and r_pad != max(pads):
                             continue
-                        yield arch, dtype, r_pad, kernel, cfg
+                        for build in _compile.BUILDS[arch]:
+                            yield arch, dtype, r_pad, kernel, cfg, build
 
 
-def check(job):
-    arch, dtype, r_pad, kernel, cfg = job
-    t0 = time.perf_counter()
-    try:
-        compiled = _compile.compile_kernel(kernel, dtype, cfg, arch, r_pad)
-        res = _compile.resources(compiled, arch)
-    except Exception as exc:  # a config that does not compile is a failure to report
-        first_line = (str(exc).splitlines() or [""])[0][:120]
-        return job, None, f"compile error: {type(exc).__name__}: {first_line}", 0.0
+def problems_of(job, res) -> list[str]:
+    """The failure rules (module docstring) applied to one build's resources."""
+    arch, _, _, kernel, _, build = job
     problems = []
     limit = _compile.SMEM_LIMIT[arch]
     if res.shared > limit:
         problems.append(f"shared {res.shared} > {limit}")
     if res.spill_bytes:
         problems.append(f"spills {res.spill_bytes} B")
-    return job, res, "; ".join(problems), time.perf_counter() - t0
+    if arch >= 90 and build == "tma" and res.wgmma and not res.tma:
+        problems.append("wgmma without TMA")
+    if arch >= 90 and kernel in _configs.GEMM_KERNELS and res.wgmma and res.wait_depth < 1:
+        problems.append(f"main loop waits with depth {res.wait_depth}")
+    return problems
+
+
+def check(job):
+    arch, dtype, r_pad, kernel, cfg, build = job
+    t0 = time.perf_counter()
+    try:
+        compiled = _compile.compile_kernel(kernel, dtype, cfg, arch, r_pad, build)
+        persistent = build == "tma" and kernel in _configs.GEMM_KERNELS
+        res = _compile.resources(compiled, arch, cfg.num_warps, persistent)
+    except Exception as exc:  # a config that does not compile is a failure to report
+        first_line = (str(exc).splitlines() or [""])[0][:120]
+        return job, None, f"compile error: {type(exc).__name__}: {first_line}", 0.0
+    return job, res, "; ".join(problems_of(job, res)), time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -68,25 +85,31 @@ def main(argv=None) -> int:
                     choices=list(_compile.DTYPES))  # fmt: skip
     ap.add_argument("--r-pad", type=int, nargs="+", default=None, choices=_configs.R_PADS,
                     help="rank blocks to build (default: each config at its largest)")  # fmt: skip
+    ap.add_argument("--kernel", nargs="+", default=list(_configs.KERNELS),
+                    choices=_configs.KERNELS)  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
 
-    todo = list(jobs(args.arch, args.dtype, args.r_pad))
+    todo = list(jobs(args.arch, args.dtype, args.r_pad, args.kernel))
     t0 = time.perf_counter()
-    header = f"{'kernel':7} {'config (BM,BN,BK,w,s)':22} {'dtype':11} {'r_pad':>5} {'arch':>5} " \
-             f"{'smem B':>7} {'regs':>4} {'spill B':>7}  status"  # fmt: skip
+    header = f"{'kernel':7} {'config (BM,BN,BK,w,s)':22} {'dtype':10} {'r_pad':>5} {'arch':>5} " \
+             f"{'build':5} {'smem B':>7} {'regs':>4} {'spill B':>7} {'wgmma':>5} {'TMA':>3} " \
+             f"{'wait':>4} {'pers':>4} {'CTA/SM':>6}  status"  # fmt: skip
     print(header)
     failed = 0
     with ProcessPoolExecutor(args.jobs) as pool:
         for job, res, problem, _ in pool.map(check, todo):
-            arch, dtype, r_pad, kernel, c = job
+            arch, dtype, r_pad, kernel, c, build = job
             cfg = f"{c.block_m},{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
+            yn = {True: "yes", False: "no"}
             if res:
-                cols = f"{res.shared:7d} {res.registers:4d} {res.spill_bytes:7d}"
+                cols = f"{res.shared:7d} {res.registers:4d} {res.spill_bytes:7d} " \
+                       f"{yn[res.wgmma]:>5} {yn[res.tma]:>3} {res.wait_depth:4d} " \
+                       f"{yn[res.persistent]:>4} {res.ctas_per_sm:6d}"  # fmt: skip
             else:
-                cols = f"{'-':>7} {'-':>4} {'-':>7}"
+                cols = f"{'-':>7} {'-':>4} {'-':>7} {'-':>5} {'-':>3} {'-':>4} {'-':>4} {'-':>6}"
             failed += bool(problem)
-            print(f"{kernel:7} {cfg:22} {dtype:11} {r_pad:5d} sm_{arch:<2} {cols}  "
+            print(f"{kernel:7} {cfg:22} {dtype:10} {r_pad:5d} sm_{arch:<2} {build:5} {cols}  "
                   f"{'FAIL ' + problem if problem else 'ok'}", flush=True)  # fmt: skip
     print(f"{len(todo)} kernel builds, {failed} failing, {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0

@@ -183,6 +183,95 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(f, s)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_tma_persistent_build_matches_reference(dtype, p):
+    """The sm_90 build (tensor descriptors, persistent programs walking several tiles,
+    subtiled stores) run by the interpreter: forward and all gradients, with dropout.
+    K, N multiples of 8 so every row stride is 16-byte aligned as TMA needs; M and the
+    tile counts off every edge."""
+    M, K, N, r = 53, 40, 72, 5
+    x, w, b, A, B = make_inputs(M, K, N, r, dtype, DEVICE)
+    dy = make_inputs(M, N, 1, 1, dtype, DEVICE, seed=1)[0]
+    seed = seed_tensor(31)
+    mask = extract_mask(seed, M, K, p) if p else None
+    y, u = kernels.lora_forward(x, w, b, A, B, SCALING, p, seed, tma=True)
+    grads = kernels.lora_backward(dy, x, w, A, B, u, SCALING, p, seed, tma=True)
+    check_all(dtype, (y, *grads), x, w, b, A, B, dy, mask=mask, p=p)
+
+
+@pytest.mark.parametrize("r", [1, 2, 7, 16, 31, 64, 100, 128])
+def test_every_rank_block(r):
+    """r = 1..128 covers every rank block (16, 32, 64, 128) and padding inside each."""
+    M, K, N = 21, 24, 40
+    x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, DEVICE)
+    dy = make_inputs(M, N, 1, 1, torch.float32, DEVICE, seed=1)[0]
+    y, u = kernels.lora_forward(x, w, b, A, B, SCALING, 0.2, seed_tensor(5))
+    grads = kernels.lora_backward(dy, x, w, A, B, u, SCALING, 0.2, seed_tensor(5))
+    mask = extract_mask(seed_tensor(5), M, K, 0.2)
+    check_all(torch.float32, (y, *grads), x, w, b, A, B, dy, mask=mask, p=0.2)
+
+
+def test_tma_only_where_strides_allow():
+    from fastlora.kernels.lora_forward import use_tma
+
+    a = torch.zeros(8, 24, dtype=torch.float16, device=DEVICE)
+    assert use_tma(90, a) and not use_tma(80, a)
+    assert not use_tma(90, a.t())  # last stride not 1
+    assert not use_tma(90, torch.zeros(8, 20, dtype=torch.float16, device=DEVICE))  # 40-byte rows
+    assert not use_tma(90, a[:, 1:])  # base not 16-byte aligned
+
+
+def _count_launches(monkeypatch):
+    """Count kernel launches; record every aten op run outside them (those would be extra
+    GPU launches: a sum, a cast, a zeros)."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    import sys
+
+    fwd_mod = sys.modules["fastlora.kernels.lora_forward"]  # the package shadows the names
+    bwd_mod = sys.modules["fastlora.kernels.lora_backward"]
+    launches, ops = [], []
+    real = fwd_mod.launch
+
+    def counted(fn, *a, **k):
+        launches.append(fn.__name__)
+        with _disable_current_modes():
+            real(fn, *a, **k)
+
+    monkeypatch.setattr(fwd_mod, "launch", counted)
+    monkeypatch.setattr(bwd_mod, "launch", counted)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    return launches, ops, Record
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
+def test_launch_budget(monkeypatch, p):
+    """Forward: 2 kernels (+ the seed draw with dropout); backward: at most 3 kernels, and
+    nothing else that runs on the device (no sum, cast, zeros for u's gradient)."""
+    launches, ops, Record = _count_launches(monkeypatch)
+    x, w, b, A, B = make_inputs(37, 40, 24, 3, torch.float16, DEVICE)
+    xg, Ag, Bg = x.requires_grad_(), A.float().requires_grad_(), B.float().requires_grad_()
+    with Record():
+        y = triton_backend.apply(xg, w, b, Ag, Bg, SCALING, p)
+    assert len(launches) == 2, launches
+    allowed = {"empty", "randint"} if p else {"empty"}
+    assert set(ops) <= allowed and ops.count("randint") == (p > 0), ops
+    launches.clear()
+    ops.clear()
+    dy = torch.randn_like(y)
+    with Record():
+        dx, dA, dB = torch.autograd.grad(y, (xg, Ag, Bg), dy)
+    assert len(launches) == 3, launches
+    assert set(ops) <= {"empty"}, ops
+    assert dA.dtype == dB.dtype == torch.float32 and dx.dtype == torch.float16
+
+
 def test_rank_outside_kernel_range_is_refused():
     with pytest.raises(ValueError, match="1 <= r <= 128"):
         kernels.pad_rank(129)

@@ -1,0 +1,128 @@
+"""Tile helpers every LoRA kernel shares: the grouped tile order, the base-weight tile
+loader and the dropout mask.
+
+Where variants grow (DESIGN.md section 6):
+- a new **base kind** (a 4-bit NF4/FP4 ``W``) is one more ``BASE`` branch in ``load_w``,
+  returning the same dense ``[BLOCK_N, BLOCK_K]`` tile in the compute dtype; both GEMM
+  roles (forward ``x W^T``, backward ``dy W``) call it, so they pick it up together;
+- a new **adapter kind** (DoRA) is an epilogue next to ``lora_epilogue`` in
+  ``lora_forward.py`` and a reduction beside dB in the ``dy`` pass of
+  ``lora_backward.py``; the main loops stay as they are.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.random import philox, uint_to_uniform_float
+
+# Philox4x32 gives four 32-bit draws per counter: one call serves 4 adjacent columns.
+RNG_COLS_PER_DRAW = 4
+
+
+@triton.jit
+def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped order (Triton's matmul tutorial): GROUP_M row tiles walk the columns
+    together, so the column operand's tiles are reused from L2."""
+    group = GROUP_M * num_pid_n
+    first_m = (tile // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % group) % group_size
+    pid_n = (tile % group) // group_size
+    return pid_m.to(tl.int64), pid_n.to(tl.int64)
+
+
+@triton.jit
+def load_w(
+    w_src, n0, k0, N, K, stride_wn, stride_wk,
+    BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Base weight tile W[n0 : n0+BLOCK_N, k0 : k0+BLOCK_K] (zero outside W).
+
+    BASE "dense": ``w_src`` is W's pointer, read through its strides (cp.async on sm_80+);
+    "dense_tma": ``w_src`` is a tensor descriptor with block [BLOCK_N, BLOCK_K] (TMA).
+    A quantized base adds its branch here and returns the decoded tile."""
+    if BASE == "dense_tma":
+        w = w_src.load([tl.cast(n0, tl.int32), tl.cast(k0, tl.int32)])  # TMA coordinates are 32-bit
+    else:
+        # int64: offs_n * stride_wn passes 2**31 on vocabulary-sized W (N*K > 2**31)
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(
+            w_src + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0,
+        )  # fmt: skip
+    return w
+
+
+@triton.jit
+def load_rows(
+    src, m0, c0, M, C, stride_m, stride_c,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Activation tile src[m0 : m0+BLOCK_M, c0 : c0+BLOCK_C] (x or dy), zero outside;
+    ``src`` is a tensor descriptor when USE_TMA, else a pointer."""
+    if USE_TMA:
+        t = src.load([tl.cast(m0, tl.int32), tl.cast(c0, tl.int32)])
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        t = tl.load(
+            src + offs_m[:, None] * stride_m + offs_c[None, :] * stride_c,
+            mask=(offs_m[:, None] < M) & (offs_c[None, :] < C), other=0.0,
+        )  # fmt: skip
+    return t
+
+
+@triton.jit
+def store_rows(
+    dst, val, m0, c0, M, C, stride_m, stride_c,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Store an fp32 tile [BLOCK_M, BLOCK_C] at dst[m0, c0] in dst's dtype.  With TMA the
+    tile goes out in EPI_SPLIT column subtiles, so each staging buffer is small and the
+    store of one overlaps the conversion of the next."""
+    if USE_TMA:
+        m0 = tl.cast(m0, tl.int32)
+        c0 = tl.cast(c0, tl.int32)
+        if EPI_SPLIT == 2:
+            halves = tl.permute(tl.reshape(val, (BLOCK_M, 2, BLOCK_C // 2)), (0, 2, 1))
+            v0, v1 = tl.split(halves)
+            dst.store([m0, c0], v0.to(dst.dtype))
+            dst.store([m0, c0 + BLOCK_C // 2], v1.to(dst.dtype))
+        else:
+            dst.store([m0, c0], val.to(dst.dtype))
+    else:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        tl.store(
+            dst + offs_m[:, None] * stride_m + offs_c[None, :] * stride_c,
+            val.to(dst.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C),
+        )  # fmt: skip
+
+
+@triton.jit
+def dropout_keep(seed, offs_m, k0, p, BLOCK_K: tl.constexpr):
+    """Keep mask [BM, BLOCK_K] for rows offs_m and columns k0 .. k0 + BLOCK_K (k0 a
+    multiple of 4): element (row, col) keeps iff Philox4x32-10(seed; col // 4, row, 0, 0)
+    [col % 4], as a uniform in [0, 1), is >= p.
+
+    Row and column group are separate 32-bit counters, so the stream never wraps for
+    M*K >= 2**31 (it needs M, K < 2**32) and no int64 product is formed; the same
+    (seed, row, col) gives the same bit in every kernel, whatever its tiling."""
+    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    zero = (offs_m[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)
+    rows = offs_m[:, None].to(tl.uint32) + zero
+    cols = groups[None, :].to(tl.uint32) + zero
+    r0, r1, r2, r3 = philox(seed, cols, rows, zero, zero)
+    # [BM, BK/4, 2, 2] -> [BM, BK]: column 4g + 2i + j takes draw r_(2i+j) of group g
+    bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_m.shape[0], BLOCK_K))
+    return uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def apply_dropout(x, seed, offs_m, k0, p, BLOCK_K: tl.constexpr):
+    """D(x) = x * m / (1-p) on a [BM, BLOCK_K] tile, in x's dtype."""
+    keep = dropout_keep(seed, offs_m, k0, p, BLOCK_K)
+    return tl.where(keep, x.to(tl.float32) * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
