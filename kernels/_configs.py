@@ -69,7 +69,10 @@ class TileConfig:
     why: str
     max_r_pad: int = MAX_R  # register guard: big tiles only with small ranks
     min_r_pad: int = MMA_MIN_R  # configs made for the largest rank block only
-    flatten: bool = True  # persistent (TMA) build: flatten tile and K loops into one
+    # persistent (TMA) build: flatten the tile and K loops into one.  Off: flattening
+    # multi-buffers the epilogue operands (u, B^T) per stage, past 227 KB at r_pad 64.
+    flatten: bool = False
+    tma: bool = True  # also launched by the TMA build (False: pointer build only)
 
     def meta(self, kernel: str) -> dict:
         """The constexpr block arguments this kernel takes."""
@@ -97,7 +100,9 @@ _CONFIGS_16 = {
         T(128, 128, 64, 8, 3, "square tile for r_pad >= 32: 8 warps hold acc + the u B^T step",
           min_r_pad=32),
         T(64, 128, 64, 4, 4, "mid M (a few hundred rows): twice the CTAs of 128-row tiles"),
-        T(32, 64, 128, 4, 4, "small M (decode, short sequences): many CTAs along N, long K steps"),
+        T(32, 64, 128, 4, 4, "small M (decode, short sequences): many CTAs along N, long K "
+          "steps; below wgmma's 64 rows, and its TMA build spills: pointer build only",
+          tma=False),
     ],
     "shrink": [
         T(128, 0, 64, 4, 3, "large M: one CTA per 128 rows", SMALL_R),
@@ -107,12 +112,10 @@ _CONFIGS_16 = {
         T(16, 0, 128, 4, 3, "small M, r_pad 128", min_r_pad=MAX_R),
     ],
     "dx": [
-        T(128, 64, 128, 8, 3, "large M and K: dy tile reused over 128 columns of W", SMALL_R),
-        T(128, 64, 64, 4, 4, "large M, narrower K tile, deep pipeline (spills at r_pad 64)", 32),
-        T(128, 64, 64, 8, 3, "large M, r_pad >= 64: 8 warps hold acc and g", min_r_pad=64),
-        T(64, 64, 128, 4, 3, "mid M", SMALL_R),
-        T(64, 64, 64, 8, 3, "mid M, r_pad 128", min_r_pad=MAX_R),
-        T(32, 64, 128, 4, 3, "small M: many CTAs along K"),
+        T(128, 128, 64, 8, 3, "large M: dx tile 128 x 64, N steps of 128", SMALL_R),
+        T(128, 64, 64, 8, 3, "large M, r_pad 128: 8 warps hold acc, g and the dA partial",
+          min_r_pad=MAX_R),
+        T(64, 64, 64, 8, 3, "mid and small M (4 warps spill in the dropout/dA epilogue)"),
     ],
     "dy": [
         T(256, 64, 0, 8, 3, "large M: 256-row tiles halve the dB partials", SMALL_R),
@@ -191,10 +194,11 @@ def operand_kind(esize: int, precision: str) -> str:
 
 
 def configs_for(
-    kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None
+    kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None, tma: bool = False
 ) -> list[TileConfig]:
     """Every config the dispatcher may launch for this kernel, operand kind
-    (``operand_kind``) and rank block; ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
+    (``operand_kind``), rank block and build (``tma``); ``interpreter`` defaults to
+    ``TRITON_INTERPRET=1``."""
     if interpreting() if interpreter is None else interpreter:
         return [_INTERPRET_CONFIG]
     esize = 2 if kind == "16bit" else 4
@@ -204,6 +208,7 @@ def configs_for(
         c
         for c in _TABLES[kind][kernel]
         if c.min_r_pad <= r_pad <= c.max_r_pad
+        and (c.tma or not tma)
         and smem_estimate(kernel, c, esize, r_pad) <= SMEM_LIMIT[80]
     ]
 
@@ -213,11 +218,13 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
 
 
-def pick(kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int) -> TileConfig:
+def pick(
+    kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False
+) -> TileConfig:
     """The config launched for a ``rows x cols`` output (cols 1 for row-tiled kernels):
     the largest tile (table order) that still gives every one of ``sms`` SMs a tile,
     else the config with the most tiles.  A function of the shape alone."""
-    cands = configs_for(kernel, kind, r_pad)
+    cands = configs_for(kernel, kind, r_pad, tma=tma)
     if not cands:
         raise ValueError(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "

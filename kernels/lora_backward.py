@@ -4,9 +4,8 @@
             dB partials dy^T u       [P, N, r] loop over N gives g (in registers) and, per
                                                N tile, that row block's dB partial
     dx      dx = dy W + (g A) m/(1-p) [M, K]  a pure GEMM main loop over N; the epilogue adds
-            dA partials g^T D(x)     [P, r, K] the low-rank term (g and A tiles loaded before
-                                               the main loop) and, from the x tile it loads
-                                               there, the row block's dA partial
+            dA partials g^T D(x)     [P, r, K] the low-rank term and, from the x tile it
+                                               loads there, the row block's dA partial
     reduce  dA = sum_p, dB = sum_p             fixed-order sums of the partials, cast to
                                                each adapter's dtype in the kernel
 
@@ -129,7 +128,14 @@ def _lora_dx_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_m = offs_m < M
         mask_k = offs_k < K
-        # epilogue operands first: their loads are in flight during the main loop
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        if COMPUTE_DX:
+            for n0 in range(0, N, BLOCK_N):
+                dy = load_rows(dy_src, m0, n0, M, N, stride_dym, stride_dyn, USE_TMA, BLOCK_M,
+                               BLOCK_N)  # fmt: skip
+                w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
+                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        # epilogue operands after the main loop: the accumulator already fills the registers
         g = tl.load(
             g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
             mask=mask_m[:, None] & mask_r[None, :], other=0.0,
@@ -141,12 +147,6 @@ def _lora_dx_kernel(
                 a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                 mask=mask_r[:, None] & mask_k[None, :], other=0.0,
             ).to(dtype)  # [R_PAD, BLOCK_K], cast in registers
-            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                dy = load_rows(dy_src, m0, n0, M, N, stride_dym, stride_dyn, USE_TMA, BLOCK_M,
-                               BLOCK_N)  # fmt: skip
-                w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
-                acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
             low = tl.dot(g, a, input_precision=DOT_PRECISION)
             if HAS_DROPOUT:
                 low = tl.where(keep, low * inv_keep, 0.0)
@@ -228,7 +228,7 @@ def lora_backward(
     need_g = need_dx or need_dA
     f32 = torch.float32
 
-    cy = _configs.pick("dy", kind, r_pad, M, 1, sms)
+    cy = _configs.pick("dy", kind, r_pad, M, 1, sms, tma)
     parts_b = triton.cdiv(M, cy.block_m) if need_dB else 0
     ws_b = torch.empty((parts_b, N, R), device=dev, dtype=f32) if need_dB else u
     g = torch.empty((M, R), device=dev, dtype=x.dtype) if need_g else u
@@ -245,7 +245,7 @@ def lora_backward(
     parts_a = 0
     ws_a = u
     if need_g:
-        c = _configs.pick("dx", kind, r_pad, M, K, sms)
+        c = _configs.pick("dx", kind, r_pad, M, K, sms, tma)
         parts_a = triton.cdiv(M, c.block_m) if need_dA else 0
         ws_a = torch.empty((parts_a, R, K), device=dev, dtype=f32) if need_dA else u
         tiles = triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_k)

@@ -184,7 +184,7 @@ def lora_forward(
     tma = use_tma(arch, x, weight, y) if tma is None else tma
     has_dropout = dropout_p > 0.0
 
-    c = _configs.pick("shrink", kind, r_pad, M, 1, sms)
+    c = _configs.pick("shrink", kind, r_pad, M, 1, sms, tma)
     launch(
         _lora_shrink_kernel, (triton.cdiv(M, c.block_m),),
         (x, lora_A, u, seed, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0),
@@ -193,7 +193,7 @@ def lora_forward(
              BLOCK_M=c.block_m, BLOCK_K=c.block_k),
         c.num_warps, c.num_stages, traceable=traceable,
     )  # fmt: skip
-    c = _configs.pick("forward", kind, r_pad, M, N, sms)
+    c = _configs.pick("forward", kind, r_pad, M, N, sms, tma)
     tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
     progs = min(tiles, sms) if tma else tiles
     launch(

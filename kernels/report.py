@@ -36,15 +36,17 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS):
         for dtype in dtypes:
             kind = _compile.operand_kind(dtype)
             for kernel in kernels:
-                seen = {}
-                for r_pad in _configs.R_PADS:
-                    for cfg in _configs.configs_for(kernel, kind, r_pad, interpreter=False):
-                        seen.setdefault(cfg, []).append(r_pad)
-                for cfg, pads in seen.items():
-                    for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
-                        if r_pads is None and r_pad != max(pads):
-                            continue
-                        for build in _compile.BUILDS[arch]:
+                for build in _compile.BUILDS[arch]:
+                    seen = {}
+                    for r_pad in _configs.R_PADS:
+                        for cfg in _configs.configs_for(
+                            kernel, kind, r_pad, interpreter=False, tma=build == "tma"
+                        ):  # fmt: skip
+                            seen.setdefault(cfg, []).append(r_pad)
+                    for cfg, pads in seen.items():
+                        for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
+                            if r_pads is None and r_pad != max(pads):
+                                continue
                             yield arch, dtype, r_pad, kernel, cfg, build
 
 
