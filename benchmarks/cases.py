@@ -30,8 +30,12 @@ PROVIDERS = (
     "peft",             # PEFT's LoRA layer, eager
     "peft_compiled",    # the same under torch.compile
     "unsloth_style",    # hand-written autograd over BLAS, addmm_ in place, no dropout
+    "fastlora_dora",    # fastlora with use_dora=True, backend "auto"
+    "peft_dora",        # PEFT's LoRA layer with use_dora=True, eager
 )
 FASTLORA_PROVIDERS = ("fastlora_triton", "fastlora_fused", "fastlora_torch")
+# providers that compute DoRA (checked against the DoRA reference, trainable [A, B, m])
+DORA_PROVIDERS = ("fastlora_dora", "peft_dora")
 PEFT_TARGET = "proj"
 
 
@@ -72,6 +76,7 @@ class Inputs:
     lora_B: Tensor     # [N, r]
     x: Tensor          # [M, K], requires grad
     dy: Tensor         # [M, N]
+    magnitude: Tensor | None = None  # [N], DoRA's m for the DoRA providers
 
 
 @dataclass
@@ -101,7 +106,7 @@ def make_inputs(spec: Spec, seed: int = 0) -> Inputs:
         if spec.bias:
             linear.bias.copy_(rnd(spec.N, scale=0.1))
     linear.requires_grad_(False)
-    return Inputs(
+    inp = Inputs(
         spec=spec,
         linear=linear,
         lora_A=rnd(spec.r, spec.K, scale=spec.K**-0.5),
@@ -109,6 +114,10 @@ def make_inputs(spec: Spec, seed: int = 0) -> Inputs:
         x=rnd(spec.M, spec.K).requires_grad_(),
         dy=rnd(spec.M, spec.N),
     )
+    # a trained-looking magnitude: the row norms of W, each off by up to 10%
+    row_norms = linear.weight.float().norm(dim=1)
+    inp.magnitude = (row_norms * (1 + 0.1 * rnd(spec.N).float())).to(spec.dtype)
+    return inp
 
 
 # --------------------------------------------------------------------------- providers
@@ -230,6 +239,37 @@ def setup_peft_compiled(inp: Inputs) -> Case:
     return Case("peft_compiled", compiled, params, {"compile_s": round(elapsed, 2)})
 
 
+def setup_fastlora_dora(inp: Inputs) -> Case:
+    s = inp.spec
+    layer = fastlora.FastLoRALinear.from_linear(
+        inp.linear, r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.p, init_lora_weights=False,
+        use_dora=True,
+    )
+    with torch.no_grad():
+        layer.lora_A.copy_(inp.lora_A)
+        layer.lora_B.copy_(inp.lora_B)
+        layer.lora_magnitude_vector.copy_(inp.magnitude)
+    return Case("fastlora_dora", _WithBackend(layer, "auto"),
+                [layer.lora_A, layer.lora_B, layer.lora_magnitude_vector])
+
+
+def setup_peft_dora(inp: Inputs) -> Case:
+    import peft
+
+    s = inp.spec
+    config = peft.LoraConfig(r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.p,
+                             target_modules=[PEFT_TARGET], use_dora=True)
+    layer = getattr(peft.inject_adapter_in_model(config, _Holder(inp.linear)), PEFT_TARGET)
+    layer.to(device=s.device, dtype=s.dtype)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(inp.lora_A)
+        layer.lora_B["default"].weight.copy_(inp.lora_B)
+        layer.lora_magnitude_vector["default"].weight.copy_(inp.magnitude)
+    layer.train()
+    return Case("peft_dora", layer, [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                     layer.lora_magnitude_vector["default"].weight])
+
+
 def setup_unsloth_style(inp: Inputs) -> Case:
     if inp.spec.p > 0:
         raise NotApplicable("no dropout in the recipe (Unsloth's fast path refuses dropout)")
@@ -245,6 +285,8 @@ SETUP: dict[str, Callable[[Inputs], Case]] = {
     "peft": setup_peft,
     "peft_compiled": setup_peft_compiled,
     "unsloth_style": setup_unsloth_style,
+    "fastlora_dora": setup_fastlora_dora,
+    "peft_dora": setup_peft_dora,
 }
 
 
@@ -254,10 +296,13 @@ def expand_providers(names: list[str]) -> list[str]:
     for name in names:
         if name == "fastlora":
             wanted.update(FASTLORA_PROVIDERS)
+        elif name == "dora":  # DoRA beside the LoRA it extends
+            wanted.update(("fastlora_torch", "fastlora_triton", *DORA_PROVIDERS))
         elif name in SETUP:
             wanted.add(name)
         else:
-            raise ValueError(f"unknown provider {name!r}; known: fastlora, {', '.join(PROVIDERS)}")
+            raise ValueError(
+                f"unknown provider {name!r}; known: fastlora, dora, {', '.join(PROVIDERS)}")
     if "linear" not in wanted:
         wanted.add("linear")  # every figure is a ratio to it
     return [p for p in PROVIDERS if p in wanted]

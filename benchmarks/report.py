@@ -270,4 +270,25 @@ def goals(results: dict) -> list[dict]:
                 mem = None if e is None or ep is None or not ep["saved"]["extra"] else (
                     e["saved"]["extra"] / ep["saved"]["extra"])
                 out.append(_goal("saved extra bytes vs peft", f, where, mem, "<=", 0.15))
+        out += _dora_goals(results)
+    return out
+
+
+def _dora_goals(results: dict) -> list[dict]:
+    """DoRA issue: CPU, fp32, M = 2048, K = N = 1024, r = 16."""
+    out: list[dict] = []
+    f = "fastlora_dora"
+    for case in _find(results, M=2048, K=1024, N=1024, r=16):
+        where = f"1024x1024 M=2048 r=16 p={case['p']:g}"
+        if case["p"] == 0:
+            e = _entry_ok(case, f)
+            out.append(_goal("fwd+bwd vs linear", f, where, e and e["ratio"].get("fwd+bwd"),
+                             "<=", 1.25))
+        elif case["p"] == 0.1:
+            out.append(_goal("fwd+bwd vs peft_dora", f, where,
+                             _time_ratio(case, f, "peft_dora"), "<=", 0.75))
+        e, ep = _entry_ok(case, f), _entry_ok(case, "peft_dora")
+        mem = None if e is None or ep is None or not ep["saved"]["extra"] else (
+            e["saved"]["extra"] / ep["saved"]["extra"])
+        out.append(_goal("saved extra bytes vs peft_dora", f, where, mem, "<=", 1.0))
     return out

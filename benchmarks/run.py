@@ -115,17 +115,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _reference(inp: C.Inputs) -> dict:
-    """y, dx, dA, dB of the unfused reference in float32 (p = 0)."""
-    from fastlora.reference import lora_linear_reference
+def _reference(inp: C.Inputs, dora: bool = False) -> dict:
+    """y, dx, dA, dB (and dm for DoRA) of the unfused reference in float32 (p = 0)."""
+    from fastlora.reference import dora_linear_reference, lora_linear_reference
 
     s = inp.spec
-    f = [t.detach().float().requires_grad_() for t in (inp.x, inp.lora_A, inp.lora_B)]
+    f = [t.detach().float().requires_grad_()
+         for t in (inp.x, inp.lora_A, inp.lora_B, inp.magnitude)[: 4 if dora else 3]]
     w = inp.linear.weight.float()
     b = None if inp.linear.bias is None else inp.linear.bias.float()
-    y = lora_linear_reference(f[0], w, b, f[1], f[2], s.scaling)
-    dx, dA, dB = torch.autograd.grad(y, f, inp.dy.float())
-    return {"y": y.detach(), "dx": dx, "dA": dA, "dB": dB}
+    if dora:
+        y = dora_linear_reference(f[0], w, b, f[1], f[2], f[3], s.scaling)
+    else:
+        y = lora_linear_reference(f[0], w, b, f[1], f[2], s.scaling)
+    grads = torch.autograd.grad(y, f, inp.dy.float())
+    return {"y": y.detach(), **dict(zip(("dx", "dA", "dB", "dm"), grads))}
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -142,6 +146,8 @@ def check_outputs(case: C.Case, inp: C.Inputs, ref: dict | None) -> dict:
     got = {"y": y.detach(), "dx": inp.x.grad}
     if case.trainable:
         got["dA"], got["dB"] = case.trainable[0].grad, case.trainable[1].grad
+    if len(case.trainable) > 2:
+        got["dm"] = case.trainable[2].grad
     finite = all(bool(torch.isfinite(t).all()) for t in got.values() if t is not None)
     out: dict = {"finite": finite}
     if ref is not None and case.provider != "linear":
@@ -175,7 +181,9 @@ def run_case(spec: C.Spec, providers: list[str], args, deadline: float | None, b
              modes: tuple[str, ...] = report.MODES) -> dict:
     """Set up, check, measure memory and time every provider on one spec (see module doc)."""
     inp = C.make_inputs(spec)
-    ref = _reference(inp) if spec.p == 0 else None
+    refs = {} if spec.p else {False: _reference(inp)}
+    if spec.p == 0 and any(p in C.DORA_PROVIDERS for p in providers):
+        refs[True] = _reference(inp, dora=True)
     entries: dict[str, dict] = {}
     built: dict[str, C.Case] = {}
     for name in providers:
@@ -183,7 +191,7 @@ def run_case(spec: C.Spec, providers: list[str], args, deadline: float | None, b
             bar.set_postfix_str(f"{spec.label()}: set up {name}")
         try:
             case = C.SETUP[name](inp)
-            check = check_outputs(case, inp, ref)
+            check = check_outputs(case, inp, refs.get(name in C.DORA_PROVIDERS))
             if name == "fastlora_triton":
                 case.info.update(_strategy(spec))
             entry = {"status": "ok", "check": check, "info": case.info,

@@ -3,7 +3,8 @@
 A directory holds ``adapter_config.json`` (a PEFT ``LoraConfig``: ``peft_type: "LORA"``,
 ``r``, ``lora_alpha``, ``target_modules``, ...) and ``adapter_model.safetensors`` with PEFT's
 key names ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``. PEFT's older
-``adapter_model.bin`` is read too.
+``adapter_model.bin`` is read too. DoRA adapters (``use_dora: true``) also hold PEFT's
+``base_model.model.<module path>.lora_magnitude_vector`` [out] per layer.
 
 PiSSA/OLoRA (PEFT's conventions, both supported):
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from fastlora import inits
+from fastlora.dora import MAGNITUDE_KEY
 from fastlora.model import (
     FastLoRAConfig,
     apply_lora,
@@ -50,6 +52,11 @@ def _key(name: str, factor: str) -> str:
     return f"{KEY_PREFIX}{name}.{factor}.weight"
 
 
+def _magnitude_key(name: str) -> str:
+    """PEFT's key of a DoRA magnitude in a saved adapter (no ``.weight`` suffix)."""
+    return f"{KEY_PREFIX}{name}.{MAGNITUDE_KEY}"
+
+
 def _peft_config_dict(config: FastLoRAConfig, r: int, lora_alpha: float, init: Any) -> dict:
     """The ``adapter_config.json`` fields of a PEFT ``LoraConfig`` (the others take PEFT's
     defaults)."""
@@ -68,7 +75,7 @@ def _peft_config_dict(config: FastLoRAConfig, r: int, lora_alpha: float, init: A
         "init_lora_weights": init,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "modules_to_save": None,
         "rank_pattern": {},
@@ -99,15 +106,17 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
     if os.path.isfile(path):
         raise ValueError(f"save_adapter: {path!r} is a file; expected a directory")
     for name, layer in layers.items():
-        if (layer.r, layer.lora_alpha, layer.use_rslora) != (
+        if (layer.r, layer.lora_alpha, layer.use_rslora, layer.use_dora) != (
             config.r,
             config.lora_alpha,
             config.use_rslora,
+            config.use_dora,
         ):
             raise ValueError(
-                f"save_adapter: layer {name} has (r, lora_alpha, use_rslora)="
-                f"{(layer.r, layer.lora_alpha, layer.use_rslora)}, the model's config "
-                f"{(config.r, config.lora_alpha, config.use_rslora)}; one setting per adapter"
+                f"save_adapter: layer {name} has (r, lora_alpha, use_rslora, use_dora)="
+                f"{(layer.r, layer.lora_alpha, layer.use_rslora, layer.use_dora)}, the model's "
+                f"config {(config.r, config.lora_alpha, config.use_rslora, config.use_dora)}; "
+                "one setting per adapter"
             )
     r, alpha, init = config.r, config.lora_alpha, config.init_lora_weights
     tensors: dict[str, torch.Tensor] = {}
@@ -131,6 +140,10 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
         for name, layer in layers.items():
             tensors[_key(name, "lora_A")] = layer.lora_A.detach()
             tensors[_key(name, "lora_B")] = layer.lora_B.detach()
+    if config.use_dora:
+        # the magnitude is unchanged by convert_to_lora: W + s' B' A' is the same weight
+        for name, layer in layers.items():
+            tensors[_magnitude_key(name)] = layer.lora_magnitude_vector.detach()
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     config_text = json.dumps(_peft_config_dict(config, r, alpha, init), indent=2, sort_keys=True)
     try:
@@ -197,12 +210,16 @@ def read_adapter_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"load_adapter: no {SAFETENSORS_NAME} or {BIN_NAME} in {path!r}")
 
 
-def _expected_shapes(model: nn.Module, names: list[str], r: int) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(
+    model: nn.Module, names: list[str], r: int, use_dora: bool = False
+) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for name in names:
         m = model.get_submodule(name)
         shapes[_key(name, "lora_A")] = (r, m.in_features)
         shapes[_key(name, "lora_B")] = (m.out_features, r)
+        if use_dora:
+            shapes[_magnitude_key(name)] = (m.out_features,)
     return shapes
 
 
@@ -217,7 +234,8 @@ def _check_tensors(
     if unexpected:
         problems.append(
             f"unexpected keys {_short(unexpected)} (fastlora reads only "
-            f"'{KEY_PREFIX}<module>.lora_A.weight'/'.lora_B.weight' of the target layers)"
+            f"'{KEY_PREFIX}<module>.lora_A.weight'/'.lora_B.weight' of the target layers, "
+            f"and '.{MAGNITUDE_KEY}' when the config has use_dora: true)"
         )
     for key in sorted(set(expected) & set(tensors)):
         t = tensors[key]
@@ -263,6 +281,12 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
                     f"{name} has r={layer.r}, scaling={layer.scaling}; the adapter "
                     f"r={config.r}, scaling={config.scaling}"
                 )
+        dora_layers = sorted(n for n, layer in layers.items() if layer.use_dora != config.use_dora)
+        if dora_layers:
+            problems.append(
+                f"the adapter has use_dora={config.use_dora}, the layers {_short(dora_layers)} "
+                f"use_dora={not config.use_dora}"
+            )
         ours = existing.init_lora_weights if existing is not None else True
         if inits.is_decomposition(ours) != inits.is_decomposition(config.init_lora_weights) or (
             inits.is_decomposition(ours) and ours != config.init_lora_weights
@@ -276,11 +300,13 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
                 f"load_adapter: {path} does not fit the model's LoRA layers: "
                 + "; ".join(problems[:10])
             )
-        _check_tensors(tensors, _expected_shapes(model, sorted(layers), config.r), where)
+        _check_tensors(
+            tensors, _expected_shapes(model, sorted(layers), config.r, config.use_dora), where
+        )
     else:
         mode = config.init_lora_weights
         names = find_target_modules(model, config.target_modules, config.exclude_modules)
-        _check_tensors(tensors, _expected_shapes(model, names, config.r), where)
+        _check_tensors(tensors, _expected_shapes(model, names, config.r, config.use_dora), where)
         apply_mode = mode if inits.is_decomposition(mode) else True
         apply_lora(
             model,
@@ -291,6 +317,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             use_rslora=config.use_rslora,
             init_lora_weights=apply_mode,
             exclude_modules=config.exclude_modules,
+            use_dora=config.use_dora,
         )
         model.fastlora_config.init_lora_weights = mode
         if config.base_model_name_or_path:
@@ -300,4 +327,6 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         for name, layer in layers.items():
             layer.lora_A.copy_(tensors[_key(name, "lora_A")])
             layer.lora_B.copy_(tensors[_key(name, "lora_B")])
+            if config.use_dora:
+                layer.lora_magnitude_vector.copy_(tensors[_magnitude_key(name)])
     return model

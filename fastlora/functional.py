@@ -103,12 +103,18 @@ def lora_linear(
     scaling: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    magnitude: Tensor | None = None,
+    weight_sq_norm: Tensor | None = None,
 ) -> Tensor:
     """``y = x W^T + b + scaling * (D(x) A^T) B^T`` (DESIGN.md section 1).
 
     x: [..., K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r].
     Dropout with rate ``dropout_p`` acts on the low-rank input only and only when
     ``training``. Returns [..., N] in x's dtype (or the autocast dtype under autocast).
+
+    DoRA (PEFT's ``use_dora``) when ``magnitude`` [N] is given: the output columns are scaled
+    by ``magnitude / ||W + scaling B A||`` (row norms, detached; see ``fastlora.dora``).
+    ``weight_sq_norm`` [N]: ``||W_n||^2`` cached by the caller (computed when None).
     """
     _check_tensor("x", x)  # first: autocast has no state for some devices (meta)
     if torch.is_autocast_enabled(x.device.type):
@@ -118,10 +124,19 @@ def lora_linear(
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if magnitude is not None:
+        from fastlora import dora
+
+        dora.check_magnitude(magnitude, weight_sq_norm, weight)
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    if _backend.resolve(x2d) == "triton":
+    backend = _backend.resolve(x2d)
+    if magnitude is not None:
+        y2d = dora.apply(backend, x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
+                         float(scaling), p)
+        return y2d.view(*lead, weight.shape[0])
+    if backend == "triton":
         from fastlora import triton_backend as impl
     else:
         from fastlora import torch_backend as impl

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlora import inits
+from fastlora import dora, inits
 from fastlora.functional import lora_linear
 
 
@@ -21,12 +21,21 @@ def _check_hparams(r: object, lora_alpha: object, lora_dropout: object) -> None:
         raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
 
 
+def _check_use_dora(use_dora: object) -> None:
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora: expected a bool, got {use_dora!r}")
+
+
 class FastLoRALinear(nn.Linear):
     """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with ``W``, ``b`` frozen.
 
     A subclass of ``nn.Linear``: ``weight`` [out, in] and ``bias`` [out] keep their names, so a
     base checkpoint loads into it. ``lora_A``: [r, in], ``lora_B``: [out, r];
     ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+
+    ``use_dora=True`` (PEFT's DoRA): a trainable magnitude ``lora_magnitude_vector`` [out],
+    initialised to the row norms of ``W + scaling B A``, scales each output column by
+    ``m / ||W + scaling B A||`` (see ``fastlora.dora``).
 
     Precision: the low-rank path runs in the input's dtype with fp32 accumulation; LoRA
     parameters may be kept in float32 beside a bf16/fp16 base (they are cast to the input's
@@ -45,13 +54,16 @@ class FastLoRALinear(nn.Linear):
         init_lora_weights: inits.InitMode = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
         _check_hparams(r, lora_alpha, lora_dropout)
+        _check_use_dora(use_dora)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                        self.weight.device, self.weight.dtype)
+                        self.weight.device, self.weight.dtype, use_dora)
 
-    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, device, dtype):
+    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, device, dtype,
+                   use_dora=False):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -63,6 +75,12 @@ class FastLoRALinear(nn.Linear):
         self.merged = False
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
+        self.use_dora = bool(use_dora)
+        self._weight_sq_norm = dora.WeightNormCache()
+        self._merged_norm: torch.Tensor | None = None
+        if self.use_dora:
+            self.lora_magnitude_vector = nn.Parameter(
+                torch.empty(self.out_features, device=device, dtype=dtype))
         self.reset_lora_parameters(init_lora_weights)
 
     def reset_lora_parameters(self, init_lora_weights: inits.InitMode = True) -> None:
@@ -71,6 +89,23 @@ class FastLoRALinear(nn.Linear):
             raise RuntimeError("reset_lora_parameters: unmerge() the layer first")
         inits.initialize(self, init_lora_weights)
         self.init_lora_weights = init_lora_weights
+        if self.use_dora:
+            self.reset_magnitude()
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """DoRA: set ``lora_magnitude_vector`` to the row norms of ``W + scaling B A`` (PEFT's
+        init, so the layer's output is unchanged by the decomposition)."""
+        if not self.use_dora:
+            raise RuntimeError("reset_magnitude: the layer was built without use_dora=True")
+        self._weight_sq_norm.clear()
+        self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ``||W_n + scaling (B A)_n||`` [out], detached, in float32 (float64 for a
+        float64 weight); ``||W_n||^2`` comes from a cache that a change of the weight voids."""
+        return dora.weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling,
+                                self._weight_sq_norm.get(self.weight))
 
     @classmethod
     def from_linear(
@@ -81,6 +116,7 @@ class FastLoRALinear(nn.Linear):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: inits.InitMode = True,
+        use_dora: bool = False,
     ) -> "FastLoRALinear":
         """Wrap ``linear`` without copying: the new layer holds the same ``weight``/``bias``
         parameters (frozen), and new LoRA factors on their device and dtype."""
@@ -93,18 +129,23 @@ class FastLoRALinear(nn.Linear):
             raise TypeError("linear: expected a plain torch.nn.Linear, got a FastLoRALinear "
                             "(it already carries a LoRA update)")
         _check_hparams(r, lora_alpha, lora_dropout)
+        _check_use_dora(use_dora)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                         linear.weight.device, linear.weight.dtype)
+                         linear.weight.device, linear.weight.dtype, use_dora)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.use_dora:
+            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                               self.lora_dropout, self.training, self.lora_magnitude_vector,
+                               self._weight_sq_norm.get(self.weight))
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            self.lora_dropout, self.training)
 
@@ -121,7 +162,14 @@ class FastLoRALinear(nn.Linear):
         if self.merged:
             return
         delta = self.delta_weight()
-        self.weight.copy_(self.weight.to(delta.dtype) + delta)
+        merged = self.weight.to(delta.dtype) + delta
+        if self.use_dora:
+            # PEFT: (m / ||W + s B A||) * (W + s B A), the norm kept for unmerge
+            self._merged_norm = self.weight_norm().to(delta.dtype)
+            factor = self.lora_magnitude_vector.to(delta.dtype) / self._merged_norm
+            merged.mul_(factor.unsqueeze(1))
+        self.weight.copy_(merged)
+        self._weight_sq_norm.clear()
         self.merged = True
 
     @torch.no_grad()
@@ -130,9 +178,16 @@ class FastLoRALinear(nn.Linear):
         if not self.merged:
             return
         delta = self.delta_weight()
-        self.weight.copy_(self.weight.to(delta.dtype) - delta)
+        weight = self.weight.to(delta.dtype)
+        if self.use_dora:
+            factor = self.lora_magnitude_vector.to(delta.dtype) / self._merged_norm
+            weight = weight / factor.unsqueeze(1)
+            self._merged_norm = None
+        self.weight.copy_(weight - delta)
+        self._weight_sq_norm.clear()
         self.merged = False
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, merged={self.merged}")
+                f"lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}, "
+                f"use_dora={self.use_dora}, merged={self.merged}")

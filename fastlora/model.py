@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastlora import inits
-from fastlora.layer import FastLoRALinear, _check_hparams
+from fastlora.layer import FastLoRALinear, _check_hparams, _check_use_dora
 
 TargetModules = Union[str, Iterable[str]]
 
@@ -51,6 +51,7 @@ class FastLoRAConfig:
     target_modules: str | list = field(default_factory=list)
     exclude_modules: str | list | None = None
     base_model_name_or_path: str | None = None
+    use_dora: bool = False
     initial_factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -262,6 +263,7 @@ def apply_lora(
     init_lora_weights: inits.InitMode = True,
     exclude_modules: TargetModules | None = None,
     autocast_adapter_dtype: bool = True,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``target_modules`` with a
     ``FastLoRALinear`` sharing its weight and bias, freeze every other parameter, record the
@@ -273,9 +275,11 @@ def apply_lora(
     weight with its residual (output unchanged at step 0). ``autocast_adapter_dtype``
     (PEFT's default): the LoRA factors of float16/bfloat16 layers are kept in float32, so
     the optimizer updates them in full precision; the matmuls still run in the input's dtype.
+    ``use_dora`` (PEFT's DoRA): each layer also learns a magnitude ``lora_magnitude_vector``.
     Everything is checked before the model is touched.
     """
     _check_hparams(r, lora_alpha, lora_dropout)
+    _check_use_dora(use_dora)
     mode = inits.check_mode(init_lora_weights)
     _check_untouched(model, "apply_lora")
     names = find_target_modules(model, target_modules, exclude_modules)
@@ -294,6 +298,7 @@ def apply_lora(
         target_modules=targets,
         exclude_modules=_normalise_names(exclude_modules, "exclude_modules", allow_none=True),
         base_model_name_or_path=_name_or_path(model),
+        use_dora=use_dora,
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -306,11 +311,12 @@ def apply_lora(
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             init_lora_weights=mode,
+            use_dora=use_dora,
         )
         layer.train(linear.training)
         if autocast_adapter_dtype and layer.lora_A.dtype in (torch.float16, torch.bfloat16):
-            layer.lora_A = nn.Parameter(layer.lora_A.detach().float())
-            layer.lora_B = nn.Parameter(layer.lora_B.detach().float())
+            for pname in _adapter_param_names(layer):
+                setattr(layer, pname, nn.Parameter(getattr(layer, pname).detach().float()))
         if inits.is_decomposition(mode):
             config.initial_factors[name] = (
                 layer.lora_A.detach().clone(),
@@ -319,6 +325,10 @@ def apply_lora(
         _set_submodule(model, name, layer)
     model.fastlora_config = config
     return model
+
+
+def _adapter_param_names(layer: FastLoRALinear) -> tuple[str, ...]:
+    return ("lora_A", "lora_B") + (("lora_magnitude_vector",) if layer.use_dora else ())
 
 
 def _name_or_path(model: nn.Module) -> str | None:
@@ -378,7 +388,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
 # LoraConfig fields whose non-default values change what the adapter computes in ways
 # fastlora does not represent
 _PEFT_UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (use_dora=True)",
     "lora_bias": "a bias on lora_B (lora_bias=True)",
     "modules_to_save": "fully trained extra modules (modules_to_save)",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
@@ -444,6 +453,7 @@ def config_from_peft(config: Any, base_model_name_or_path: str | None = None) ->
         target_modules=target if isinstance(target, str) else sorted(target or []),
         exclude_modules=exclude if isinstance(exclude, str) or exclude is None else sorted(exclude),
         base_model_name_or_path=get("base_model_name_or_path") or base_model_name_or_path,
+        use_dora=bool(get("use_dora", False)),
     )
 
 
@@ -457,7 +467,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     injected LoRA layers; the PEFT wrapper is consumed (its modules are replaced).
 
     Refused with a ``ValueError``/``TypeError`` that names the layer and the feature: several
-    adapters, DoRA and other LoRA variants, lora_bias, merged or disabled adapters, Conv1D
+    adapters, LoRA variants other than DoRA, lora_bias, merged or disabled adapters, Conv1D
     (fan_in_fan_out) and non-Linear LoRA layers, modules_to_save and other PEFT wrappers,
     per-layer rank/alpha patterns, base-mutating inits other than PiSSA/OLoRA. A ``UserWarning``
     when the LoRA factors are frozen (an adapter loaded for inference: ``PeftModel.from_pretrained``
@@ -515,13 +525,16 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             break
         (adapter,) = adapter_names
         base = m.get_base_layer()
-        if m.lora_variant:
+        variants = {type(v).__name__ for v in m.lora_variant.values()} - {"DoraLinearVariant"}
+        if variants:
             problems.append(
-                f"{name}: LoRA variant {sorted(type(v).__name__ for v in m.lora_variant.values())} "
-                "(DoRA and friends) is not supported"
+                f"{name}: LoRA variant {sorted(variants)} is not supported "
+                "(only plain LoRA and DoRA)"
             )
-        if m.use_dora.get(adapter) or adapter in m.lora_magnitude_vector:
-            problems.append(f"{name}: DoRA is not supported")
+        dora_here = bool(m.use_dora.get(adapter))
+        if dora_here != (adapter in m.lora_magnitude_vector):
+            problems.append(f"{name}: use_dora={dora_here} but the magnitude vector is "
+                            f"{'missing' if dora_here else 'present'}")
         if m.lora_bias.get(adapter):
             problems.append(f"{name}: lora_bias=True is not supported")
         if m.merged:
@@ -547,10 +560,11 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
                 f"{name}: scaling {scaling} differs from lora_alpha/r ({expected}); "
                 "set_scale/scale_layer changes are not supported"
             )
-        hparams.add((r, alpha, p, rslora))
+        hparams.add((r, alpha, p, rslora, dora_here))
     if len(hparams) > 1:
         problems.append(
-            f"layers differ in (r, lora_alpha, lora_dropout, use_rslora): {sorted(hparams)}; "
+            f"layers differ in (r, lora_alpha, lora_dropout, use_rslora, use_dora): "
+            f"{sorted(hparams)}; "
             "fastlora records one setting for all layers"
         )
     config = None
@@ -562,7 +576,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             "from_peft: cannot convert without changing the adapter: " + "; ".join(problems)
         )
 
-    r, alpha, p, rslora = next(iter(hparams))
+    r, alpha, p, rslora, use_dora = next(iter(hparams))
     if configs:
         config = config_from_peft(peft_config, _name_or_path(model))
     else:
@@ -573,6 +587,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             use_rslora=rslora,
             target_modules=sorted(found),
             base_model_name_or_path=_name_or_path(model),
+            use_dora=use_dora,
         )
     (adapter,) = adapter_names
     frozen = sorted(
@@ -600,6 +615,9 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         layer.init_lora_weights = config.init_lora_weights
         layer.lora_A = m.lora_A[adapter].weight
         layer.lora_B = m.lora_B[adapter].weight
+        if use_dora:
+            layer.use_dora = True
+            layer.lora_magnitude_vector = m.lora_magnitude_vector[adapter].weight
         layer.train(m.training)
         _set_submodule(model, name, layer)
     model.fastlora_config = config

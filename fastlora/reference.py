@@ -29,3 +29,27 @@ def lora_linear_reference(
 
 # the same name as the op it checks, for ``from fastlora import reference; reference.lora_linear``
 lora_linear = lora_linear_reference
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """DoRA as PEFT computes it (``peft/tuners/lora/dora.py``), op by op: the row norm of
+    ``W + s B A`` formed in full from the detached LoRA weight, detached, and
+    ``y = x W^T + b + (m/norm - 1) * (D(x) W^T) + (m/norm) * s (D(x) A^T) B^T``.
+    magnitude: [N]; the other arguments as ``lora_linear_reference``."""
+    lora_weight = (lora_B @ lora_A).detach()
+    norm = torch.linalg.norm(weight + scaling * lora_weight, dim=1).detach()
+    scale = magnitude / norm
+    xd = x if dropout_mask is None else x * dropout_mask.to(x.dtype) / (1.0 - dropout_p)
+    base = F.linear(x, weight, bias)
+    lora = F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    return base + (scale - 1) * F.linear(xd, weight) + scale * lora

@@ -243,7 +243,11 @@ LOAD_ERRORS = {
         r"\['qkv'\] match no module",
     ),
     "ia3": (_edit_config(peft_type="IA3"), ValueError, "peft_type is 'IA3'"),
-    "dora": (_edit_config(use_dora=True), ValueError, r"DoRA \(use_dora=True\) is not supported"),
+    "dora-without-magnitude": (
+        _edit_config(use_dora=True),
+        ValueError,
+        r"missing keys base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector",
+    ),
     "modules-to-save": (
         _edit_config(modules_to_save=["classifier"]),
         ValueError,

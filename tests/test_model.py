@@ -441,7 +441,6 @@ def _merged():
 
 
 REFUSALS = {
-    "dora": (lambda: peft_model(tiny_bert(), r=2, target_modules=["query"], use_dora=True), "DoRA"),
     "two-adapters": (_two_adapters, r"several adapters \['default', 'other'\]"),
     "seq-cls-head": (
         lambda: peft_model(
@@ -492,10 +491,10 @@ def test_from_peft_refuses(case):
 
 def test_error_messages_are_specific():
     # one message per problem, each naming the layer
-    pm = peft_model(tiny_bert(), r=2, target_modules=["query"], use_dora=True)
+    pm = peft_model(tiny_bert(), r=2, target_modules=["query"], lora_bias=True)
     with pytest.raises(ValueError) as err:
         fm.from_peft(pm)
-    assert re.search(r"encoder.layer.1.attention.self.query: LoRA variant", str(err.value))
+    assert re.search(r"encoder.layer.1.attention.self.query: lora_bias=True", str(err.value))
 
 
 def test_adapters_of_half_precision_layers_are_kept_in_float32_like_peft():
