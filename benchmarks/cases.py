@@ -297,7 +297,7 @@ def expand_providers(names: list[str]) -> list[str]:
         if name == "fastlora":
             wanted.update(FASTLORA_PROVIDERS)
         elif name == "dora":  # DoRA beside the LoRA it extends
-            wanted.update(("fastlora_torch", "fastlora_triton", *DORA_PROVIDERS))
+            wanted.update(("fastlora_torch", *DORA_PROVIDERS))
         elif name in SETUP:
             wanted.add(name)
         else:

@@ -48,3 +48,22 @@ def test_saved_bytes_splits_x_and_params():
     # x, W, A, B are x/params; u = s x A^T [M, r] is the only extra
     assert got["extra"] == 32 * 4 * 4
     assert got["x_params"] == (32 * 16 + 24 * 16 + 4 * 16 + 24 * 4) * 4
+
+
+def test_dora_rows(tmp_path):
+    """The DoRA providers run beside LoRA, each checked against the DoRA reference (dm too)."""
+    results = run.main(["--device", "cpu", "--shapes", "48x40", "--m", "24", "--r", "4",
+                        "--dropout", "0,0.1", "--reps", "2", "--out", str(tmp_path),
+                        "--providers", "dora", "--no-plots"])
+    assert results["meta"]["providers"] == ["linear", "fastlora_torch", "fastlora_dora",
+                                            "peft_dora"]
+    for case in results["cases"]:
+        for name, e in case["providers"].items():
+            assert e["status"] == "ok", e
+            assert e["check"]["ok"], (name, e["check"])
+        if case["p"] == 0:
+            assert set(case["providers"]["fastlora_dora"]["check"]["rel_err"]) == {
+                "y", "dx", "dA", "dB", "dm"}
+    goals = {(g["goal"], g["provider"]) for g in run.report.goals(results)}
+    assert goals == set()  # the DoRA goals read 1024x1024 M=2048 only
+    assert "| fastlora_dora | peft_dora |" in (tmp_path / "table_cpu.md").read_text()

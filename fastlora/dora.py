@@ -9,7 +9,7 @@ from the detached LoRA weight and itself detached (DoRA paper section 4.3) and `
 Writing ``z = D(x) W^T + u B^T`` (the pre-scale output, ``u = s D(x) A^T``):
 
     p = 0:  y = c * z + b
-    p > 0:  y = (x - D(x)) W^T + c * z + b
+    p > 0:  y = x W^T + b + (c - 1) * z + u B^T
 
 and backward (the norm is a constant):
 

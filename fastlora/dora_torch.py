@@ -19,12 +19,33 @@ from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
 
 
 
-def _scaled_mm(left: Tensor, col: Tensor, right: Tensor) -> Tensor:
-    """``(left * col) @ right`` for left [M, N], col [N], right [N, K]: the scale goes on
-    whichever operand is smaller (right's rows, or left's columns)."""
+# elements of dy * z formed at a time by _column_dot: ~1 MiB of fp32, so the product stays in
+# cache (one [M, N] temporary costs a fresh allocation, page faults included, and a re-read)
+_DOT_CHUNK = 1 << 18
+
+
+def _column_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``sum_m a[m, n] * b[m, n]`` for a, b [M, N] -> [N] in ``acc``, a block of rows at a time."""
+    M, N = a.shape
+    rows = max(1, _DOT_CHUNK // max(N, 1))
+    out = torch.zeros(N, dtype=acc, device=a.device)
+    for i in range(0, M, rows):
+        out += torch.linalg.vecdot(a[i : i + rows], b[i : i + rows], dim=0)
+    return out
+
+
+def _minus_one(c_acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """``c - 1`` formed before the cast: in bf16 the spacing near 1 is 2**-7, which would be a
+    large relative error on a small ``c - 1``."""
+    return (c_acc - 1).to(dtype)
+
+
+def _addmm_scaled_(out: Tensor, left: Tensor, col: Tensor, right: Tensor, alpha: float = 1.0):
+    """``out += alpha * (left * col) @ right`` in place for left [M, N], col [N], right [N, K]:
+    the scale goes on whichever operand is smaller (right's rows, or left's columns)."""
     if right.shape[0] * right.shape[1] <= left.shape[0] * left.shape[1]:
-        return torch.mm(left, right * col.unsqueeze(1))
-    return torch.mm(left * col, right)
+        return out.addmm_(left, right * col.unsqueeze(1), alpha=alpha)
+    return out.addmm_(left * col, right, alpha=alpha)
 
 
 def forward(
@@ -44,7 +65,8 @@ def forward(
     Returns y [M, N], u [M, r] and the pre-scale output z [M, N] (x.dtype)."""
     A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
-    c = (magnitude.detach().to(norm.dtype) / norm).to(x.dtype)
+    c_acc = magnitude.detach().to(norm.dtype) / norm
+    c = c_acc.to(x.dtype)
     if mask_bits is None:
         u = torch.mm(x, A.t()).mul_(scaling)
         z = torch.mm(u, B.t()).addmm_(x, weight.t())
@@ -54,10 +76,10 @@ def forward(
     xk = x * unpack_mask(mask_bits, x.shape[1], x.dtype)  # D(x) = ks * xk
     u = torch.mm(xk, A.t()).mul_(scaling * ks)
     z = torch.mm(u, B.t()).addmm_(xk, weight.t(), alpha=ks)
-    y = z * c if bias is None else torch.addcmul(bias, z, c)
-    xr = xk.mul_(-ks).add_(x)  # x - D(x), in xk's buffer
-    y.addmm_(xr, weight.t())
-    return y, u, z
+    # y = x W^T + b + (c - 1) z + u B^T: (c-1)(D(x) W^T) + c (u B^T) regrouped around z, so
+    # the second GEMM reads x itself and no (x - D(x)) is formed
+    y = torch.mm(u, B.t()) if bias is None else torch.addmm(bias, u, B.t())
+    return y.addmm_(x, weight.t()).addcmul_(z, _minus_one(c_acc, x.dtype)), u, z
 
 
 def backward(
@@ -85,17 +107,18 @@ def backward(
     c = c_acc.to(x.dtype)
     dx, dA, dB, dm = x.new_empty(0), x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dm:
-        # column reduction of dy * z, accumulated in the norm's dtype
-        dm = (torch.linalg.vecdot(dy.t(), z.t()).to(norm.dtype) / norm).to(magnitude.dtype)
+        dm = (_column_dot(dy, z, norm.dtype) / norm).to(magnitude.dtype)
     if need_dx or need_dA:
         ks = 1.0 if mask_bits is None else keep_scale(dropout_p)
         g = torch.mm(dy, B * c.unsqueeze(1)).mul_(scaling * ks)
         keep = None if mask_bits is None else unpack_mask(mask_bits, x.shape[1], x.dtype)
         if need_dx:
+            # low-rank term first, then the big GEMMs accumulate onto it (beta = 1)
+            dx = torch.mm(g, A)
             if keep is None:
-                dx = torch.mm(g, A).add_(_scaled_mm(dy, c, weight))
+                _addmm_scaled_(dx, dy, c, weight)
             else:
-                dx = torch.mm(g, A).add_(_scaled_mm(dy, c - 1, weight), alpha=ks)
+                _addmm_scaled_(dx, dy, _minus_one(c_acc, x.dtype), weight, alpha=ks)
                 dx.mul_(keep).addmm_(dy, weight)
         if need_dA:
             dA = torch.mm(g.t(), x if keep is None else x * keep).to(lora_A.dtype)
@@ -108,14 +131,15 @@ def backward(
 def base_grads(dy, x, weight, magnitude, norm, mask_bits, dropout_p, need_w, need_b, has_bias):
     """Gradients of a base a user unfroze: dW = dy^T x + (dy (c - 1))^T D(x) (c * dy^T x at
     p = 0), db = colsum(dy). The norm stays a constant, as in PEFT."""
-    c = (magnitude.detach().to(norm.dtype) / norm).to(dy.dtype)
+    c_acc = magnitude.detach().to(norm.dtype) / norm
+    c = c_acc.to(dy.dtype)
     dW = db = None
     if need_w:
         if mask_bits is None:
             dW = torch.mm((dy * c).t(), x)
         else:
             xd = x * unpack_mask(mask_bits, x.shape[1], x.dtype) * keep_scale(dropout_p)
-            dW = torch.mm(dy.t(), x).addmm_((dy * (c - 1)).t(), xd)
+            dW = torch.mm(dy.t(), x).addmm_((dy * _minus_one(c_acc, dy.dtype)).t(), xd)
         dW = dW.to(weight.dtype)
     if need_b and has_bias:
         db = dy.sum(0).to(weight.dtype)
