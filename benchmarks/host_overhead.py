@@ -2,9 +2,11 @@
 
 Triton's driver is replaced by a stub (``stub_driver``) whose target is sm_90, so the
 whole Python side of a call runs for real: fastlora's checks and dispatch, the op and
-autograd machinery, Triton's ``Autotuner.run``/``JITFunction.run`` (argument binding,
-specialization, kernel cache lookup; compilation to a real sm_90 cubin on first use).
-Only the final launch is skipped: the stub's launcher records the kernel and returns.
+autograd machinery, and whatever launch path fastlora takes into Triton (``JITFunction.run``
+or ``Autotuner.run``: binding, specialization, cache lookup, compilation to a real sm_90
+cubin on first use; or a cached ``CompiledKernel``'s launcher, with the scratch allocation
+tensor descriptors need).  Only the final launch is skipped: the stub's launcher records
+the kernel and returns.
 The torch ops in between run on tiny CPU tensors, where their cost is host cost too.
 
 It times one fwd+bwd (``torch.autograd.grad``) of ``FastLoRALinear`` on the Triton

@@ -24,23 +24,25 @@ Plans (each a list of launches per phase):
     composition       fastlora's torch backend, the cuBLAS composition the dispatcher
                       measures against: derived by running it on meta tensors under
                       ``host_overhead.LaunchCounter`` (every op that launches, its operands)
-    fused             the Triton kernels in kernels/ as they are (hand-counted from them)
-    *_4bit            the same over an NF4 base (blocksize 64, with or without double
+    fused             the Triton kernels in kernels/ as they are (hand-counted from them,
+                      with the tiles ``kernels/_configs.pick`` gives the shape), along the
+                      two axes of DESIGN.md section 6: base (dense, or NF4 4-bit with W
+                      read packed and decoded in the mainloops) x adapter (LoRA, or DoRA as
+                      issue 13 designs it)
+    *_4bit            the baselines over an NF4 base (blocksize 64, with or without double
                       quantization of absmax): frozen = bnb dequantize + GEMM (Linear4bit),
-                      composition = dequantize + the dense composition, fused = the fused
-                      launches with W read packed and decoded in the mainloop
-    dora_fused        fused DoRA as issue 13 designs it (column scale in the epilogue, the
-                      per-step weight norm from W A^T [N, r], with p > 0 a second
-                      accumulator over D(x) sharing the W tiles)
+                      composition = dequantize + the dense composition
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
-from dataclasses import dataclass, replace
-from typing import Callable
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 # --------------------------------------------------------------------------- hardware
 
@@ -236,56 +238,93 @@ def frozen_derived(s: Shape) -> Plan:
 
 # --------------------------------------------------------------------------- fused kernels
 
-# kernels/_configs.py: the tiles the large-M shapes launch with (first config per kernel)
-FWD_BLOCK_M = 128
-DX_BLOCK_M = 128
-DX_BLOCK_K = 128  # the dx kernel recomputes g = s dy B once per K tile of this width
-ROWS_PER_SPLIT_MIN = 512  # split-M partials of dA/dB (kernels/_configs.num_splits)
-MAX_SPLITS = 64
+# The kernels pick their tiles by the shape, the SM count and the build (kernels/_configs.pick);
+# the model asks the same function for the sm_90 TMA build on a 132-SM H100/H200 (A100's
+# pointer build and 108 SMs rarely change the row tile, which is all the bytes depend on).
+SMS_FOR_TILES = 132
+TMA_BUILD = True
 
 
-def _splits(m: int) -> int:
-    rows = max(ROWS_PER_SPLIT_MIN, -(-m // MAX_SPLITS))
-    rows = -(-rows // ROWS_PER_SPLIT_MIN) * ROWS_PER_SPLIT_MIN
-    return max(1, -(-m // rows))
+@contextlib.contextmanager
+def _gpu_tables() -> Iterator[None]:
+    """kernels/_configs answers with its one interpreter tile under TRITON_INTERPRET=1; the
+    model wants the GPU tables whatever the environment."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
 
 
-def fused(s: Shape, w_bytes: float | None = None, decode_ops: float = 0.0) -> Plan:
-    """kernels/lora_forward.py and lora_backward.py as they are (see their docstrings).
+@functools.lru_cache(maxsize=None)
+def tile(kernel: str, s: Shape, cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) the kernel launches with for this shape (bf16)."""
+    from fastlora.kernels import _configs
 
-    ``w_bytes``: bytes per element of W as the mainloops read it (default: dense, esize);
-    ``decode_ops``: ALU ops per W element each time a CTA loads it (the 4-bit decode)."""
-    M, K, N, e, R = s.M, s.K, s.N, s.esize, s.r_pad
-    r = s.r
-    wb = e if w_bytes is None else w_bytes
-    drop = s.p > 0
+    with _gpu_tables():
+        c = _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD)
+    return c.block_m, c.block_n, c.block_k
+
+
+def fused(s: Shape, base: "Quant | None" = None, adapter: str = "lora") -> Plan:
+    """The Triton kernels in kernels/ as they are (their docstrings give the launches):
+
+        fwd  [seed]  shrink u = s D(x) A^T      forward y = x W^T + u B^T (+ b)
+        bwd  dy: g = s dy B and dB partials     dx: dy W + (g A) m/(1-p) and dA partials
+             reduce: dA, dB = sums of the partials, in the adapters' dtype
+
+    ``base``: a 4-bit ``Quant`` reads W packed in the forward and dx mainloops and decodes
+    each tile once per CTA that loads it (``ceil(M / BLOCK_M)`` times per weight).
+    ``adapter="dora"`` adds issue 13's design: a norm pass per step (W A^T [N, r], A A^T;
+    one read of W) writing m / norm, the column scale in the forward epilogue and on dy,
+    dm beside dB in the dy pass (which reads the pre-scale output: y at p = 0), and with
+    p > 0 a second accumulator D(x) W^T on the forward's W tiles (mask bits from the
+    shrink; stored for dm) and a second one, (dy c) W under the mask, in dx."""
+    M, K, N, e, R, r = s.M, s.K, s.N, s.esize, s.r_pad, s.r
+    wb = e if base is None else base.bytes_per_element
+    decode = 0 if base is None else DECODE_OPS
+    drop, dora = s.p > 0, adapter == "dora"
+    twin = dora and drop  # the second accumulators of DoRA with dropout
     philox = PHILOX_OPS * M * K if drop else 0.0
-    splits = _splits(M)
+    scale = N * 4 if dora else 0  # m / norm, fp32
+    bits = M * K / 8 if twin else 0.0
+    fm, _, _ = tile("forward", s, N)
+    ym, _, _ = tile("dy", s, 1)
+    xm, _, _ = tile("dx", s, K)
+    parts_b, parts_a = math.ceil(M / ym), math.ceil(M / xm)
+
     fwd = []
+    if dora:
+        fwd.append(Launch("dora norm: W A^T, A A^T -> m / norm",
+                          N * K * wb + (r * K + N * r) * e + 2 * scale,
+                          2.0 * N * K * R + 2.0 * r * R * K, decode * N * K))
     if drop:
         fwd.append(Launch("seed: randint", 8))
-    fwd += [
-        Launch("shrink: u = s D(x) A^T", (M * K + r * K + M * r) * e, 2.0 * M * K * R, philox),
-        Launch("forward: y = x W^T + u B^T (+b)",
-               (M * K + M * r + N * r + M * N + (N if s.bias else 0)) * e + N * K * wb,
-               2.0 * M * N * K + 2.0 * M * N * R,
-               decode_ops * N * K * math.ceil(M / FWD_BLOCK_M)),
-    ]  # fmt: skip
-    k_tiles = math.ceil(K / DX_BLOCK_K)
+    fwd.append(Launch("shrink: u = s D(x) A^T" + (", mask bits" if twin else ""),
+                      (M * K + r * K + M * r) * e + bits, 2.0 * M * K * R, philox))
+    fwd.append(Launch(
+        "forward: y = x W^T + u B^T" + (", column scale" if dora else "")
+        + (", + D(x) W^T (stored)" if twin else ""),
+        (M * K + M * r + N * r + M * N + (N if s.bias else 0)) * e + N * K * wb + scale
+        + (bits + M * N * e if twin else 0),
+        2.0 * M * N * K * (2 if twin else 1) + 2.0 * M * N * R,
+        decode * N * K * math.ceil(M / fm)))
     bwd = [
-        Launch("zeros: du (autograd)", M * r * e),
-        Launch("dx: dy W + (g A) m/(1-p), g",
-               (M * N + N * r + r * K + M * K + M * r) * e + N * K * wb,
-               2.0 * M * K * N + 2.0 * M * N * R * k_tiles + 2.0 * M * K * R,
-               philox + decode_ops * N * K * math.ceil(M / DX_BLOCK_M)),
-        Launch("da: split-M partials of g^T D(x)", (M * r + M * K) * e + splits * r * K * 4,
-               2.0 * M * K * R, philox),
-        Launch("sum: dA partials", splits * r * K * 4 + r * K * 4),
-        Launch("cast: dA to the adapter dtype", r * K * (4 + e)),
-        Launch("db: split-M partials of dy^T u", (M * N + M * r) * e + splits * N * r * 4,
-               2.0 * M * N * R),
-        Launch("sum: dB partials", splits * N * r * 4 + N * r * 4),
-        Launch("cast: dB to the adapter dtype", N * r * (4 + e)),
+        Launch("dy: g = s dy B, dB partials" + (", dm partials" if dora else ""),
+               (M * N + N * r + 2 * M * r) * e + parts_b * N * r * 4
+               + ((M * N * e + scale + parts_b * N * 4) if dora else 0),
+               4.0 * M * N * R),
+        Launch("dx: dy W + (g A) m/(1-p), dA partials" + (", 2nd accumulator" if twin else ""),
+               (M * N + M * r + r * K + 2 * M * K) * e + N * K * wb + parts_a * r * K * 4 + scale,
+               2.0 * M * K * N * (2 if twin else 1) + 4.0 * M * K * R,
+               philox + decode * N * K * math.ceil(M / xm)),
+        Launch("reduce: dA, dB" + (", dm" if dora else ""),
+               (parts_a * r * K + parts_b * N * r) * 4 + (r * K + N * r) * e
+               + ((parts_b + 1) * N * 4 if dora else 0)),
     ]
     return {"fwd": fwd, "bwd": bwd}
 
@@ -328,55 +367,6 @@ def composition_4bit(s: Shape, q: Quant) -> Plan:
     return {"fwd": [_dequantize(s, q), *base["fwd"]], "bwd": [_dequantize(s, q), *base["bwd"]]}
 
 
-def fused_4bit(s: Shape, q: Quant) -> Plan:
-    """The fused launches with W read packed (~0.5 byte/element plus absmax) and decoded in
-    the forward and dx mainloops, once per CTA that loads a tile (ceil(M / BLOCK_M))."""
-    return fused(s, w_bytes=q.bytes_per_element, decode_ops=DECODE_OPS)
-
-
-# --------------------------------------------------------------------------- DoRA
-
-
-def dora_fused(s: Shape) -> Plan:
-    """Fused DoRA (issue 13) on the fused LoRA launches:
-    - norm: ||W_n + s (B A)_n|| from the cached ||W_n||^2, W A^T [N, r] (one read of W a
-      step) and A A^T; writes the column scale m/norm [N] (fp32);
-    - forward: the column scale in the epilogue; with p > 0 a second accumulator
-      D(x) W^T on the same W tiles (2x the GEMM's MMAs), the mask read as bits written by
-      the shrink, and D(x) W^T stored for dm;
-    - backward: the pass over dy also reads the pre-scale output (y at p = 0, D(x) W^T
-      at p > 0) for dm; dx with p > 0 runs a second accumulator (dy c) W under the mask."""
-    M, K, N, e, R = s.M, s.K, s.N, s.esize, s.r_pad
-    base = fused(s)
-    drop = s.p > 0
-    scale = N * 4
-    norm = Launch("dora norm: W A^T, A A^T -> m/norm",
-                  (N * K + s.r * K + N * s.r) * e + 2 * scale, 2.0 * N * K * R + 2.0 * s.r * R * K)
-    fwd, bwd = [], []
-    for launch in base["fwd"]:
-        if launch.name.startswith("forward"):
-            extra_flops = 2.0 * M * N * K if drop else 0.0
-            extra_bytes = scale + ((M * K / 8 + M * N * e) if drop else 0.0)
-            launch = replace(launch, name=launch.name + ", column scale"
-                             + (", + D(x) W^T" if drop else ""),
-                             bytes=launch.bytes + extra_bytes, flops=launch.flops + extra_flops)
-        elif launch.name.startswith("shrink") and drop:
-            launch = replace(launch, name=launch.name + ", mask bits",
-                             bytes=launch.bytes + M * K / 8)
-        fwd.append(launch)
-    fwd.insert(0, norm)
-    for launch in base["bwd"]:
-        if launch.name.startswith("db"):
-            launch = replace(launch, name=launch.name + ", dm",
-                             bytes=launch.bytes + M * N * e + scale)
-        elif launch.name.startswith("dx"):
-            launch = replace(launch, name=launch.name + (", 2nd accumulator" if drop else ""),
-                             bytes=launch.bytes + scale,
-                             flops=launch.flops + (2.0 * M * K * N if drop else 0.0))
-        bwd.append(launch)
-    return {"fwd": fwd, "bwd": bwd}
-
-
 # --------------------------------------------------------------------------- predictions
 
 
@@ -399,9 +389,9 @@ def plans(s: Shape, with_variants: bool = True) -> dict[str, Plan]:
     if with_variants:
         for q in (Quant(64, False), Quant(64, True)):
             out[f"frozen Linear4bit {q.label()}"] = frozen_4bit(s, q)
-            out[f"fused 4-bit {q.label()}"] = fused_4bit(s, q)
+            out[f"fused 4-bit {q.label()}"] = fused(s, base=q)
             out[f"composition 4-bit {q.label()}"] = composition_4bit(s, q)
-        out["fused DoRA"] = dora_fused(s)
+        out["fused DoRA"] = fused(s, adapter="dora")
     return out
 
 

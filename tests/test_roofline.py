@@ -58,11 +58,36 @@ def test_fused_by_hand():
     shrink = fwd["shrink: u = s D(x) A^T"]
     assert shrink.bytes == (32768 + 512 + 1024) * 2  # x, A read; u written
     assert shrink.flops == 2 * 256 * 128 * 16  # rank padded to 16 in the MMA
-    main = fwd["forward: y = x W^T + u B^T (+b)"]
+    main = fwd["forward: y = x W^T + u B^T"]
     assert main.bytes == (32768 + 1024 + 256 + 16384 + 8192) * 2  # x, u, B, y; W
     assert main.flops == 2 * 256 * 64 * 128 + 2 * 256 * 64 * 16
     assert "seed: randint" not in fwd  # no RNG draw without dropout
     assert "seed: randint" in _by_name(R.fused(R.Shape(256, 128, 64, 4, p=0.1))["fwd"])
+
+
+def test_fused_backward_by_hand():
+    # the partial counts follow the row tiles the kernels pick for this shape
+    pb = -(-256 // R.tile("dy", S, 1)[0])
+    pa = -(-256 // R.tile("dx", S, 128)[0])
+    dy, dx, reduce = R.fused(S)["bwd"]
+    # dy [256, 64] and B read, u read, g written (bf16); dB partials [pb, 64, 4] fp32
+    assert dy.bytes == (16384 + 256 + 2 * 1024) * 2 + pb * 64 * 4 * 4
+    assert dy.flops == 2 * (2 * 256 * 64 * 16)  # g = dy B and dy^T u
+    # dy, g, A, x read, dx written (bf16); W read; dA partials [pa, 4, 128] fp32
+    assert dx.bytes == (16384 + 1024 + 512 + 2 * 32768) * 2 + 8192 * 2 + pa * 4 * 128 * 4
+    assert dx.flops == 2 * 256 * 128 * 64 + 2 * (2 * 256 * 128 * 16)  # dy W; g A and g^T x
+    assert reduce.bytes == (pa * 512 + pb * 256) * 4 + (512 + 256) * 2
+    assert reduce.flops == 0
+
+
+def test_tiles_come_from_the_gpu_tables_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    R.tile.cache_clear()
+    big = R.Shape(8192, 4096, 4096, 16)
+    assert R.tile("forward", big, 4096)[0] >= 64  # not the interpreter's 16x16 tile
+    import os
+
+    assert os.environ["TRITON_INTERPRET"] == "1"  # restored
 
 
 def test_launch_time_is_the_highest_ceiling():
@@ -83,7 +108,7 @@ def test_ratios_of_the_frozen_layer_are_one():
 def test_fused_gemm_shape_is_compute_bound_and_near_the_floor():
     # Llama-7B q_proj: the fused forward's GEMM does 1 + 16/4096 of the frozen FLOPs
     s = R.Shape(8192, 4096, 4096, 16)
-    fwd = _by_name(R.fused(s)["fwd"])["forward: y = x W^T + u B^T (+b)"]
+    fwd = _by_name(R.fused(s)["fwd"])["forward: y = x W^T + u B^T"]
     assert fwd.bound(R.GPUS["H100"]) == "tensor"
     assert fwd.flops / R.frozen(s)["fwd"][0].flops == pytest.approx(1 + 16 / 4096)
 
@@ -98,24 +123,34 @@ def test_4bit_plans_by_hand():
     q = R.Quant(64, False)
     deq = R.frozen_4bit(S, q)["fwd"][0]
     assert deq.bytes == 64 * 128 * (0.5625 + 2)  # packed read, bf16 written
-    fused4 = _by_name(R.fused_4bit(S, q)["fwd"])["forward: y = x W^T + u B^T (+b)"]
-    dense = _by_name(R.fused(S)["fwd"])["forward: y = x W^T + u B^T (+b)"]
-    assert dense.bytes - fused4.bytes == 64 * 128 * (2 - 0.5625)  # W read packed
-    assert fused4.alu == R.DECODE_OPS * 64 * 128 * 2  # decoded by ceil(256 / 128) CTAs
+    fused4 = R.fused(S, base=q)
+    dense = R.fused(S)
+    for phase, name in (("fwd", "forward: y = x W^T + u B^T"),
+                        ("bwd", "dx: dy W + (g A) m/(1-p), dA partials")):
+        k4, k = _by_name(fused4[phase])[name], _by_name(dense[phase])[name]
+        assert k.bytes - k4.bytes == 64 * 128 * (2 - 0.5625)  # W read packed
+        assert k4.flops == k.flops
+    bm = R.tile("forward", S, 64)[0]
+    k4 = _by_name(fused4["fwd"])["forward: y = x W^T + u B^T"]
+    assert k4.alu == R.DECODE_OPS * 64 * 128 * -(-256 // bm)  # once per CTA loading a tile
     comp4 = R.composition_4bit(S, q)
     assert len(comp4["bwd"]) == len(R.composition(S)["bwd"]) + 1  # dequantized again
 
 
 def test_dora_adds_the_norm_pass_and_dm():
-    lora, dora = R.fused(S), R.dora_fused(S)
+    lora, dora = R.fused(S), R.fused(S, adapter="dora")
     norm = dora["fwd"][0]
     assert norm.name.startswith("dora norm")
+    assert norm.bytes == 64 * 128 * 2 + (512 + 256) * 2 + 2 * 64 * 4  # W, A, B; m, m/norm
     assert norm.flops == 2 * 64 * 128 * 16 + 2 * 4 * 16 * 128  # W A^T, A A^T (padded rank)
+    pb = -(-256 // R.tile("dy", S, 1)[0])
     extra_bwd = sum(k.bytes for k in dora["bwd"]) - sum(k.bytes for k in lora["bwd"])
-    assert extra_bwd == 256 * 64 * 2 + 2 * 64 * 4  # the pre-scale output and the scales
-    # p > 0: the second accumulator doubles the forward GEMM's MMAs
+    # the pre-scale output [256, 64] bf16 read in the dy pass; the scale read by dy and dx;
+    # dm partials [pb, 64] fp32 written and summed; dm [64] written
+    assert extra_bwd == 256 * 64 * 2 + 2 * 64 * 4 + 2 * pb * 64 * 4 + 64 * 4
+    # p > 0: the second accumulators double the forward and dx GEMMs' MMAs
     d = R.Shape(256, 128, 64, 4, p=0.1)
-    f = [k for k in R.dora_fused(d)["fwd"] if k.name.startswith("forward")][0]
+    f = [k for k in R.fused(d, adapter="dora")["fwd"] if k.name.startswith("forward")][0]
     assert f.flops == 2 * (2 * 256 * 64 * 128) + 2 * 256 * 64 * 16
 
 
