@@ -224,6 +224,26 @@ def composition(s: Shape) -> Plan:
 
 
 @functools.lru_cache(maxsize=None)
+def composition_dora(s: Shape) -> Plan:
+    """fastlora's DoRA on CUDA today (``fastlora.dora.apply``: the cheap norm, then the torch
+    path on every backend), derived from its code; ||W||^2 is cached by the layer, so it is
+    computed outside the step."""
+    import torch
+
+    from fastlora import dora
+
+    x, w, b, a, bb, dy = _meta_inputs(s)
+    sq_norm = dora.weight_sq_norm(w)
+    m = torch.empty(s.N, device="meta", dtype=torch.float32, requires_grad=True)
+
+    def run():
+        y = dora.apply("torch", x, w, b, a, bb, m, sq_norm, 2.0, s.p)
+        return lambda: torch.autograd.grad(y, (x, a, bb, m), dy)
+
+    return derive(run)
+
+
+@functools.lru_cache(maxsize=None)
 def frozen_derived(s: Shape) -> Plan:
     """``frozen`` derived from torch's own nn.Linear (a check on the hand count)."""
     import torch
@@ -279,11 +299,12 @@ def fused(s: Shape, base: "Quant | None" = None, adapter: str = "lora") -> Plan:
 
     ``base``: a 4-bit ``Quant`` reads W packed in the forward and dx mainloops and decodes
     each tile once per CTA that loads it (``ceil(M / BLOCK_M)`` times per weight).
-    ``adapter="dora"`` adds issue 13's design: a norm pass per step (W A^T [N, r], A A^T;
-    one read of W) writing m / norm, the column scale in the forward epilogue and on dy,
-    dm beside dB in the dy pass (which reads the pre-scale output: y at p = 0), and with
-    p > 0 a second accumulator D(x) W^T on the forward's W tiles (mask bits from the
-    shrink; stored for dm) and a second one, (dy c) W under the mask, in dx."""
+    ``adapter="dora"`` adds issue 13's design with fastlora.dora's algebra: a norm pass
+    per step (W A^T [N, r], A A^T; one read of W) writing m / norm; the column scale in the
+    forward epilogue, which also stores the pre-scale output z [M, N] that dm needs (as
+    the torch path saves it); dm beside dB in the dy pass, which reads z; with p > 0 a
+    second accumulator D(x) W^T on the forward's W tiles (the mask as bits written by the
+    shrink) and a second one, dy ((c - 1) W) under the mask, in dx."""
     M, K, N, e, R, r = s.M, s.K, s.N, s.esize, s.r_pad, s.r
     wb = e if base is None else base.bytes_per_element
     decode = 0 if base is None else DECODE_OPS
@@ -307,10 +328,10 @@ def fused(s: Shape, base: "Quant | None" = None, adapter: str = "lora") -> Plan:
     fwd.append(Launch("shrink: u = s D(x) A^T" + (", mask bits" if twin else ""),
                       (M * K + r * K + M * r) * e + bits, 2.0 * M * K * R, philox))
     fwd.append(Launch(
-        "forward: y = x W^T + u B^T" + (", column scale" if dora else "")
-        + (", + D(x) W^T (stored)" if twin else ""),
+        "forward: y = x W^T + u B^T" + (", column scale, z stored" if dora else "")
+        + (", + D(x) W^T" if twin else ""),
         (M * K + M * r + N * r + M * N + (N if s.bias else 0)) * e + N * K * wb + scale
-        + (bits + M * N * e if twin else 0),
+        + (M * N * e if dora else 0) + bits,
         2.0 * M * N * K * (2 if twin else 1) + 2.0 * M * N * R,
         decode * N * K * math.ceil(M / fm)))
     bwd = [
@@ -392,6 +413,7 @@ def plans(s: Shape, with_variants: bool = True) -> dict[str, Plan]:
             out[f"fused 4-bit {q.label()}"] = fused(s, base=q)
             out[f"composition 4-bit {q.label()}"] = composition_4bit(s, q)
         out["fused DoRA"] = fused(s, adapter="dora")
+        out["composition DoRA (fastlora.dora today)"] = composition_dora(s)
     return out
 
 

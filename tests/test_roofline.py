@@ -143,6 +143,9 @@ def test_dora_adds_the_norm_pass_and_dm():
     assert norm.name.startswith("dora norm")
     assert norm.bytes == 64 * 128 * 2 + (512 + 256) * 2 + 2 * 64 * 4  # W, A, B; m, m/norm
     assert norm.flops == 2 * 64 * 128 * 16 + 2 * 4 * 16 * 128  # W A^T, A A^T (padded rank)
+    fwd_d = _by_name(dora["fwd"])["forward: y = x W^T + u B^T, column scale, z stored"]
+    fwd_l = _by_name(lora["fwd"])["forward: y = x W^T + u B^T"]
+    assert fwd_d.bytes - fwd_l.bytes == 64 * 4 + 256 * 64 * 2  # the scale read, z written
     pb = -(-256 // R.tile("dy", S, 1)[0])
     extra_bwd = sum(k.bytes for k in dora["bwd"]) - sum(k.bytes for k in lora["bwd"])
     # the pre-scale output [256, 64] bf16 read in the dy pass; the scale read by dy and dx;
@@ -152,6 +155,15 @@ def test_dora_adds_the_norm_pass_and_dm():
     d = R.Shape(256, 128, 64, 4, p=0.1)
     f = [k for k in R.fused(d, adapter="dora")["fwd"] if k.name.startswith("forward")][0]
     assert f.flops == 2 * (2 * 256 * 64 * 128) + 2 * 256 * 64 * 16
+
+
+def test_dora_composition_is_derived_from_its_code():
+    plan = R.composition_dora(S)
+    fwd_flops = sum(k.flops for k in plan["fwd"])
+    # at least the three GEMM-sized products of the torch path: x W^T, x A^T, u B^T
+    assert fwd_flops >= 2 * 256 * 64 * 128 + 2 * 256 * 4 * 128 + 2 * 256 * 64 * 4
+    # the backward reads dy and the saved z for dm, and dy again for dx: >= 3 [M, N] reads
+    assert sum(k.bytes for k in plan["bwd"]) >= 3 * 256 * 64 * 2
 
 
 def test_report_prints_the_model_beside_gpu_tables():
