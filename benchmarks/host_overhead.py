@@ -312,6 +312,7 @@ class Result:
     linear_fwd: list[Launch]
     linear_bwd: list[Launch]
     reps: int
+    profile: str = ""
 
     @property
     def ratio(self) -> float:
@@ -369,9 +370,12 @@ def _count(step: tuple[Callable, Callable], log: LaunchLog) -> tuple[list[Launch
     return forward, backward
 
 
-def measure(case: Case | None = None, reps: int = 300, warmup: int = 20) -> Result:
+def measure(case: Case | None = None, reps: int = 300, warmup: int = 20,
+            profile: int = 0) -> Result:
     """Median host microseconds of one fwd+bwd, fastlora (Triton path, stubbed driver)
-    and nn.Linear interleaved in the same run; launches of one fwd and one bwd."""
+    and nn.Linear interleaved in the same run; launches of one fwd and one bwd.
+    ``profile`` > 0: afterwards, that many fastlora steps under cProfile (``Result.profile``,
+    the functions with the most own time; not part of the timing)."""
     from fastlora.kernels import _configs
 
     if _configs.interpreting():
@@ -399,11 +403,30 @@ def measure(case: Case | None = None, reps: int = 300, warmup: int = 20) -> Resu
                 bwd(fwd())
                 times[name].append(time.perf_counter_ns() - t0)
             log.clear()
+        report = _profile(fl, profile) if profile > 0 else ""
     return Result(
         fastlora_us=statistics.median(times["fastlora"]) / 1e3,
         linear_us=statistics.median(times["linear"]) / 1e3,
         fwd=fwd_l, bwd=bwd_l, linear_fwd=lin_fwd, linear_bwd=lin_bwd, reps=reps,
+        profile=report,
     )
+
+
+def _profile(step: tuple[Callable, Callable], n: int, top: int = 15) -> str:
+    """Where the host time of ``n`` steps goes: cProfile's functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    fwd, bwd = step
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        bwd(fwd())
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
 
 
 def _names(launches: list[Launch]) -> str:
@@ -416,6 +439,8 @@ def main(argv: list[str] | None = None) -> Result:
     ap.add_argument("--reps", type=int, default=300, help="timed fwd+bwd per provider")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print where the host time of N fastlora steps goes (cProfile)")
     ap.add_argument("--check-launches", action="store_true",
                     help=f"exit 1 unless launches fwd <= {GOAL_FWD_LAUNCHES} (+1 with dropout) "
                          f"and bwd <= {GOAL_BWD_LAUNCHES} (issue 11's goal; deterministic)")
@@ -423,7 +448,9 @@ def main(argv: list[str] | None = None) -> Result:
                     help="exit 1 if the host time ratio exceeds this (timing: noisy when shared)")
     args = ap.parse_args(argv)
     case = Case(dropout=args.dropout)
-    res = measure(case, reps=args.reps, warmup=args.warmup)
+    res = measure(case, reps=args.reps, warmup=args.warmup, profile=args.profile)
+    if res.profile:
+        print(res.profile)
     print(f"case: x [{case.M}, {case.K}] {str(case.base_dtype)[6:]} base, r={case.r} "
           f"{str(case.adapter_dtype)[6:]} adapters, dropout {case.dropout:g}; Triton driver "
           f"stubbed (target sm_{STUB_TARGET[1]}); median of {res.reps} interleaved fwd+bwd; "

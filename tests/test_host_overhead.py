@@ -88,6 +88,15 @@ def test_counter_on_frozen_linear_fwd_and_bwd():
     assert [launch.name for launch in bwd] == ["torch:aten::mm"]
 
 
+def test_profile_lists_where_the_time_goes():
+    lin = torch.nn.Linear(16, 8).requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    dy = torch.ones(4, 8)
+    text = H._profile((lambda: lin(x), lambda y: torch.autograd.grad(y, (x,), dy)), 5)
+    assert "function calls" in text and "tottime" in text
+    assert "run_backward" in text  # the autograd engine ran 5 times under the profiler
+
+
 def test_format_line():
     assert H.format_line(731.4, 82.2, 3, 6) == (
         "host fwd+bwd: fastlora 731 us, nn.Linear 82 us, ratio 8.90; launches fwd 3 bwd 6"
