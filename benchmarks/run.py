@@ -4,7 +4,8 @@ For every case (shape K x N, tokens M, rank r, dropout p) it builds each provide
 same inputs (``cases.py``), checks that each computes the same function as the reference,
 measures the bytes saved for backward (and the CUDA peak), times fwd, bwd and fwd+bwd, and
 reports every time as a ratio to the frozen ``nn.Linear`` of the same run. Writes
-``results_<device>.json``, ``table_<device>.md`` and three PNGs into ``--out``; prints the
+``results_<device>.json``, ``table_<device>.md`` and three PNGs into ``--out`` (default: a
+fresh ``benchmarks/runs/<device>-<time>/``); prints the
 table. See benchmarks/README.md.
 """
 
@@ -78,12 +79,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="start no case after this many seconds, and on the CPU cut a case's "
                          "rounds (to >= 3) 20 s after it (default with --quick: 170 GPU, 240 "
                          "CPU; none otherwise)")
-    ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    ap.add_argument("--out", help="output directory (default: a fresh benchmarks/runs/<device>-"
+                                  "<UTC time>/, so a run never overwrites the committed "
+                                  "benchmarks/results/; pass --out benchmarks/results to update those)")
     ap.add_argument("--threads", type=int,
                     help="torch.set_num_threads(N) first (default: leave torch's setting; "
                          "1 steadies CPU timings on an oversubscribed machine)")
     ap.add_argument("--no-plots", action="store_true")
     return ap.parse_args(argv)
+
+
+def fresh_dir(parent: str, device: str) -> str:
+    """``parent/<device>-<UTC yyyymmdd-HHMMSS>``, with ``-2``, ``-3``, ... if that exists."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = os.path.join(parent, f"{device}-{stamp}")
+    n = 1
+    while os.path.exists(path if n == 1 else f"{path}-{n}"):
+        n += 1
+    return path if n == 1 else f"{path}-{n}"
 
 
 def build_specs(args: argparse.Namespace) -> tuple[list[C.Spec], float | None]:
@@ -286,8 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.device.startswith("cuda"):
         providers = [p for p in providers if p not in ("fastlora_triton", "fastlora_fused")] \
             if args.providers == "all" else providers
-    os.makedirs(args.out, exist_ok=True)
     dev = args.device.split(":")[0]
+    if args.out is None:
+        args.out = fresh_dir(os.path.join("benchmarks", "runs"), dev)
+    os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"results_{dev}.json")
     meta = report.environment(args.device)
     meta.update(

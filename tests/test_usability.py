@@ -142,3 +142,23 @@ def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102
     assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "out" / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_benchmarks_default_out_is_a_fresh_directory(tmp_path, monkeypatch):
+    """``python -m benchmarks`` without --out never touches the committed benchmarks/results/."""
+    from benchmarks import run
+
+    committed = os.path.join(ROOT, "benchmarks", "results", "results_cpu.json")
+    before = os.path.getmtime(committed) if os.path.exists(committed) else None
+    monkeypatch.chdir(tmp_path)
+    argv = ["--device", "cpu", "--shapes", "32x48", "--m", "8", "--r", "4", "--dropout", "0",
+            "--reps", "2", "--providers", "linear,fastlora_torch", "--no-plots"]
+    assert run.parse_args(argv).out is None
+    run.main(argv)
+    run.main(argv)  # a second run in the same second gets its own directory
+    runs = sorted(os.listdir(tmp_path / "benchmarks" / "runs"))
+    assert len(runs) == 2 and all(r.startswith("cpu-") for r in runs)
+    for r in runs:
+        assert (tmp_path / "benchmarks" / "runs" / r / "results_cpu.json").is_file()
+    if before is not None:
+        assert os.path.getmtime(committed) == before
