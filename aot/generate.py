@@ -12,11 +12,14 @@ and dtype with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 3
 ``.incbin``, and a table the runtime (aot/src/fastlora_kernels.c) picks from.
 
 Variants per (arch, dtype, rank block R_PAD in 16/32/64/128), from ``_configs.configs_for``:
-    shrink, forward, dx  "large" (first config that fits) and "small" (last) tile, both
-                         16-aligned; "generic" = the small tile without alignment hints
-    da, db               one tile (the first that fits): aligned and generic
-    flags                forward: HAS_BIAS on/off; shrink, dx, da: HAS_DROPOUT on/off
-plus ``_sum_splits_kernel`` (aot/sum_splits.py), the C side's ``torch.sum`` of partials.
+    shrink, forward, dy, dx  "large" (first config that fits) and "small" (last) tile, both
+                             16-aligned; "generic" = the smallest pointer-build tile
+                             without alignment hints.  On sm_90 "large" and "small" are
+                             the TMA build (tensor descriptors built in the kernel, which
+                             need per-CTA global scratch: the C API's workspace), "generic"
+                             the cp.async build for strides TMA cannot take.
+    flags                    forward: HAS_BIAS on/off; shrink, dx: HAS_DROPOUT on/off
+plus one ``_lora_reduce_kernel`` (the fixed-order sum of the dA/dB partials).
 """
 
 from __future__ import annotations
@@ -32,9 +35,6 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels, with the GPU tiles
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sum_splits import SUM_BLOCK, SUM_NUM_WARPS, _sum_splits_kernel  # noqa: E402
 
 PARAM_BYTES = {"ptr": 8, "i32": 4, "f32": 4}  # CUdeviceptr, int32_t, float
 ALIGN = 16  # the divisibility Triton's runtime specialises on (pointers and ints)
@@ -79,9 +79,9 @@ KERNEL_ARGS = {
         "M": I("M", False), "K": I("K"), "R": I("R", False),
         "stride_xm": I("ldx"), "stride_xk": U, "stride_ar": I("lda"), "stride_ak": U,
         "stride_um": I("ldu", False), "stride_ur": U,
-        "scaling": F("scaling"), "dropout_p": F("dropout_p"), "M_BUCKET": I("m_bucket", False),
+        "scaling": F("scaling"), "dropout_p": F("dropout_p"),
         "HAS_DROPOUT": C("flag"), "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
-        "BLOCK_M": C("BLOCK_M"), "BLOCK_K": C("BLOCK_K"),
+        "USE_TMA": C("tma"), "BLOCK_M": C("BLOCK_M"), "BLOCK_K": C("BLOCK_K"),
     },
     "forward": {
         "x_ptr": P("x"), "w_ptr": P("w"), "bias_ptr": P("bias"), "u_ptr": P("u"),
@@ -90,56 +90,61 @@ KERNEL_ARGS = {
         "stride_xm": I("ldx"), "stride_xk": U, "stride_wn": I("ldw"), "stride_wk": U,
         "stride_um": I("ldu", False), "stride_ur": U, "stride_bn": I("ldb", False),
         "stride_br": U, "stride_ym": I("ldy"), "stride_yn": U,
-        "M_BUCKET": I("m_bucket", False),
+        "NUM_PROGS": I("num_progs", False),
         "HAS_BIAS": C("flag"), "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
+        "USE_TMA": C("tma"), "BASE": C("base"),
         "BLOCK_M": C("BLOCK_M"), "BLOCK_N": C("BLOCK_N"), "BLOCK_K": C("BLOCK_K"),
-        "GROUP_M": C("GROUP_M"),
+        "GROUP_M": C("GROUP_M"), "FLATTEN": C("flatten"), "EPI_SPLIT": C("epi_split"),
+    },
+    "dy": {
+        "dy_ptr": P("dy"), "b_ptr": P("b"), "u_ptr": P("u"), "g_ptr": P("g"),
+        "ws_ptr": P("ws_b"),
+        "M": I("M", False), "N": I("N"), "R": I("R", False),
+        "stride_dym": I("lddy"), "stride_dyn": U, "stride_bn": I("ldb", False), "stride_br": U,
+        "stride_um": I("ldu", False), "stride_ur": U, "stride_gm": I("ldg", False),
+        "stride_gr": U, "stride_wsp": I("ws_b_split", False), "stride_wsn": I("ws_b_row", False),
+        "scaling": F("scaling"),
+        "WRITE_G": C("on"), "NEED_DB": C("on"), "R_PAD": C("r_pad"),
+        "DOT_PRECISION": C("precision"), "USE_TMA": C("tma"),
+        "BLOCK_M": C("BLOCK_M"), "BLOCK_N": C("BLOCK_N"),
     },
     "dx": {
-        "dy_ptr": P("dy"), "w_ptr": P("w"), "b_ptr": P("b"), "a_ptr": P("a"),
-        "seed_ptr": P("seed"), "dx_ptr": P("dx"), "g_ptr": P("g"),
+        "dy_ptr": P("dy"), "w_ptr": P("w"), "g_ptr": P("g"), "a_ptr": P("a"), "x_ptr": P("x"),
+        "seed_ptr": P("seed"), "dx_ptr": P("dx"), "ws_ptr": P("ws_a"),
         "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
         "stride_dym": I("lddy"), "stride_dyn": U, "stride_wn": I("ldw"), "stride_wk": U,
-        "stride_bn": I("ldb", False), "stride_br": U, "stride_ar": I("lda"), "stride_ak": U,
-        "stride_dxm": I("lddx"), "stride_dxk": U, "stride_gm": I("ldg", False), "stride_gr": U,
-        "scaling": F("scaling"), "dropout_p": F("dropout_p"), "M_BUCKET": I("m_bucket", False),
-        "COMPUTE_DX": C("compute_dx"), "WRITE_G": C("write_g"), "HAS_DROPOUT": C("flag"),
-        "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
-        "BLOCK_M": C("BLOCK_M"), "BLOCK_N": C("BLOCK_N"), "BLOCK_K": C("BLOCK_K"),
-        "GROUP_M": C("GROUP_M"),
+        "stride_gm": I("ldg", False), "stride_gr": U, "stride_ar": I("lda"), "stride_ak": U,
+        "stride_xm": I("ldx"), "stride_xk": U, "stride_dxm": I("lddx"), "stride_dxk": U,
+        "stride_wsp": I("ws_a_split", False), "stride_wsr": I("ws_a_row"),
+        "dropout_p": F("dropout_p"), "NUM_PROGS": I("num_progs", False),
+        "COMPUTE_DX": C("on"), "NEED_DA": C("on"), "HAS_DROPOUT": C("flag"),
+        "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"), "USE_TMA": C("tma"),
+        "BASE": C("base"), "BLOCK_M": C("BLOCK_M"), "BLOCK_N": C("BLOCK_N"),
+        "BLOCK_K": C("BLOCK_K"), "GROUP_M": C("GROUP_M"), "FLATTEN": C("flatten"),
+        "EPI_SPLIT": C("epi_split"),
     },
-    "da": {
-        "g_ptr": P("g"), "x_ptr": P("x"), "seed_ptr": P("seed"), "ws_ptr": P("ws_a"),
-        "M": I("M", False), "K": I("K"), "R": I("R", False), "ROWS_PER_SPLIT": I("rows"),
-        "stride_gm": I("ldg", False), "stride_gr": U, "stride_xm": I("ldx"), "stride_xk": U,
-        "stride_ws": I("ws_a_split"), "stride_wr": I("ws_a_row"), "stride_wk": U,
-        "dropout_p": F("dropout_p"), "M_BUCKET": I("m_bucket", False),
-        "HAS_DROPOUT": C("flag"), "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
-        "REDUCE_BLOCK_M": C("REDUCE_BLOCK_M"), "BLOCK_K": C("BLOCK_K"),
-    },
-    "db": {
-        "dy_ptr": P("dy"), "u_ptr": P("u"), "ws_ptr": P("ws_b"),
-        "M": I("M", False), "N": I("N"), "R": I("R", False), "ROWS_PER_SPLIT": I("rows"),
-        "stride_dym": I("lddy"), "stride_dyn": U, "stride_um": I("ldu", False), "stride_ur": U,
-        "stride_ws": I("ws_b_split"), "stride_wn": I("ws_b_row", False), "stride_wr": U,
-        "M_BUCKET": I("m_bucket", False),
-        "R_PAD": C("r_pad"), "DOT_PRECISION": C("precision"),
-        "REDUCE_BLOCK_M": C("REDUCE_BLOCK_M"), "BLOCK_N": C("BLOCK_N"),
-    },
-    "sum": {
-        "ws_ptr": P("ws_sum"), "out_ptr": P("out"),
-        "SPLITS": I("splits", False), "NUMEL": I("numel", False), "BLOCK": C("SUM_BLOCK"),
+    "reduce": {
+        "wsa_ptr": P("ws_a"), "da_ptr": P("da"), "wsb_ptr": P("ws_b"), "db_ptr": P("db"),
+        "NA": I("na", False), "PA": I("pa", False), "NB": I("nb", False), "PB": I("pb", False),
+        "PROGS_A": I("progs_a", False), "BLOCK": C("REDUCE_BLOCK"),
     },
 }  # fmt: skip
 KERNEL_IDS = {k: i for i, k in enumerate(KERNEL_ARGS)}  # FL_K_<NAME> in fl_internal.h
-M_TILED = ("shrink", "forward", "dx")
-FLAG_NAME = {"shrink": "HAS_DROPOUT", "forward": "HAS_BIAS", "dx": "HAS_DROPOUT",
-             "da": "HAS_DROPOUT"}  # fmt: skip
+M_TILED = ("shrink", "forward", "dy", "dx")
+FLAG_NAME = {"shrink": "HAS_DROPOUT", "forward": "HAS_BIAS", "dx": "HAS_DROPOUT"}
 ROLES = {"large": 0, "small": 1, "generic": 2}
 DTYPES = {"fp16": 0, "bf16": 1}  # FASTLORA_FP16 / FASTLORA_BF16 in fastlora_kernels.h
 KIND = "16bit"  # _configs.operand_kind of fp16/bf16 operands: their config table
 # usable shared memory per block for archs _configs does not list (sm_86/89 class)
 SMEM_DEFAULT = 99 * 1024
+# TMA builds: a tensor descriptor built in the kernel takes 128 bytes of global scratch per
+# CTA; the dx kernel builds four.  The C workspace reserves this much per CTA.
+TMA_SCRATCH_PER_CTA = 512
+TMA_SCRATCH_ALIGN = 256  # workspace sections are 256-aligned (fastlora_kernels.c)
+# persistent grids (forward, dx on sm_90) are capped here, so the scratch bound does not
+# depend on the device
+MAX_PERSISTENT_CTAS = 1024
+TMA_ARCH = 90
 
 
 def import_kernels(src: Path):
@@ -147,9 +152,7 @@ def import_kernels(src: Path):
     sys.path.insert(0, str(src))
     from kernels import _compile, _configs
 
-    fns = dict(_compile.JIT_KERNELS)
-    fns["sum"] = _sum_splits_kernel
-    return fns, _configs
+    return dict(_compile.JIT_KERNELS), _configs
 
 
 def check_args(fns) -> None:
@@ -168,6 +171,16 @@ def runtime_args(fn, kernel):
             in ("ptr", "i32", "f32")]  # fmt: skip
 
 
+def min_block_m(cfg, kernel: str) -> int:
+    """The smallest row tile any variant of ``kernel`` uses: bounds the partial counts."""
+    return min(
+        c.block_m
+        for r_pad in cfg.R_PADS
+        for tma in (False, True)
+        for c in cfg.configs_for(kernel, KIND, r_pad, interpreter=False, tma=tma)
+    )
+
+
 # ---------------------------------------------------------------------------- pack
 
 
@@ -175,12 +188,16 @@ def write_pack(out: Path, fns, cfg) -> None:
     lines = [
         "/* generated by aot/generate.py pack: do not edit */",
         "#ifndef FL_PACK_H", "#define FL_PACK_H", '#include "fl_internal.h"', "",
-        "/* mirrored from kernels/_configs.py and aot/sum_splits.py */",
+        "/* mirrored from kernels/_configs.py and aot/generate.py */",
         f"#define FL_MAX_R {cfg.MAX_R}",
         f"#define FL_MMA_MIN_R {cfg.MMA_MIN_R}",
-        f"#define FL_ROWS_PER_SPLIT_MIN {cfg.ROWS_PER_SPLIT_MIN}",
-        f"#define FL_MAX_SPLITS {cfg.MAX_SPLITS}",
-        f"#define FL_SUM_BLOCK {SUM_BLOCK}",
+        f"#define FL_REDUCE_BLOCK {cfg.REDUCE_BLOCK}",
+        f"#define FL_MIN_BM_SHRINK {min_block_m(cfg, 'shrink')}",
+        f"#define FL_MIN_BM_DY {min_block_m(cfg, 'dy')}",
+        f"#define FL_MIN_BM_DX {min_block_m(cfg, 'dx')}",
+        f"#define FL_TMA_SCRATCH_PER_CTA {TMA_SCRATCH_PER_CTA}",
+        f"#define FL_MAX_PERSISTENT_CTAS {MAX_PERSISTENT_CTAS}",
+        f"#define FL_TMA_ARCH {TMA_ARCH}",
         "",
     ]  # fmt: skip
     for kernel, fn in fns.items():
@@ -214,14 +231,15 @@ def write_pack(out: Path, fns, cfg) -> None:
 # ---------------------------------------------------------------------------- cubins
 
 
-def compile_one(fn, kernel, dtype, arch, r_pad, tile, flag, aligned, cfg):
+def compile_one(fn, kernel, dtype, arch, r_pad, tile, flag, aligned, tma, cfg):
     import triton
     from triton.backends.compiler import GPUTarget
 
     consts = {
-        "flag": flag, "r_pad": r_pad, "precision": "ieee", "compute_dx": True, "write_g": True,
-        "GROUP_M": cfg.GROUP_M, "REDUCE_BLOCK_M": cfg.reduce_block_m(KIND),
-        "SUM_BLOCK": SUM_BLOCK,
+        "flag": flag, "r_pad": r_pad, "precision": "ieee", "on": True, "tma": tma,
+        "base": "dense_tma" if tma else "dense", "GROUP_M": cfg.GROUP_M,
+        "flatten": bool(tma and tile is not None and tile.flatten), "epi_split": 2 if tma else 1,
+        "REDUCE_BLOCK": cfg.REDUCE_BLOCK,
     }  # fmt: skip
     if tile is not None:
         consts.update({"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k})
@@ -233,22 +251,35 @@ def compile_one(fn, kernel, dtype, arch, r_pad, tile, flag, aligned, cfg):
         elif a.kind == "unit":
             signature[name], constexprs[name] = "constexpr", 1
         elif a.kind == "ptr":
-            signature[name] = {"seed_ptr": "*i64", "ws_ptr": "*fp32"}.get(name, "*" + dtype)
+            special = {"seed_ptr": "*i64", "ws_ptr": "*fp32", "wsa_ptr": "*fp32",
+                       "wsb_ptr": "*fp32"}  # fmt: skip
+            signature[name] = special.get(name, "*" + dtype)
         else:
             signature[name] = a.kind.replace("f32", "fp32")
         if aligned and a.div and a.kind in ("ptr", "i32"):
             attrs[(i,)] = [["tt.divisibility", ALIGN]]
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    warps, stages = (tile.num_warps, tile.num_stages) if tile else (SUM_NUM_WARPS, 1)
+    warps, stages = (tile.num_warps, tile.num_stages) if tile else (REDUCE_NUM_WARPS, 1)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps, "num_stages": stages})  # fmt: skip
 
 
-def scratch_params(md) -> int:
-    """Trailing pointer parameters Triton's launcher appends (global, profile scratch)."""
-    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
-        raise SystemExit("aot: kernels needing scratch memory are not supported")
-    return int(hasattr(md, "global_scratch_size")) + int(hasattr(md, "profile_scratch_size"))
+REDUCE_NUM_WARPS = 4
+
+
+def scratch_params(md) -> tuple[int, int]:
+    """(trailing pointer parameters Triton's launcher appends: global and profile scratch;
+    global scratch bytes per CTA).  Only TMA descriptor scratch is supported."""
+    if getattr(md, "profile_scratch_size", 0):
+        raise SystemExit("aot: kernels needing profile scratch memory are not supported")
+    size = int(getattr(md, "global_scratch_size", 0))
+    if size > TMA_SCRATCH_PER_CTA or int(getattr(md, "global_scratch_align", 1)) > \
+            TMA_SCRATCH_ALIGN:  # fmt: skip
+        raise SystemExit(f"aot: {md.name} needs {size} B of scratch per CTA (aligned "
+                         f"{md.global_scratch_align}); the C workspace reserves "
+                         f"{TMA_SCRATCH_PER_CTA} B, {TMA_SCRATCH_ALIGN}-aligned")  # fmt: skip
+    n = int(hasattr(md, "global_scratch_size")) + int(hasattr(md, "profile_scratch_size"))
+    return n, size
 
 
 def write_cubins(out: Path, fns, cfg, arch: int, dtype: str) -> None:
@@ -258,11 +289,13 @@ def write_cubins(out: Path, fns, cfg, arch: int, dtype: str) -> None:
     limit = cfg.SMEM_LIMIT.get(arch, SMEM_DEFAULT)
     entries, blobs, manifest, t0 = [], [], [], time.time()
     cache: dict = {}
+    has_tma = arch >= TMA_ARCH
 
-    def emit(kernel, r_pad, role, flag, tile, aligned):
-        key = (kernel, r_pad, flag, tile, aligned)
+    def emit(kernel, r_pad, role, flag, tile, aligned, tma):
+        key = (kernel, r_pad, flag, tile, aligned, tma)
         if key not in cache:
-            ck = compile_one(fns[kernel], kernel, dtype, arch, r_pad, tile, flag, aligned, cfg)
+            ck = compile_one(fns[kernel], kernel, dtype, arch, r_pad, tile, flag, aligned, tma,
+                             cfg)  # fmt: skip
             if ck.metadata.shared > limit:
                 return None
             sym = f"fl_cubin_{tag}_{len(blobs)}"
@@ -270,36 +303,37 @@ def write_cubins(out: Path, fns, cfg, arch: int, dtype: str) -> None:
             path.write_bytes(ck.asm["cubin"])
             blobs.append((sym, path))
             md = ck.metadata
-            cache[key] = (sym, len(ck.asm["cubin"]), md.shared, md.name, scratch_params(md))
+            nscratch, scratch = scratch_params(md)
+            cache[key] = (sym, len(ck.asm["cubin"]), md.shared, md.name, nscratch, scratch)
             sizes = [PARAM_BYTES[a.kind] for _, a in runtime_args(fns[kernel], kernel)]
             manifest.append({"cubin": str(path.resolve()), "function": md.name, "arch": arch,
-                             "params": sizes + [8] * scratch_params(md)})  # fmt: skip
-        sym, size, shared, name, nscratch = cache[key]
+                             "params": sizes + [8] * nscratch})  # fmt: skip
+        sym, size, shared, name, nscratch, scratch = cache[key]
         bm, bn, bk, warps = (tile.block_m, tile.block_n, tile.block_k, tile.num_warps) if tile \
-            else (0, SUM_BLOCK, 0, SUM_NUM_WARPS)  # fmt: skip
+            else (0, cfg.REDUCE_BLOCK, 0, REDUCE_NUM_WARPS)  # fmt: skip
         entries.append(
             f"    {{FL_K_{kernel.upper()}, {r_pad}, {ROLES[role]}, {int(flag)}, {bm}, {bn}, {bk}, "
-            f'{warps}, {shared}, {nscratch}, "{name}", {sym}, {size}}},'
+            f'{warps}, {shared}, {int(tma)}, {scratch}, {nscratch}, "{name}", {sym}, {size}}},'
         )
         return True
 
     for r_pad in cfg.R_PADS:
-        for kernel in ("shrink", "forward", "dx", "da", "db"):
-            tiles = cfg.configs_for(kernel, KIND, r_pad, interpreter=False)
-            if not tiles:
+        for kernel in M_TILED:
+            fast = cfg.configs_for(kernel, KIND, r_pad, interpreter=False, tma=has_tma)
+            ptr = cfg.configs_for(kernel, KIND, r_pad, interpreter=False)
+            if not fast or not ptr:
                 raise SystemExit(f"aot: no config for {kernel} r_pad={r_pad}")
-            flags = (False,) if kernel == "db" else (False, True)  # db has no flag
-            roles = (("large", tiles), ("small", tiles[::-1])) if kernel in M_TILED \
-                else (("large", tiles),)  # fmt: skip
-            for role, order in roles:
+            flags = (False, True) if kernel in FLAG_NAME else (False,)
+            for role, order in (("large", fast), ("small", fast[::-1])):
                 for flag in flags:
-                    if not any(emit(kernel, r_pad, role, flag, t, True) for t in order):
+                    if not any(emit(kernel, r_pad, role, flag, t, True, has_tma) for t in order):
                         raise SystemExit(f"aot: no {kernel} r_pad={r_pad} tile fits sm_{arch}")
-            # generic: the smallest tile that fits, no alignment hints
+            # generic: the smallest pointer-build tile that fits, no alignment hints
             for flag in flags:
-                if not any(emit(kernel, r_pad, "generic", flag, t, False) for t in tiles[::-1]):
+                if not any(emit(kernel, r_pad, "generic", flag, t, False, False)
+                           for t in ptr[::-1]):  # fmt: skip
                     raise SystemExit(f"aot: no generic {kernel} r_pad={r_pad} fits sm_{arch}")
-    emit("sum", 0, "generic", False, None, False)
+    emit("reduce", 0, "generic", False, None, False, False)
 
     c = [f"/* generated by aot/generate.py cubins --arch {arch} --dtype {dtype}: do not edit */",
          '#include "fl_internal.h"', ""]  # fmt: skip

@@ -72,7 +72,7 @@ class TileConfig:
     # persistent (TMA) build: flatten the tile and K loops into one.  Off: flattening
     # multi-buffers the epilogue operands (u, B^T) per stage, past 227 KB at r_pad 64.
     flatten: bool = False
-    tma: bool = True  # also launched by the TMA build (False: pointer build only)
+    builds: str = "ptr tma"  # the builds that launch it: "ptr" (cp.async), "tma" (sm_90)
 
     def meta(self, kernel: str) -> dict:
         """The constexpr block arguments this kernel takes."""
@@ -95,33 +95,35 @@ SMALL_R = 64  # r_pad up to this: the big tiles fit registers; r_pad 128 gets it
 # 16-bit operands (fp16, bf16): tensor-core tiles.
 _CONFIGS_16 = {
     "forward": [
-        T(128, 256, 64, 8, 3, "large M and N: the tutorial's best fp16 tile on A100/H100", SMALL_R),
-        T(128, 128, 64, 4, 4, "all-round square tile, deep pipeline (spills at r_pad 32)", 16),
-        T(128, 128, 64, 8, 3, "square tile for r_pad >= 32: 8 warps hold acc + the u B^T step",
-          min_r_pad=32),
-        T(64, 128, 64, 4, 4, "mid M (a few hundred rows): twice the CTAs of 128-row tiles"),
+        T(128, 256, 64, 8, 3, "large M and N: the tutorial's best fp16 tile on H100 (sm_80's "
+          "mma.sync accumulators spill in it)", SMALL_R, builds="tma"),
+        T(128, 128, 64, 4, 4, "all-round square tile, deep pipeline", 16, builds="tma"),
+        T(128, 128, 64, 8, 3, "square tile, 8 warps: every rank block on both builds"),
+        T(64, 128, 64, 4, 4, "mid M (a few hundred rows): twice the CTAs of 128-row tiles",
+          SMALL_R),
         T(32, 64, 128, 4, 4, "small M (decode, short sequences): many CTAs along N, long K "
-          "steps; below wgmma's 64 rows, and its TMA build spills: pointer build only",
-          tma=False),
+          "steps; below wgmma's 64 rows, its TMA build spills", builds="ptr"),
     ],
     "shrink": [
-        T(128, 0, 64, 4, 3, "large M: one CTA per 128 rows", SMALL_R),
+        T(128, 0, 64, 4, 3, "large M: one CTA per 128 rows (r_pad 64 spills with fp32 A)", 32),
         T(64, 0, 128, 4, 3, "mid M: more CTAs, longer K steps", SMALL_R),
         T(64, 0, 64, 8, 3, "r_pad 128: u [64, 128] fp32 over 8 warps", min_r_pad=MAX_R),
-        T(16, 0, 256, 4, 3, "small M: the K loop is the whole job, make its steps long", SMALL_R),
-        T(16, 0, 128, 4, 3, "small M, r_pad 128", min_r_pad=MAX_R),
+        T(16, 0, 128, 4, 3, "small M: the K loop is the whole job, long steps (256 spills "
+          "with fp32 A)", SMALL_R),
+        T(16, 0, 64, 4, 3, "small M, r_pad 128", min_r_pad=MAX_R),
     ],
     "dx": [
-        T(128, 128, 64, 8, 3, "large M: dx tile 128 x 64, N steps of 128", SMALL_R),
-        T(128, 64, 64, 8, 3, "large M, r_pad 128: 8 warps hold acc, g and the dA partial",
-          min_r_pad=MAX_R),
-        T(64, 64, 64, 8, 3, "mid and small M (4 warps spill in the dropout/dA epilogue)"),
+        T(128, 128, 64, 8, 3, "large M: dx tile 128 x 64, N steps of 128", SMALL_R,
+          builds="tma"),
+        T(64, 64, 64, 8, 3, "mid and small M, and r_pad 128", builds="tma"),
+        T(128, 128, 32, 8, 3, "large M: dx tile 128 x 32 (sm_80's mma.sync spills at 64 "
+          "columns with the dA epilogue)", SMALL_R, builds="ptr"),
+        T(64, 128, 32, 8, 3, "mid and small M, and r_pad 128", builds="ptr"),
     ],
     "dy": [
-        T(256, 64, 0, 8, 3, "large M: 256-row tiles halve the dB partials", SMALL_R),
-        T(128, 64, 0, 8, 3, "large M, r_pad 128: g [128, 128] fp32 over 8 warps",
-          min_r_pad=MAX_R),
-        T(64, 64, 0, 4, 3, "small M: more programs streaming dy"),
+        T(128, 32, 0, 8, 3, "large M: 128-row tiles (256 spill with fp32 adapters)", SMALL_R),
+        T(64, 32, 0, 8, 3, "small M", SMALL_R),
+        T(64, 16, 0, 8, 3, "r_pad 128: g and the dB partial over 8 warps", min_r_pad=MAX_R),
     ],
     "reduce": [T(0, 0, 0, 4, 1, "sums partials: memory-bound, no tiles")],
 }
@@ -208,7 +210,7 @@ def configs_for(
         c
         for c in _TABLES[kind][kernel]
         if c.min_r_pad <= r_pad <= c.max_r_pad
-        and (c.tma or not tma)
+        and ("tma" if tma else "ptr") in c.builds
         and smem_estimate(kernel, c, esize, r_pad) <= SMEM_LIMIT[80]
     ]
 

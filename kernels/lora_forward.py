@@ -1,9 +1,10 @@
 """LoRA forward: ``y = x W^T + b + s * D(x) A^T B^T`` in two launches.
 
     shrink   u = s * D(x) A^T             [M, r]   dropout applied in registers
-    forward  y = x W^T + b + u B^T        [M, N]   a pure GEMM main loop; u B^T and b are
-                                                   added in the epilogue (u and B^T tiles
-                                                   loaded before the main loop), one store
+    forward  y = x W^T + b + u B^T        [M, N]   a pure GEMM main loop; u B^T starts the
+                                                   accumulator (u and B^T loaded at the
+                                                   tile's start), b added in the epilogue,
+                                                   one store
 
 D(x) = x * m / (1-p) is never stored: the keep mask m comes from Philox keyed by
 (seed, row, column), so the backward regenerates exactly the same mask.  Adapters are
@@ -77,10 +78,10 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
-def lora_epilogue(acc, u, b_t, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):  # fmt: skip
-    """LoRA adapter epilogue on an fp32 [BM, BN] tile: + u B^T (one R_PAD-deep MMA) + b."""
-    acc = tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
+def lora_epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
+    """LoRA epilogue on the fp32 [BM, BN] tile (u B^T is already in it: the kernel starts
+    the accumulator with that R_PAD-deep step): + b.  An adapter that scales the output
+    (DoRA's m / ||W + s B A||) applies its column scale here."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -120,7 +121,8 @@ def _lora_forward_kernel(
         n0 = pid_n * BLOCK_N
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        # epilogue operands first: their loads are in flight during the main loop
+        # the low-rank step first, into the fresh accumulator: u and B^T are loaded at the
+        # tile's start (not after the main loop) and their registers are free before it
         u = tl.load(
             u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0,
@@ -129,12 +131,12 @@ def _lora_forward_kernel(
             b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
             mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0,
         ).to(dtype)  # [R_PAD, BLOCK_N]: B^T in x's dtype, cast in registers
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.dot(u, b_t, input_precision=DOT_PRECISION)
         for k0 in range(0, K, BLOCK_K):
             x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M, BLOCK_K)
             w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
             acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
-        acc = lora_epilogue(acc, u, b_t, bias_ptr, offs_n, N, HAS_BIAS, DOT_PRECISION)
+        acc = lora_epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS)
         store_rows(y_dst, acc, m0, n0, M, N, stride_ym, stride_yn, USE_TMA, BLOCK_M, BLOCK_N,
                    EPI_SPLIT)  # fmt: skip
 

@@ -68,20 +68,28 @@ typedef enum {
                                             workspace allocation) */
 } fastlora_status;
 
+/* Bytes of device workspace fastlora_forward needs for these sizes (0 when M == 0): the
+ * global scratch of the sm_90 TMA kernels (tensor descriptors built in the kernel). */
+FASTLORA_API size_t fastlora_forward_workspace_size(
+    int64_t M, int64_t N, int64_t K, int64_t r, fastlora_dtype dtype);
+
 /* y = x W^T + bias + u B^T and u = s * D(x) A^T.
  * x [M, K] (ldx), weight [N, K] (ldw), bias [N] or NULL, lora_A [r, K] (lda),
  * lora_B [N, r] (ldb); outputs y [M, N] (ldy) and u [M, r] (contiguous, keep it for the
- * backward). */
+ * backward).  workspace: NULL (taken from the stream's pool with cuMemAllocAsync and freed
+ * in stream order) or a 16-byte aligned device buffer of workspace_bytes >=
+ * fastlora_forward_workspace_size(...), not used concurrently by other work. */
 FASTLORA_API int fastlora_forward(
     const void* x, int64_t ldx, const void* weight, int64_t ldw, const void* bias,
     const void* lora_A, int64_t lda, const void* lora_B, int64_t ldb,
     void* y, int64_t ldy, void* u,
     int64_t M, int64_t N, int64_t K, int64_t r,
     float scaling, float dropout_p, const int64_t* seed,
+    void* workspace, size_t workspace_bytes,
     fastlora_dtype dtype, fastlora_stream_t stream);
 
 /* Bytes of device workspace fastlora_backward needs for these sizes (0 when M == 0):
- * g [M, r] and the fp32 split-M partial sums of dA and dB. */
+ * g [M, r], the fp32 per-row-block partial sums of dA and dB, and the TMA scratch. */
 FASTLORA_API size_t fastlora_backward_workspace_size(
     int64_t M, int64_t N, int64_t K, int64_t r, fastlora_dtype dtype);
 

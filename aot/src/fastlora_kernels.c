@@ -1,10 +1,11 @@
 /* libfastlora_kernels: the C face of fastlora's ahead-of-time compiled Triton kernels.
  *
  * Mirrors the Python launchers (kernels/lora_forward.py, kernels/lora_backward.py) launch
- * for launch: forward = shrink then forward; backward = dx (writes g), da + sum, db + sum
- * (the sums replace torch.sum over the split-M partials).  Same grids, same constexprs,
- * same seed pointer; only the tile config is chosen here by a fixed rule instead of
- * autotune (see fl_choose).
+ * for launch: forward = shrink then forward; backward = dy (g and the dB partials), dx
+ * (with the dA partials), reduce.  Same grids, same constexprs, same seed pointer; the
+ * tile config is chosen here by a fixed rule (see fl_choose).  On sm_90 the aligned
+ * variants are the TMA build: tensor descriptors built in the kernel need global scratch
+ * (grid x per-CTA bytes), which comes from the caller's workspace.
  *
  * libcuda is opened with dlopen at the first call that needs it (FASTLORA_LIBCUDA names
  * another library, for tests), so the library builds and loads on machines without CUDA.
@@ -244,25 +245,11 @@ static int fl_function(fl_ctx* c, fastlora_dtype dtype, const fl_variant* v, CUf
 
 static int64_t fl_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/* kernels/_configs.py: pad_rank, m_bucket, num_splits (GPU branch) */
+/* kernels/_configs.py: pad_rank */
 static int fl_pad_rank(int64_t r) {
     int p = FL_MMA_MIN_R;
     while (p < r) p *= 2;
     return p;
-}
-static int64_t fl_m_bucket(int64_t m) {
-    int64_t b = 1;
-    while (b < m) b *= 2;
-    return b;
-}
-static void fl_num_splits(int64_t m, int64_t* splits, int64_t* rows) {
-    int64_t step = FL_ROWS_PER_SPLIT_MIN;
-    int64_t rr = fl_cdiv(m, FL_MAX_SPLITS);
-    if (rr < step) rr = step;
-    rr = fl_cdiv(rr, step) * step;
-    *rows = rr;
-    *splits = m > 0 ? fl_cdiv(m, rr) : 1;
-    if (*splits < 1) *splits = 1;
 }
 
 static const fl_variant* fl_find(const fl_table* t, int kernel, int r_pad, int role, int flag) {
@@ -274,56 +261,70 @@ static const fl_variant* fl_find(const fl_table* t, int kernel, int r_pad, int r
     return NULL;
 }
 
-/* grid of one launch, as the Python launchers compute it */
-static void fl_grid(const fl_variant* v, const fl_launch* L, int64_t* gx, int64_t* gy) {
-    *gy = 1;
+/* grid of one launch, as the Python launchers compute it; sets L->num_progs */
+static int64_t fl_grid(const fl_ctx* c, const fl_variant* v, fl_launch* L) {
+    int64_t tiles;
     switch (v->kernel) {
-        case FL_K_SHRINK: *gx = fl_cdiv(L->M, v->block_m); break;
-        case FL_K_FORWARD: *gx = fl_cdiv(L->M, v->block_m) * fl_cdiv(L->N, v->block_n); break;
-        case FL_K_DX: *gx = fl_cdiv(L->M, v->block_m) * fl_cdiv(L->K, v->block_k); break;
-        case FL_K_DA: *gx = fl_cdiv(L->K, v->block_k); *gy = L->splits; break;
-        case FL_K_DB: *gx = fl_cdiv(L->N, v->block_n); *gy = L->splits; break;
-        default: *gx = fl_cdiv(L->numel, v->block_n); break; /* sum: block_n = BLOCK */
+        case FL_K_SHRINK: return fl_cdiv(L->M, v->block_m);
+        case FL_K_DY: return fl_cdiv(L->M, v->block_m);
+        case FL_K_FORWARD: tiles = fl_cdiv(L->M, v->block_m) * fl_cdiv(L->N, v->block_n); break;
+        case FL_K_DX: tiles = fl_cdiv(L->M, v->block_m) * fl_cdiv(L->K, v->block_k); break;
+        default: return fl_cdiv(L->na, FL_REDUCE_BLOCK) + fl_cdiv(L->nb, FL_REDUCE_BLOCK);
     }
+    int64_t progs = tiles;
+    if (v->tma) { /* persistent: one program per SM at most */
+        int64_t sms = c->sms < FL_MAX_PERSISTENT_CTAS ? c->sms : FL_MAX_PERSISTENT_CTAS;
+        if (progs > sms) progs = sms;
+    }
+    L->num_progs = progs;
+    return progs;
 }
 
-/* The config rule: the 16-aligned specialisation when every hinted pointer, size and
- * stride is a multiple of 16 (else "generic", the small tile without hints); among the
- * aligned ones, the large tile when it gives >= 2 CTAs per SM, else the small one. */
+/* The config rule: the 16-aligned specialisation (on sm_90 the TMA build) when every hinted
+ * pointer, size and stride is a multiple of 16 (else "generic", the smallest pointer-build
+ * tile without hints); among the aligned ones, the large tile when it gives >= 2 CTAs per
+ * SM, else the small one. */
 static const fl_variant* fl_choose(const fl_ctx* c, fastlora_dtype dtype, int kernel, int flag,
-                                   const fl_launch* L) {
+                                   fl_launch* L) {
     const fl_table* t = c->table[dtype];
-    int r_pad = kernel == FL_K_SUM ? 0 : fl_pad_rank(L->R);
-    if (kernel == FL_K_SUM || !fl_aligned_checks[kernel](L))
+    int r_pad = kernel == FL_K_REDUCE ? 0 : fl_pad_rank(L->R);
+    if (kernel == FL_K_REDUCE || !fl_aligned_checks[kernel](L))
         return fl_find(t, kernel, r_pad, FL_ROLE_GENERIC, flag);
     const fl_variant* large = fl_find(t, kernel, r_pad, FL_ROLE_LARGE, flag);
-    if (!large || kernel == FL_K_DA || kernel == FL_K_DB) return large;
-    int64_t gx, gy;
-    fl_grid(large, L, &gx, &gy);
-    if (gx * gy >= (int64_t)FL_LARGE_TILE_CTAS_PER_SM * c->sms) return large;
+    if (!large) return NULL;
+    int64_t tiles = large->kernel == FL_K_FORWARD
+                        ? fl_cdiv(L->M, large->block_m) * fl_cdiv(L->N, large->block_n)
+                    : large->kernel == FL_K_DX
+                        ? fl_cdiv(L->M, large->block_m) * fl_cdiv(L->K, large->block_k)
+                        : fl_cdiv(L->M, large->block_m);
+    if (tiles >= (int64_t)FL_LARGE_TILE_CTAS_PER_SM * c->sms) return large;
     return fl_find(t, kernel, r_pad, FL_ROLE_SMALL, flag);
 }
 
-static int fl_run(fl_ctx* c, fastlora_dtype dtype, int kernel, int flag, const fl_launch* L,
-                  CUstream stream) {
-    static const char* names[FL_K_COUNT] = {"shrink", "forward", "dx", "da", "db", "sum"};
+static int fl_run(fl_ctx* c, fastlora_dtype dtype, int kernel, int flag, fl_launch* L,
+                  CUstream stream, const fl_variant** chosen) {
+    static const char* names[FL_K_COUNT] = {"shrink", "forward", "dy", "dx", "reduce"};
     const fl_variant* v = fl_choose(c, dtype, kernel, flag, L);
     if (!v)
         return fl_fail(FASTLORA_ERROR_ARCH_NOT_BUILT, "no %s variant for r=%lld in this build",
                        names[kernel], (long long)L->R);
+    if (chosen) *chosen = v;
     CUfunction f;
     int s = fl_function(c, dtype, v, &f);
     if (s) return s;
+    int64_t gx = fl_grid(c, v, L);
+    if (v->scratch && !L->scratch)
+        return fl_fail(FASTLORA_ERROR_LAUNCH, "%s: the TMA build needs scratch memory",
+                       names[kernel]);
     fl_params P;
     P.n_scratch = v->n_scratch;
+    P.scratch = v->scratch ? L->scratch : 0;
     P.bad = NULL;
     if (fl_packers[kernel](L, &P) != 0)
         return fl_fail(FASTLORA_ERROR_INVALID_ARGUMENT, "%s: argument %s does not fit int32",
                        names[kernel], P.bad);
-    int64_t gx, gy;
-    fl_grid(v, L, &gx, &gy);
-    if (gx <= 0 || gy <= 0) return FASTLORA_SUCCESS;
-    CUresult r = fl_cu.LaunchKernel(f, (unsigned)gx, (unsigned)gy, 1, 32u * v->num_warps, 1, 1,
+    if (gx <= 0) return FASTLORA_SUCCESS;
+    CUresult r = fl_cu.LaunchKernel(f, (unsigned)gx, 1, 1, 32u * v->num_warps, 1, 1,
                                     (unsigned)v->shared, stream, P.ptrs, NULL);
     if (r != CUDA_SUCCESS) {
         char what[96];
@@ -336,7 +337,7 @@ static int fl_run(fl_ctx* c, fastlora_dtype dtype, int kernel, int flag, const f
 /* ------------------------------------------------------------------ validation */
 
 #define FL_I32_LIMIT ((int64_t)INT32_MAX)
-#define FL_M_LIMIT ((int64_t)1 << 30) /* M_BUCKET (next power of two) must fit int32 */
+#define FL_M_LIMIT ((int64_t)1 << 30)
 
 #define FL_CHECK(cond, ...) \
     do { if (!(cond)) return fl_fail(FASTLORA_ERROR_INVALID_ARGUMENT, __VA_ARGS__); } while (0)
@@ -375,13 +376,50 @@ static int fl_check_ld(int64_t ld, int64_t cols, int64_t rows, const char* name)
 
 static size_t fl_align(size_t n) { return (n + FL_WS_ALIGN - 1) / FL_WS_ALIGN * FL_WS_ALIGN; }
 
+/* TMA scratch for launches whose grid is at most cdiv(M, min_bm) or a persistent grid */
+static size_t fl_scratch_bytes(int64_t M, int min_bm) {
+    int64_t ctas = fl_cdiv(M, min_bm);
+    if (ctas < FL_MAX_PERSISTENT_CTAS) ctas = FL_MAX_PERSISTENT_CTAS;
+    return fl_align((size_t)ctas * FL_TMA_SCRATCH_PER_CTA);
+}
+
+/* the caller's workspace, or one from the stream's pool (freed by fl_release) */
+static int fl_workspace(void* workspace, size_t need, CUstream s, CUdeviceptr* ws,
+                        CUdeviceptr* owned) {
+    *owned = 0;
+    *ws = (CUdeviceptr)workspace;
+    if (*ws) return FASTLORA_SUCCESS;
+    if (!fl_cu.MemAllocAsync)
+        return fl_fail(FASTLORA_ERROR_LAUNCH, "the driver has no cuMemAllocAsync: pass a workspace");
+    CUresult rr = fl_cu.MemAllocAsync(owned, need, s);
+    if (rr != CUDA_SUCCESS) return fl_cuda_fail(rr, "cuMemAllocAsync (workspace)");
+    *ws = *owned;
+    return FASTLORA_SUCCESS;
+}
+
+static int fl_release(int st, CUdeviceptr owned, CUstream s) {
+    if (owned) {
+        CUresult rr = fl_cu.MemFreeAsync(owned, s);
+        if (!st && rr != CUDA_SUCCESS) st = fl_cuda_fail(rr, "cuMemFreeAsync (workspace)");
+    }
+    return st;
+}
+
 /* ------------------------------------------------------------------ the API */
+
+size_t fastlora_forward_workspace_size(int64_t M, int64_t N, int64_t K, int64_t r,
+                                       fastlora_dtype dtype) {
+    (void)N; (void)K; (void)r; (void)dtype;
+    if (M <= 0) return 0;
+    return fl_scratch_bytes(M, FL_MIN_BM_SHRINK);
+}
 
 int fastlora_forward(const void* x, int64_t ldx, const void* weight, int64_t ldw,
                      const void* bias, const void* lora_A, int64_t lda, const void* lora_B,
                      int64_t ldb, void* y, int64_t ldy, void* u, int64_t M, int64_t N,
                      int64_t K, int64_t r, float scaling, float dropout_p, const int64_t* seed,
-                     fastlora_dtype dtype, fastlora_stream_t stream) {
+                     void* workspace, size_t workspace_bytes, fastlora_dtype dtype,
+                     fastlora_stream_t stream) {
     fl_err[0] = 0;
     FL_TRY(fl_check_common(M, N, K, r, scaling, dropout_p, seed, dtype));
     int empty = M == 0;
@@ -396,34 +434,49 @@ int fastlora_forward(const void* x, int64_t ldx, const void* weight, int64_t ldw
     FL_TRY(fl_check_ld(lda, K, r, "lda"));
     FL_TRY(fl_check_ld(ldb, r, N, "ldb"));
     FL_TRY(fl_check_ld(ldy, N, M, "ldy"));
+    size_t need = fastlora_forward_workspace_size(M, N, K, r, dtype);
+    FL_CHECK(!workspace || workspace_bytes >= need,
+             "workspace_bytes is %zu, fastlora_forward_workspace_size says %zu",
+             workspace_bytes, need);
+    FL_CHECK(FL_DIV16(workspace), "workspace must be 16-byte aligned");
     if (empty) return FASTLORA_SUCCESS;
 
     fl_ctx* c;
     FL_TRY(fl_get_ctx(dtype, &c));
+    CUstream s = (CUstream)stream;
+    CUdeviceptr ws, owned;
+    FL_TRY(fl_workspace(workspace, need, s, &ws, &owned));
     fl_launch L;
     memset(&L, 0, sizeof L);
     L.x = (CUdeviceptr)x; L.w = (CUdeviceptr)weight; L.a = (CUdeviceptr)lora_A;
     L.b = (CUdeviceptr)lora_B; L.u = (CUdeviceptr)u; L.y = (CUdeviceptr)y;
     L.bias = bias ? (CUdeviceptr)bias : L.w; /* never read when HAS_BIAS=False */
     L.seed = seed ? (CUdeviceptr)seed : L.x; /* never read when HAS_DROPOUT=False */
+    L.scratch = ws;
     L.M = M; L.N = N; L.K = K; L.R = r;
     L.ldx = ldx; L.ldw = ldw; L.lda = lda; L.ldb = ldb; L.ldy = ldy; L.ldu = r;
-    L.m_bucket = fl_m_bucket(M);
     L.scaling = scaling; L.dropout_p = dropout_p;
-    CUstream s = (CUstream)stream;
-    FL_TRY(fl_run(c, dtype, FL_K_SHRINK, dropout_p > 0.0f, &L, s));
-    FL_TRY(fl_run(c, dtype, FL_K_FORWARD, bias != NULL, &L, s));
-    return FASTLORA_SUCCESS;
+    int st = fl_run(c, dtype, FL_K_SHRINK, dropout_p > 0.0f, &L, s, NULL);
+    if (!st) st = fl_run(c, dtype, FL_K_FORWARD, bias != NULL, &L, s, NULL);
+    return fl_release(st, owned, s);
+}
+
+/* workspace layout: g [M, r] | dA partials [cdiv(M, bm_dx), r, K] fp32 | dB partials
+ * [cdiv(M, bm_dy), N, r] fp32 | TMA scratch; partial counts bounded by the smallest tile */
+static size_t fl_ws_g(int64_t M, int64_t r) { return fl_align((size_t)M * r * 2); }
+static size_t fl_ws_a(int64_t M, int64_t K, int64_t r) {
+    return fl_align((size_t)fl_cdiv(M, FL_MIN_BM_DX) * r * K * 4);
+}
+static size_t fl_ws_b(int64_t M, int64_t N, int64_t r) {
+    return fl_align((size_t)fl_cdiv(M, FL_MIN_BM_DY) * N * r * 4);
 }
 
 size_t fastlora_backward_workspace_size(int64_t M, int64_t N, int64_t K, int64_t r,
                                         fastlora_dtype dtype) {
     (void)dtype; /* g is 2 bytes per element for both fp16 and bf16 */
     if (M <= 0 || N <= 0 || K <= 0 || r <= 0) return 0;
-    int64_t splits, rows;
-    fl_num_splits(M, &splits, &rows);
-    return fl_align((size_t)M * r * 2) + fl_align((size_t)splits * r * K * 4) +
-           fl_align((size_t)splits * N * r * 4);
+    return fl_ws_g(M, r) + fl_ws_a(M, K, r) + fl_ws_b(M, N, r) +
+           fl_scratch_bytes(M, FL_MIN_BM_DY);
 }
 
 int fastlora_backward(const void* dy, int64_t lddy, const void* x, int64_t ldx,
@@ -465,18 +518,8 @@ int fastlora_backward(const void* dy, int64_t lddy, const void* x, int64_t ldx,
         return rr == CUDA_SUCCESS ? FASTLORA_SUCCESS : fl_cuda_fail(rr, "cuMemsetD8Async");
     }
     FL_TRY(fl_get_ctx(dtype, &c));
-
-    CUdeviceptr ws = (CUdeviceptr)workspace, owned = 0;
-    if (!ws) {
-        if (!fl_cu.MemAllocAsync)
-            return fl_fail(FASTLORA_ERROR_LAUNCH,
-                           "the driver has no cuMemAllocAsync: pass a workspace");
-        CUresult rr = fl_cu.MemAllocAsync(&owned, need, s);
-        if (rr != CUDA_SUCCESS) return fl_cuda_fail(rr, "cuMemAllocAsync (workspace)");
-        ws = owned;
-    }
-    int64_t splits, rows;
-    fl_num_splits(M, &splits, &rows);
+    CUdeviceptr ws, owned;
+    FL_TRY(fl_workspace(workspace, need, s, &ws, &owned));
     fl_launch L;
     memset(&L, 0, sizeof L);
     L.dy = (CUdeviceptr)dy; L.x = (CUdeviceptr)x; L.w = (CUdeviceptr)weight;
@@ -484,32 +527,29 @@ int fastlora_backward(const void* dy, int64_t lddy, const void* x, int64_t ldx,
     L.dx = (CUdeviceptr)dx;
     L.seed = seed ? (CUdeviceptr)seed : L.x; /* never read when HAS_DROPOUT=False */
     L.g = ws;
-    L.ws_a = ws + fl_align((size_t)M * r * 2);
-    L.ws_b = L.ws_a + fl_align((size_t)splits * r * K * 4);
+    L.ws_a = L.g + fl_ws_g(M, r);
+    L.ws_b = L.ws_a + fl_ws_a(M, K, r);
+    L.scratch = L.ws_b + fl_ws_b(M, N, r);
+    L.da = dA ? (CUdeviceptr)dA : L.ws_a; /* never written when na == 0 */
+    L.db = dB ? (CUdeviceptr)dB : L.ws_b;
     L.M = M; L.N = N; L.K = K; L.R = r;
     L.ldx = ldx; L.ldw = ldw; L.lda = lda; L.ldb = ldb; L.lddy = lddy; L.lddx = lddx;
     L.ldu = r; L.ldg = r;
-    L.m_bucket = fl_m_bucket(M);
-    L.rows = rows; L.splits = splits;
     L.ws_a_split = r * K; L.ws_a_row = K;
     L.ws_b_split = N * r; L.ws_b_row = r;
     L.scaling = scaling; L.dropout_p = dropout_p;
     int drop = dropout_p > 0.0f;
 
-    int st = fl_run(c, dtype, FL_K_DX, drop, &L, s);
-    if (!st && dA) st = fl_run(c, dtype, FL_K_DA, drop, &L, s);
-    if (!st && dA) {
-        L.ws_sum = L.ws_a; L.out = (CUdeviceptr)dA; L.numel = r * K;
-        st = fl_run(c, dtype, FL_K_SUM, 0, &L, s);
+    const fl_variant *vy = NULL, *vx = NULL;
+    int st = fl_run(c, dtype, FL_K_DY, 0, &L, s, &vy);
+    if (!st) st = fl_run(c, dtype, FL_K_DX, drop, &L, s, &vx);
+    if (!st && (dA || dB)) {
+        L.na = dA ? r * K : 0;
+        L.nb = dB ? N * r : 0;
+        L.pa = fl_cdiv(M, vx->block_m);
+        L.pb = fl_cdiv(M, vy->block_m);
+        L.progs_a = fl_cdiv(L.na, FL_REDUCE_BLOCK);
+        st = fl_run(c, dtype, FL_K_REDUCE, 0, &L, s, NULL);
     }
-    if (!st && dB) st = fl_run(c, dtype, FL_K_DB, 0, &L, s);
-    if (!st && dB) {
-        L.ws_sum = L.ws_b; L.out = (CUdeviceptr)dB; L.numel = N * r;
-        st = fl_run(c, dtype, FL_K_SUM, 0, &L, s);
-    }
-    if (owned) {
-        CUresult rr = fl_cu.MemFreeAsync(owned, s);
-        if (!st && rr != CUDA_SUCCESS) st = fl_cuda_fail(rr, "cuMemFreeAsync (workspace)");
-    }
-    return st;
+    return fl_release(st, owned, s);
 }

@@ -37,7 +37,7 @@ SHAPES = [
 ]
 DROPOUT_SHAPE, DROPOUT_P = (1000, 256, 320, 16), 0.25
 # dropout: C and the Python launchers run the same kernels, fp32 accumulation, one
-# rounding; only the tile (autotune's pick vs the C rule), so the fp32 summation order,
+# rounding; only the tile (_configs.pick vs the C rule), so the fp32 summation order,
 # may differ: max |C - Python| <= RTOL * max |Python| + 1e-3
 RTOL = {FP16: 1e-2, BF16: 2e-2}
 
@@ -46,7 +46,10 @@ def load(lib_path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(lib_path)
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.fastlora_forward.argtypes = [p, i64, p, i64, p, p, i64, p, i64, p, i64, p,
-                                     i64, i64, i64, i64, f32, f32, p, i32, p]  # fmt: skip
+                                     i64, i64, i64, i64, f32, f32, p, p, ctypes.c_size_t,
+                                     i32, p]  # fmt: skip
+    lib.fastlora_forward_workspace_size.argtypes = [i64, i64, i64, i64, i32]
+    lib.fastlora_forward_workspace_size.restype = ctypes.c_size_t
     lib.fastlora_backward.argtypes = [p, i64, p, i64, p, i64, p, i64, p, i64, p, p, i64, p, p,
                                       i64, i64, i64, i64, f32, f32, p, p, ctypes.c_size_t,
                                       i32, p]  # fmt: skip
@@ -65,10 +68,13 @@ def run_c(lib, x, w, b, A, B, dy, s, p, seed, code, use_workspace):
     stream = torch.cuda.current_stream().cuda_stream
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     u = torch.empty(M, r, device=x.device, dtype=x.dtype)
+    fbytes = lib.fastlora_forward_workspace_size(M, N, K, r, code)
+    fws = torch.empty(fbytes, device=x.device, dtype=torch.uint8) if use_workspace else None
     st = lib.fastlora_forward(
         x.data_ptr(), K, w.data_ptr(), K, b.data_ptr() if b is not None else None,
         A.data_ptr(), K, B.data_ptr(), r, y.data_ptr(), N, u.data_ptr(),
-        M, N, K, r, s, p, seed.data_ptr() if seed is not None else None, code, stream,
+        M, N, K, r, s, p, seed.data_ptr() if seed is not None else None,
+        fws.data_ptr() if fws is not None else None, fbytes, code, stream,
     )  # fmt: skip
     if st:
         return st, None

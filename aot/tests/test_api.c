@@ -29,6 +29,8 @@ typedef struct {
     const int64_t* seed;
     size_t ws_bytes;
     int dtype;
+    void* fws; /* the forward's workspace (TMA scratch) */
+    size_t fws_bytes;
 } call;
 
 #define DEV(a) ((void*)(uintptr_t)(a))
@@ -44,7 +46,7 @@ static call base(int64_t M, int64_t N, int64_t K, int64_t r) {
 
 static int fwd(call c) {
     return fastlora_forward(c.x, c.ldx, c.w, c.ldw, c.bias, c.A, c.lda, c.B, c.ldb, c.y, c.ldy,
-                            c.u, c.M, c.N, c.K, c.r, c.s, c.p, c.seed,
+                            c.u, c.M, c.N, c.K, c.r, c.s, c.p, c.seed, c.fws, c.fws_bytes,
                             (fastlora_dtype)c.dtype, NULL);
 }
 static int bwd(call c) {
@@ -123,6 +125,14 @@ static void test_validation(void) {
         c.ws_bytes = 1 << 20;
         expect_status("backward misaligned workspace", bwd(c), FASTLORA_ERROR_INVALID_ARGUMENT,
                       "aligned");
+        c.fws = DEV(0xd00000);
+        c.fws_bytes = fastlora_forward_workspace_size(64, 32, 48, 8, FASTLORA_FP16) - 1;
+        expect_status("forward small workspace", fwd(c), FASTLORA_ERROR_INVALID_ARGUMENT,
+                      "workspace_bytes");
+        c.fws = DEV(0xd00008);
+        c.fws_bytes = 1 << 20;
+        expect_status("forward misaligned workspace", fwd(c), FASTLORA_ERROR_INVALID_ARGUMENT,
+                      "aligned");
     }
     {   /* a leading dimension below the row length is fine for a single row */
         call c = base(1, 32, 48, 8);
@@ -165,16 +175,24 @@ static void test_strings(void) {
     EXPECT(strcmp(fastlora_version(), v) == 0, "version %s vs header %s", fastlora_version(), v);
     EXPECT(strstr(fastlora_build_info(), "triton") && strstr(fastlora_build_info(), "sm_"),
            "build info: %s", fastlora_build_info());
-    /* kernels/_configs.num_splits: M=1000 -> rows 512, 2 splits; sections 256-aligned */
-    size_t want = 16128 + 2 * 8 * 128 * 4 + 2 * 64 * 8 * 4;
+    /* g | dA partials | dB partials | TMA scratch, each 256-aligned; partial counts from the
+     * smallest dx and dy row tiles (64, kernels/_configs.py); scratch 512 B per CTA for at
+     * least 1024 CTAs (aot/generate.py).  M=1000: 16 row blocks */
+    size_t want = 16128 + 16 * 8 * 128 * 4 + 16 * 64 * 8 * 4 + 1024 * 512;
     EXPECT(fastlora_backward_workspace_size(1000, 64, 128, 8, FASTLORA_FP16) == want,
            "workspace size %zu, want %zu",
            fastlora_backward_workspace_size(1000, 64, 128, 8, FASTLORA_FP16), want);
-    /* M=100000 -> rows = 1563 rounded up to 2048, 49 splits */
-    want = 100000 * 16 * 2 + 49 * 16 * 64 * 4 + 49 * 32 * 16 * 4;
+    /* M=100000 -> 1563 row blocks (and 1563 dy programs of TMA scratch) */
+    want = 100000 * 16 * 2 + 1563 * 16 * 64 * 4 + 1563 * 32 * 16 * 4 + 1563 * 512;
     EXPECT(fastlora_backward_workspace_size(100000, 32, 64, 16, FASTLORA_BF16) == want,
            "workspace size (M=100000) %zu, want %zu",
            fastlora_backward_workspace_size(100000, 32, 64, 16, FASTLORA_BF16), want);
+    /* the forward: TMA scratch only, for the shrink's 16-row programs or 1024 CTAs */
+    EXPECT(fastlora_forward_workspace_size(1000, 64, 128, 8, FASTLORA_FP16) == 1024 * 512,
+           "forward workspace %zu", fastlora_forward_workspace_size(1000, 64, 128, 8, 0));
+    EXPECT(fastlora_forward_workspace_size(100000, 64, 128, 8, FASTLORA_FP16) == 6250 * 512,
+           "forward workspace %zu", fastlora_forward_workspace_size(100000, 64, 128, 8, 0));
+    EXPECT(fastlora_forward_workspace_size(0, 64, 128, 8, FASTLORA_FP16) == 0, "fws(M=0)");
 }
 
 static void test_no_driver(void) {
@@ -245,12 +263,15 @@ static void test_fake(const char* fake_path) {
 
     setenv("FAKE_CUDA_CTX", "2", 1);
     setenv("FAKE_CUDA_CC", cc, 1);
-    /* forward: shrink then forward */
+    /* forward: workspace from the pool, shrink, forward, workspace freed */
     log_reset();
     expect_status("forward", fwd(c), FASTLORA_SUCCESS, NULL);
-    EXPECT(log_count() == 2, "forward launches %d, want 2", log_count());
-    if (log_count() == 2) {
-        const fake_event *a = log_at(0), *b = log_at(1);
+    EXPECT(log_count() == 4, "forward events %d, want 4", log_count());
+    if (log_count() == 4) {
+        const fake_event *a = log_at(1), *b = log_at(2);
+        EXPECT(log_at(0)->is_alloc && log_at(3)->is_free, "forward workspace alloc/free");
+        EXPECT(log_at(0)->size == fastlora_forward_workspace_size(c.M, c.N, c.K, c.r, 0),
+               "forward workspace %llu", log_at(0)->size);
         EXPECT(strcmp(a->name, "_lora_shrink_kernel") == 0, "first launch %s", a->name);
         EXPECT(strcmp(b->name, "_lora_forward_kernel") == 0, "second launch %s", b->name);
         EXPECT(covers(a->grid[0], c.M) && a->grid[1] == 1, "shrink grid %u x %u", a->grid[0],
@@ -258,6 +279,12 @@ static void test_fake(const char* fake_path) {
         EXPECT(a->param0 == (uintptr_t)c.x && b->param0 == (uintptr_t)c.x, "x is parameter 0");
         EXPECT(b->block % 32 == 0 && b->block >= 128, "block %u", b->block);
     }
+    /* the caller's workspace: two launches, nothing allocated */
+    log_reset();
+    c.fws = DEV(0x7d0000000000ull);
+    c.fws_bytes = fastlora_forward_workspace_size(c.M, c.N, c.K, c.r, 0);
+    expect_status("forward, caller's workspace", fwd(c), FASTLORA_SUCCESS, NULL);
+    EXPECT(log_count() == 2, "forward with a workspace: %d events, want 2", log_count());
     /* every rank block and an unaligned shape (the generic variants), both dtypes */
     int64_t ranks[] = {1, 16, 17, 32, 33, 64, 65, 128};
     for (int dt = 0; dt < 2; dt++) {
@@ -281,31 +308,31 @@ static void test_fake(const char* fake_path) {
             expect_status("backward, aligned, no dropout", bwd(d), FASTLORA_SUCCESS, NULL);
         }
     }
-    /* backward: dx, da, sum(dA), db, sum(dB); M=4096 -> 8 splits of 512 rows */
+    /* backward: dy (g, dB partials), dx (dA partials), reduce */
     log_reset();
     c.ws = NULL;
     expect_status("backward", bwd(c), FASTLORA_SUCCESS, NULL);
-    const char* want[] = {"alloc", "_lora_dx_kernel", "_lora_da_kernel", "_sum_splits_kernel",
-                          "_lora_db_kernel", "_sum_splits_kernel", "free"};
-    EXPECT(log_count() == 7, "backward events %d, want 7", log_count());
-    for (int i = 0; i < log_count() && i < 7; i++) {
+    const char* want[] = {"alloc", "_lora_dy_kernel", "_lora_dx_kernel", "_lora_reduce_kernel",
+                          "free"};
+    EXPECT(log_count() == 5, "backward events %d, want 5", log_count());
+    for (int i = 0; i < log_count() && i < 5; i++) {
         const fake_event* e = log_at(i);
         const char* got = e->is_alloc ? "alloc" : e->is_free ? "free" : e->name;
         EXPECT(strcmp(got, want[i]) == 0, "backward event %d: %s, want %s", i, got, want[i]);
     }
-    if (log_count() == 7) {
+    if (log_count() == 5) {
         EXPECT(log_at(0)->size == fastlora_backward_workspace_size(c.M, c.N, c.K, c.r, 0),
                "workspace allocated %llu", log_at(0)->size);
-        EXPECT(log_at(2)->grid[1] == 8 && log_at(4)->grid[1] == 8, "splits %u %u",
-               log_at(2)->grid[1], log_at(4)->grid[1]);
-        EXPECT(log_at(3)->grid[0] == cdiv(c.r * c.K, 1024), "sum grid %u", log_at(3)->grid[0]);
-        EXPECT(log_at(5)->grid[0] == cdiv(c.N * c.r, 1024), "sum grid %u", log_at(5)->grid[0]);
-        /* g at the workspace start, the dA partials after it (256-aligned) */
-        EXPECT(log_at(2)->param0 == 0x7f0000000000ull, "da reads g at %llx", log_at(2)->param0);
-        EXPECT(log_at(3)->param0 == 0x7f0000000000ull + 4096 * 16 * 2, "sum reads %llx",
+        EXPECT(covers(log_at(1)->grid[0], c.M), "dy grid %u", log_at(1)->grid[0]);
+        EXPECT(log_at(1)->param0 == (uintptr_t)c.dy && log_at(2)->param0 == (uintptr_t)c.dy,
+               "dy is parameter 0 of dy and dx");
+        EXPECT(log_at(3)->grid[0] == cdiv(c.r * c.K, 1024) + cdiv(c.N * c.r, 1024),
+               "reduce grid %u", log_at(3)->grid[0]);
+        /* the dA partials right after g (256-aligned) at the workspace start */
+        EXPECT(log_at(3)->param0 == 0x7f0000000000ull + 4096 * 16 * 2, "reduce reads %llx",
                log_at(3)->param0);
     }
-    /* only dB, caller's workspace: dx, db, sum */
+    /* only dB, caller's workspace: dy, dx (for g... and dx), reduce over dB alone */
     log_reset();
     c.dA = NULL;
     c.ws = DEV(0x7e0000000000ull);
@@ -313,7 +340,24 @@ static void test_fake(const char* fake_path) {
     expect_status("backward without dA", bwd(c), FASTLORA_SUCCESS, NULL);
     EXPECT(log_count() == 3, "backward without dA: %d launches, want 3", log_count());
     if (log_count() == 3)
-        EXPECT(strcmp(log_at(1)->name, "_lora_db_kernel") == 0, "%s", log_at(1)->name);
+        EXPECT(strcmp(log_at(2)->name, "_lora_reduce_kernel") == 0 &&
+                   log_at(2)->grid[0] == cdiv(c.N * c.r, 1024),
+               "%s grid %u", log_at(2)->name, log_at(2)->grid[0]);
+    /* the sm_90 TMA build, when this library holds it: persistent grids (at most the SM
+     * count the fake device reports) */
+    if (strstr(fastlora_build_info(), "sm_90")) {
+        setenv("FAKE_CUDA_CTX", "3", 1); /* a new context: its arch is read afresh */
+        setenv("FAKE_CUDA_CC", "90", 1);
+        log_reset();
+        c.fws = NULL;
+        expect_status("forward sm_90", fwd(c), FASTLORA_SUCCESS, NULL);
+        EXPECT(log_count() == 4 && log_at(2)->grid[0] <= 132, "sm_90 forward: %d events, "
+               "grid %u", log_count(), log_count() > 2 ? log_at(2)->grid[0] : 0);
+        c.dA = DEV(0xa00000);
+        expect_status("backward sm_90", bwd(c), FASTLORA_SUCCESS, NULL);
+        setenv("FAKE_CUDA_CTX", "2", 1);
+        setenv("FAKE_CUDA_CC", cc, 1);
+    }
     /* M == 0: dA and dB zeroed */
     log_reset();
     call z = base(0, 32, 48, 8);
