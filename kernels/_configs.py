@@ -16,6 +16,7 @@ dA/dB partials, hence their summation order and bits, depends on the shape alone
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -40,8 +41,18 @@ GEMM_KERNELS = ("forward", "dx")
 R_PADS = (16, 32, 64, 128)
 
 
+# read once: the launch path asks on every call, and Triton reads it at import too
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether ``TRITON_INTERPRET=1`` was set when the kernels were imported."""
+    return _INTERPRETING
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b) (``triton.cdiv`` is a constexpr function, slow from Python)."""
+    return -(-a // b)
 
 
 def pad_rank(r: int) -> int:
@@ -220,6 +231,7 @@ def m_bucket(m: int) -> int:
     return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=4096)
 def pick(
     kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False
 ) -> TileConfig:

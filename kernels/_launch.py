@@ -27,7 +27,6 @@ from triton.runtime import _allocation
 
 from . import _configs
 
-_INT32_MAX = 2**31 - 1
 _cache: dict[tuple, Any] = {}
 
 
@@ -42,10 +41,11 @@ def _scratch(size: int, alignment: int, stream: Any) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device=_scratch_device())
 
 
+@functools.cache
 def _scratch_device() -> torch.device:
     if _configs.interpreting() or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda")  # the current device at allocation time
 
 
 def ensure_allocator() -> None:
@@ -84,29 +84,20 @@ def _wrapped(fn: Any) -> Any:
     return torch.library.wrap_triton(fn)
 
 
-def _spec(a: Any) -> Any:
-    """What Triton's binder specialises an argument on."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, int):
-        return a == 1, a % 16 == 0, a > _INT32_MAX or a < -_INT32_MAX
-    return type(a)
-
-
 def launch(
     fn: Any,
     grid: tuple[int, ...],
-    args: Sequence[Any],
+    tensors: Sequence[torch.Tensor],
+    scalars: tuple,
     constexprs: dict[str, Any],
     num_warps: int,
     num_stages: int,
     *,
     traceable: bool = False,
 ) -> None:
-    """Launch ``fn[grid](*args, **constexprs)``.  ``args`` are the runtime arguments in
-    signature order; the constexprs must be the kernel's trailing parameters."""
+    """Launch ``fn[grid](*tensors, *scalars, **constexprs)``: the kernel's parameters are
+    its pointers, then its runtime scalars, then its constexprs, in that order."""
+    args = (*tensors, *scalars)
     if _configs.interpreting():
         ensure_allocator()
         fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
@@ -115,7 +106,10 @@ def launch(
         _wrapped(fn)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
     device = driver.active.get_current_device()
-    key = (fn, device, num_warps, num_stages, *constexprs.values(), *map(_spec, args))
+    # what Triton specialises on is a function of this key: pointer dtypes and 16-byte
+    # alignment, scalar values (a superset of "== 1" and "% 16 == 0"), the constexprs
+    key = (fn, device, num_warps, num_stages, scalars, *constexprs.values(),
+           *[(t.dtype, not t.data_ptr() & 15) for t in tensors])  # fmt: skip
     kernel = _cache.get(key)
     if kernel is None:  # first call: Triton's own path compiles, caches and launches
         ensure_allocator()
@@ -127,10 +121,10 @@ def launch(
     if kernel.metadata.global_scratch_size:
         ensure_allocator()
     stream = driver.active.get_current_stream(device)
-    enter = triton.knobs.runtime.launch_enter_hook
+    hooks = triton.knobs.runtime
+    enter = hooks.launch_enter_hook
     bound = (*args, *constexprs.values())
-    meta = kernel.launch_metadata(grid, stream, *bound) if enter is not None else None
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter,
-               triton.knobs.runtime.launch_exit_hook, *bound)  # fmt: skip
+    meta = kernel.launch_metadata(grid, stream, *bound) if enter.calls else None
+    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+               stream, kernel.function, kernel.packed_metadata, meta, enter,
+               hooks.launch_exit_hook, *bound)  # fmt: skip

@@ -229,14 +229,14 @@ def lora_backward(
     f32 = torch.float32
 
     cy = _configs.pick("dy", kind, r_pad, M, 1, sms, tma)
-    parts_b = triton.cdiv(M, cy.block_m) if need_dB else 0
+    parts_b = _configs.cdiv(M, cy.block_m) if need_dB else 0
     ws_b = torch.empty((parts_b, N, R), device=dev, dtype=f32) if need_dB else u
     g = torch.empty((M, R), device=dev, dtype=x.dtype) if need_g else u
     launch(
-        _lora_dy_kernel, (triton.cdiv(M, cy.block_m),),
-        (dy, lora_B, u, g, ws_b, M, N, R, dy.stride(0), dy.stride(1), lora_B.stride(0),
-         lora_B.stride(1), u.stride(0), u.stride(1), g.stride(0), g.stride(1), N * R, R,
-         float(scaling)),
+        _lora_dy_kernel, (_configs.cdiv(M, cy.block_m),),
+        (dy, lora_B, u, g, ws_b),
+        (M, N, R, *dy.stride(), *lora_B.stride(), *u.stride(),
+         *g.stride(), N * R, R, float(scaling)),
         dict(WRITE_G=need_g, NEED_DB=need_dB, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
              BLOCK_M=cy.block_m, BLOCK_N=cy.block_n),
         cy.num_warps, cy.num_stages, traceable=traceable,
@@ -246,16 +246,16 @@ def lora_backward(
     ws_a = u
     if need_g:
         c = _configs.pick("dx", kind, r_pad, M, K, sms, tma)
-        parts_a = triton.cdiv(M, c.block_m) if need_dA else 0
+        parts_a = _configs.cdiv(M, c.block_m) if need_dA else 0
         ws_a = torch.empty((parts_a, R, K), device=dev, dtype=f32) if need_dA else u
-        tiles = triton.cdiv(M, c.block_m) * triton.cdiv(K, c.block_k)
+        tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(K, c.block_k)
         progs = min(tiles, sms) if tma else tiles
         launch(
             _lora_dx_kernel, (progs,),
-            (dy, weight, g, lora_A, x, seed, dx_arg, ws_a, M, N, K, R,
-             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
-             g.stride(1), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
-             dx_arg.stride(0), dx_arg.stride(1), R * K, K, float(dropout_p), progs),
+            (dy, weight, g, lora_A, x, seed, dx_arg, ws_a),
+            (M, N, K, R, *dy.stride(), *weight.stride(),
+             *g.stride(), *lora_A.stride(), *x.stride(),
+             *dx_arg.stride(), R * K, K, float(dropout_p), progs),
             dict(COMPUTE_DX=need_dx, NEED_DA=need_dA, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
                  DOT_PRECISION=prec, USE_TMA=tma, BASE="dense_tma" if tma else "dense",
                  BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
@@ -266,12 +266,12 @@ def lora_backward(
     if need_dA or need_dB:
         na, nb = (R * K if need_dA else 0), (N * R if need_dB else 0)
         block = _configs.REDUCE_BLOCK
-        progs_a = triton.cdiv(na, block)
+        progs_a = _configs.cdiv(na, block)
         cr = _configs.configs_for("reduce", kind, r_pad)[0]
         launch(
-            _lora_reduce_kernel, (progs_a + triton.cdiv(nb, block),),
-            (ws_a, dA if need_dA else ws_a, ws_b, dB if need_dB else ws_b, na, parts_a, nb,
-             parts_b, progs_a),
+            _lora_reduce_kernel, (progs_a + _configs.cdiv(nb, block),),
+            (ws_a, dA if need_dA else ws_a, ws_b, dB if need_dB else ws_b),
+            (na, parts_a, nb, parts_b, progs_a),
             dict(BLOCK=block), cr.num_warps, cr.num_stages, traceable=traceable,
         )  # fmt: skip
     return dx, dA, dB

@@ -188,21 +188,22 @@ def lora_forward(
 
     c = _configs.pick("shrink", kind, r_pad, M, 1, sms, tma)
     launch(
-        _lora_shrink_kernel, (triton.cdiv(M, c.block_m),),
-        (x, lora_A, u, seed, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0),
-         lora_A.stride(1), u.stride(0), u.stride(1), float(scaling), float(dropout_p)),
+        _lora_shrink_kernel, (_configs.cdiv(M, c.block_m),),
+        (x, lora_A, u, seed),
+        (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(),
+         float(scaling), float(dropout_p)),
         dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
              BLOCK_M=c.block_m, BLOCK_K=c.block_k),
         c.num_warps, c.num_stages, traceable=traceable,
     )  # fmt: skip
     c = _configs.pick("forward", kind, r_pad, M, N, sms, tma)
-    tiles = triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
+    tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(N, c.block_n)
     progs = min(tiles, sms) if tma else tiles
     launch(
         _lora_forward_kernel, (progs,),
-        (x, weight, bias if bias is not None else weight, u, lora_B, y, M, N, K, R,
-         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), u.stride(0),
-         u.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), progs),
+        (x, weight, bias if bias is not None else weight, u, lora_B, y),
+        (M, N, K, R, *x.stride(), *weight.stride(), *u.stride(),
+         *lora_B.stride(), *y.stride(), progs),
         dict(HAS_BIAS=bias is not None, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
              BASE="dense_tma" if tma else "dense", BLOCK_M=c.block_m, BLOCK_N=c.block_n,
              BLOCK_K=c.block_k, GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten,

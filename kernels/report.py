@@ -27,6 +27,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, minus
 
 from . import _compile, _configs  # noqa: E402
 
+_configs._INTERPRETING = False  # the package may have been imported with the interpreter on
+
 
 def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS):
     """(arch, dtype, r_pad, kernel, config, build) for every launchable config; with ``r_pads``
