@@ -27,7 +27,6 @@ from triton.runtime import _allocation
 
 from . import _configs
 
-_cache: dict[tuple, Any] = {}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -51,7 +50,7 @@ def _scratch_device() -> torch.device:
 def ensure_allocator() -> None:
     """Install a torch allocator for Triton's per-launch scratch (TMA descriptors built in
     the kernel) unless the caller set one; ``set_allocator`` is per thread (a ContextVar)."""
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_scratch)
 
 
@@ -84,38 +83,48 @@ def _wrapped(fn: Any) -> Any:
     return torch.library.wrap_triton(fn)
 
 
+class LaunchSpec:
+    """One kernel launch of a call plan: the kernel, its grid and compile-time choices.
+    Plans are cached per shape (``functools.lru_cache`` in the launchers), and each spec
+    keeps the compiled kernels it has launched, so a repeated call does one dict lookup."""
+
+    __slots__ = ("fn", "grid", "constexprs", "cvals", "num_warps", "num_stages", "kernels")
+
+    def __init__(self, fn: Any, grid: tuple[int, ...], constexprs: dict[str, Any],
+                 num_warps: int, num_stages: int) -> None:  # fmt: skip
+        self.fn, self.grid, self.constexprs = fn, (*grid, 1, 1)[:3], constexprs
+        self.cvals = tuple(constexprs.values())
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.kernels: dict[tuple, Any] = {}
+
+
 def launch(
-    fn: Any,
-    grid: tuple[int, ...],
-    tensors: Sequence[torch.Tensor],
-    scalars: tuple,
-    constexprs: dict[str, Any],
-    num_warps: int,
-    num_stages: int,
-    *,
-    traceable: bool = False,
+    spec: LaunchSpec, tensors: Sequence[torch.Tensor], scalars: tuple, *, traceable: bool = False
 ) -> None:
-    """Launch ``fn[grid](*tensors, *scalars, **constexprs)``: the kernel's parameters are
-    its pointers, then its runtime scalars, then its constexprs, in that order."""
+    """Launch ``spec.fn[spec.grid](*tensors, *scalars, **spec.constexprs)``: the kernel's
+    parameters are its pointers, then its runtime scalars, then its constexprs."""
     args = (*tensors, *scalars)
+    grid = spec.grid
     if _configs.interpreting():
         ensure_allocator()
-        fn[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        spec.fn[grid](*args, **spec.constexprs, num_warps=spec.num_warps,
+                      num_stages=spec.num_stages)  # fmt: skip
         return
     if traceable:
-        _wrapped(fn)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        _wrapped(spec.fn)[grid](*args, **spec.constexprs, num_warps=spec.num_warps,
+                                num_stages=spec.num_stages)  # fmt: skip
         return
     device = driver.active.get_current_device()
-    # what Triton specialises on is a function of this key: pointer dtypes and 16-byte
-    # alignment, scalar values (a superset of "== 1" and "% 16 == 0"), the constexprs
-    key = (fn, device, num_warps, num_stages, scalars, *constexprs.values(),
-           *[(t.dtype, not t.data_ptr() & 15) for t in tensors])  # fmt: skip
-    kernel = _cache.get(key)
+    # what Triton specialises on is a function of this key (with the spec's constexprs):
+    # pointer dtypes and 16-byte alignment, scalar values (a superset of "== 1" and
+    # "% 16 == 0")
+    key = (device, scalars, *[(t.dtype, not t.data_ptr() & 15) for t in tensors])
+    kernel = spec.kernels.get(key)
     if kernel is None:  # first call: Triton's own path compiles, caches and launches
         ensure_allocator()
-        _cache[key] = fn.run(
-            *args, grid=grid, warmup=False, num_warps=num_warps, num_stages=num_stages,
-            **constexprs,
+        spec.kernels[key] = spec.fn.run(
+            *args, grid=grid, warmup=False, num_warps=spec.num_warps,
+            num_stages=spec.num_stages, **spec.constexprs,
         )  # fmt: skip
         return
     if kernel.metadata.global_scratch_size:
@@ -123,8 +132,7 @@ def launch(
     stream = driver.active.get_current_stream(device)
     hooks = triton.knobs.runtime
     enter = hooks.launch_enter_hook
-    bound = (*args, *constexprs.values())
+    bound = (*args, *spec.cvals)
     meta = kernel.launch_metadata(grid, stream, *bound) if enter.calls else None
-    kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-               stream, kernel.function, kernel.packed_metadata, meta, enter,
-               hooks.launch_exit_hook, *bound)  # fmt: skip
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+               meta, enter, hooks.launch_exit_hook, *bound)  # fmt: skip

@@ -22,12 +22,14 @@ reduction (DoRA's dm) goes beside the dB partials in ``_lora_dy_kernel``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _configs
-from ._launch import current_device_info, dot_precision, launch
+from ._launch import LaunchSpec, current_device_info, dot_precision, launch
 from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords
 from .lora_forward import use_tma
 
@@ -218,60 +220,76 @@ def lora_backward(
         return dx, dA.zero_() if need_dA else None, dB.zero_() if need_dB else None
     if not (need_dx or need_dA or need_dB):
         return None, None, None
-    r_pad = _configs.pad_rank(R)
-    prec = dot_precision(x.dtype)
-    kind = _configs.operand_kind(x.dtype.itemsize, prec)
     arch, sms = current_device_info()
     dx_arg = dx if need_dx else x  # never written when COMPUTE_DX=False
     tma = use_tma(arch, dy, x, weight, dx_arg) if tma is None else tma
-    has_dropout = dropout_p > 0.0
-    need_g = need_dx or need_dA
-    f32 = torch.float32
-
-    cy = _configs.pick("dy", kind, r_pad, M, 1, sms, tma)
-    parts_b = _configs.cdiv(M, cy.block_m) if need_dB else 0
-    ws_b = torch.empty((parts_b, N, R), device=dev, dtype=f32) if need_dB else u
-    g = torch.empty((M, R), device=dev, dtype=x.dtype) if need_g else u
-    launch(
-        _lora_dy_kernel, (_configs.cdiv(M, cy.block_m),),
-        (dy, lora_B, u, g, ws_b),
-        (M, N, R, *dy.stride(), *lora_B.stride(), *u.stride(),
-         *g.stride(), N * R, R, float(scaling)),
-        dict(WRITE_G=need_g, NEED_DB=need_dB, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
-             BLOCK_M=cy.block_m, BLOCK_N=cy.block_n),
-        cy.num_warps, cy.num_stages, traceable=traceable,
+    dy_spec, dx_spec, reduce_spec, parts_a, parts_b = _plan(
+        M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, need_dx, need_dA, need_dB,
+        dropout_p > 0.0, tma, sms,
     )  # fmt: skip
-
-    parts_a = 0
+    f32 = torch.float32
+    ws_b = torch.empty((parts_b, N, R), device=dev, dtype=f32) if need_dB else u
+    g = torch.empty((M, R), device=dev, dtype=x.dtype) if dx_spec is not None else u
+    launch(
+        dy_spec, (dy, lora_B, u, g, ws_b),
+        (M, N, R, *dy.stride(), *lora_B.stride(), *u.stride(), *g.stride(), N * R, R,
+         float(scaling)),
+        traceable=traceable,
+    )  # fmt: skip
     ws_a = u
+    if dx_spec is not None:
+        ws_a = torch.empty((parts_a, R, K), device=dev, dtype=f32) if need_dA else u
+        launch(
+            dx_spec, (dy, weight, g, lora_A, x, seed, dx_arg, ws_a),
+            (M, N, K, R, *dy.stride(), *weight.stride(), *g.stride(), *lora_A.stride(),
+             *x.stride(), *dx_arg.stride(), R * K, K, float(dropout_p), dx_spec.grid[0]),
+            traceable=traceable,
+        )  # fmt: skip
+    if reduce_spec is not None:
+        na, nb = (R * K if need_dA else 0), (N * R if need_dB else 0)
+        launch(
+            reduce_spec, (ws_a, dA if need_dA else ws_a, ws_b, dB if need_dB else ws_b),
+            (na, parts_a, nb, parts_b, _configs.cdiv(na, _configs.REDUCE_BLOCK)),
+            traceable=traceable,
+        )  # fmt: skip
+    return dx, dA, dB
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, sms):
+    """The launches of a backward call (dy, dx or None, reduce or None) and the partial
+    counts of dA and dB, per shape."""
+    r_pad = _configs.pad_rank(R)
+    kind = _configs.operand_kind(esize, prec)
+    need_g = need_dx or need_dA
+    c = _configs.pick("dy", kind, r_pad, M, 1, sms, tma)
+    parts_b = _configs.cdiv(M, c.block_m) if need_dB else 0
+    dy_spec = LaunchSpec(
+        _lora_dy_kernel, (_configs.cdiv(M, c.block_m),),
+        dict(WRITE_G=need_g, NEED_DB=need_dB, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
+             BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+        c.num_warps, c.num_stages,
+    )  # fmt: skip
+    dx_spec, parts_a = None, 0
     if need_g:
         c = _configs.pick("dx", kind, r_pad, M, K, sms, tma)
         parts_a = _configs.cdiv(M, c.block_m) if need_dA else 0
-        ws_a = torch.empty((parts_a, R, K), device=dev, dtype=f32) if need_dA else u
         tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(K, c.block_k)
-        progs = min(tiles, sms) if tma else tiles
-        launch(
-            _lora_dx_kernel, (progs,),
-            (dy, weight, g, lora_A, x, seed, dx_arg, ws_a),
-            (M, N, K, R, *dy.stride(), *weight.stride(),
-             *g.stride(), *lora_A.stride(), *x.stride(),
-             *dx_arg.stride(), R * K, K, float(dropout_p), progs),
+        dx_spec = LaunchSpec(
+            _lora_dx_kernel, (min(tiles, sms) if tma else tiles,),
             dict(COMPUTE_DX=need_dx, NEED_DA=need_dA, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
                  DOT_PRECISION=prec, USE_TMA=tma, BASE="dense_tma" if tma else "dense",
                  BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                  GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten, EPI_SPLIT=2 if tma else 1),
-            c.num_warps, c.num_stages, traceable=traceable,
+            c.num_warps, c.num_stages,
         )  # fmt: skip
-
+    reduce_spec = None
     if need_dA or need_dB:
-        na, nb = (R * K if need_dA else 0), (N * R if need_dB else 0)
         block = _configs.REDUCE_BLOCK
-        progs_a = _configs.cdiv(na, block)
+        na, nb = (R * K if need_dA else 0), (N * R if need_dB else 0)
         cr = _configs.configs_for("reduce", kind, r_pad)[0]
-        launch(
-            _lora_reduce_kernel, (progs_a + _configs.cdiv(nb, block),),
-            (ws_a, dA if need_dA else ws_a, ws_b, dB if need_dB else ws_b),
-            (na, parts_a, nb, parts_b, progs_a),
-            dict(BLOCK=block), cr.num_warps, cr.num_stages, traceable=traceable,
+        reduce_spec = LaunchSpec(
+            _lora_reduce_kernel, (_configs.cdiv(na, block) + _configs.cdiv(nb, block),),
+            dict(BLOCK=block), cr.num_warps, cr.num_stages,
         )  # fmt: skip
-    return dx, dA, dB
+    return dy_spec, dx_spec, reduce_spec, parts_a, parts_b

@@ -21,12 +21,14 @@ beside ``lora_epilogue``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _configs
-from ._launch import current_device_info, dot_precision, launch
+from ._launch import LaunchSpec, current_device_info, dot_precision, launch
 from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, load_w
 from ._tiles import store_rows, tile_coords
 
@@ -179,35 +181,44 @@ def lora_forward(
     u = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, u
-    r_pad = _configs.pad_rank(R)
-    prec = dot_precision(x.dtype)
-    kind = _configs.operand_kind(x.dtype.itemsize, prec)
     arch, sms = current_device_info()
     tma = use_tma(arch, x, weight, y) if tma is None else tma
-    has_dropout = dropout_p > 0.0
-
-    c = _configs.pick("shrink", kind, r_pad, M, 1, sms, tma)
+    shrink, fwd = _plan(M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, bias is not None,
+                        dropout_p > 0.0, tma, sms)  # fmt: skip
     launch(
+        shrink, (x, lora_A, u, seed),
+        (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(), float(scaling), float(dropout_p)),
+        traceable=traceable,
+    )  # fmt: skip
+    launch(
+        fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y),
+        (M, N, K, R, *x.stride(), *weight.stride(), *u.stride(), *lora_B.stride(), *y.stride(),
+         fwd.grid[0]),
+        traceable=traceable,
+    )  # fmt: skip
+    return y, u
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms):
+    """The two launches of a forward call: configs, grids, constexprs (per shape)."""
+    r_pad = _configs.pad_rank(R)
+    kind = _configs.operand_kind(esize, prec)
+    c = _configs.pick("shrink", kind, r_pad, M, 1, sms, tma)
+    shrink = LaunchSpec(
         _lora_shrink_kernel, (_configs.cdiv(M, c.block_m),),
-        (x, lora_A, u, seed),
-        (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(),
-         float(scaling), float(dropout_p)),
         dict(HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
              BLOCK_M=c.block_m, BLOCK_K=c.block_k),
-        c.num_warps, c.num_stages, traceable=traceable,
+        c.num_warps, c.num_stages,
     )  # fmt: skip
     c = _configs.pick("forward", kind, r_pad, M, N, sms, tma)
     tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(N, c.block_n)
-    progs = min(tiles, sms) if tma else tiles
-    launch(
-        _lora_forward_kernel, (progs,),
-        (x, weight, bias if bias is not None else weight, u, lora_B, y),
-        (M, N, K, R, *x.stride(), *weight.stride(), *u.stride(),
-         *lora_B.stride(), *y.stride(), progs),
-        dict(HAS_BIAS=bias is not None, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
+    fwd = LaunchSpec(
+        _lora_forward_kernel, (min(tiles, sms) if tma else tiles,),
+        dict(HAS_BIAS=has_bias, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
              BASE="dense_tma" if tma else "dense", BLOCK_M=c.block_m, BLOCK_N=c.block_n,
              BLOCK_K=c.block_k, GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten,
              EPI_SPLIT=2 if tma else 1),
-        c.num_warps, c.num_stages, traceable=traceable,
+        c.num_warps, c.num_stages,
     )  # fmt: skip
-    return y, u
+    return shrink, fwd

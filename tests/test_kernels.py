@@ -234,10 +234,10 @@ def _count_launches(monkeypatch):
     launches, ops = [], []
     real = fwd_mod.launch
 
-    def counted(fn, *a, **k):
-        launches.append(fn.__name__)
+    def counted(spec, *a, **k):
+        launches.append(spec.fn.__name__)
         with _disable_current_modes():
-            real(fn, *a, **k)
+            real(spec, *a, **k)
 
     monkeypatch.setattr(fwd_mod, "launch", counted)
     monkeypatch.setattr(bwd_mod, "launch", counted)
