@@ -286,7 +286,8 @@ def tile(kernel: str, s: Shape, cols: int) -> tuple[int, int, int]:
     from fastlora.kernels import _configs
 
     with _gpu_tables():
-        c = _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD)
+        c = _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD,
+                          interpreter=False)
     return c.block_m, c.block_n, c.block_k
 
 

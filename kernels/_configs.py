@@ -233,12 +233,14 @@ def m_bucket(m: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def pick(
-    kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False
+    kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False,
+    *, interpreter: bool | None = None,
 ) -> TileConfig:
     """The config launched for a ``rows x cols`` output (cols 1 for row-tiled kernels):
     the largest tile (table order) that still gives every one of ``sms`` SMs a tile,
-    else the config with the most tiles.  A function of the shape alone."""
-    cands = configs_for(kernel, kind, r_pad, tma=tma)
+    else the config with the most tiles.  A function of the shape alone.  ``interpreter``
+    as in ``configs_for`` (False: the GPU tables even under ``TRITON_INTERPRET=1``)."""
+    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter)
     if not cands:
         raise ValueError(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "
