@@ -85,3 +85,21 @@ def reference_grads(x, weight, bias, A, B, scaling, dy, mask=None, p=0.0):
     y = lora_linear_reference(x, weight, bias, A, B, scaling, mask, p)
     dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
     return y.detach(), dx, dA, dB
+
+
+SIGNIFICANT_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
+# the smallest (subnormal) spacing of each dtype
+SMALLEST_SPACING = {torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24, torch.float32: 2.0**-149,
+                    torch.float64: 2.0**-1074}
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return 2.0 ** -SIGNIFICANT_BITS[dtype]
+
+
+def half_ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` around each value of ``v`` (float64): the largest error
+    of rounding ``v`` once to ``dtype`` (round to nearest)."""
+    _, e = torch.frexp(v)  # |v| in [2**(e-1), 2**e): spacing 2**(e - bits)
+    return torch.maximum(torch.ldexp(torch.ones_like(v), e - SIGNIFICANT_BITS[dtype] - 1),
+                         torch.full_like(v, SMALLEST_SPACING[dtype] / 2))

@@ -294,6 +294,55 @@ def test_load_errors_leave_model_unchanged(tmp_path, case):
     assert_unchanged(base, before)
 
 
+def _wrong_shape(d):
+    tensors = load_file(d / SAFETENSORS_NAME)
+    key = "base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"
+    tensors[key] = torch.zeros(32, 3)
+    save_file(tensors, d / SAFETENSORS_NAME)
+
+
+def _integer_tensor(d):
+    tensors = load_file(d / SAFETENSORS_NAME)
+    key = "base_model.model.encoder.layer.1.attention.self.value.lora_B.weight"
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, d / SAFETENSORS_NAME)
+
+
+# the keys sort so that every other layer's factors are valid and would load first
+LORA_MODEL_LOAD_ERRORS = {
+    "wrong-shape": (_wrong_shape, r"value.lora_B.weight: expected shape \[32, 4\], got \[32, 3\]"),
+    "missing-key": (_drop_key, r"missing keys .*layer.1.attention.self.value.lora_B.weight"),
+    "extra-key": (_add_dora_key, r"unexpected keys .*query.lora_magnitude_vector"),
+    "integer-tensor": (_integer_tensor, r"value.lora_B.weight: expected a floating-point tensor"),
+    "damaged-file": (_truncate, r"cannot read .*adapter_model.safetensors: corrupted or truncated"),
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_MODEL_LOAD_ERRORS), ids=list(LORA_MODEL_LOAD_ERRORS))
+def test_failed_load_leaves_lora_model_unchanged(tmp_path, case):
+    """On a model that already holds LoRA layers, a bad file raises and leaves every tensor
+    (factors included), every requires_grad flag and the recorded config as they were."""
+    base = tiny_bert()
+    source = fm.apply_lora(copy.deepcopy(base), ["query", "value"], r=4)
+    perturb_factors(source, seed=3)
+    save_adapter(source, tmp_path)
+    model = fm.apply_lora(copy.deepcopy(base), ["query", "value"], r=4)
+    perturb_factors(model, seed=5)  # different factors from the file's
+    corrupt, match = LORA_MODEL_LOAD_ERRORS[case]
+    corrupt(tmp_path)
+    before = state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    config = copy.deepcopy(model.fastlora_config)
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, tmp_path)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.fastlora_config == config
+
+
 def test_load_into_mismatched_lora_model(tmp_path):
     base = tiny_bert()
     save_adapter(fm.apply_lora(copy.deepcopy(base), ["query", "value"], r=4), tmp_path)

@@ -9,7 +9,7 @@ from torch import nn
 import fastlora
 from fastlora import FastLoRALinear
 from fastlora.reference import lora_linear_reference
-from helpers import max_err
+from helpers import half_ulp, max_err
 
 
 def test_is_a_linear_with_frozen_base_and_lora_params():
@@ -110,20 +110,36 @@ def test_merge_unmerge_round_trip():
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
 
 
-def test_merge_unmerge_bf16_round_trip_is_within_one_rounding():
+@pytest.mark.parametrize("adapter_dtype", ["same", "float32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_merge_rounds_once_unmerge_within_two_roundings(dtype, adapter_dtype):
+    """merge() stores W + s B A computed in fp32 and rounded once to the weight's dtype;
+    unmerge() comes back to W within two roundings. Yardstick: the exact value in float64;
+    the fp32 computation of s B A (r-term dot products, the scaling, the sum with W) is off by
+    at most (r + 2) 2**-24 (s |B| |A| + |W|) (gamma_n bound), far below one rounding."""
     torch.manual_seed(0)
-    layer = FastLoRALinear(64, 32, r=8, init_lora_weights=False, dtype=torch.bfloat16)
-    w0 = layer.weight.clone()
+    K, N, r = 64, 32, 8
+    layer = FastLoRALinear(K, N, r=r, lora_alpha=16, init_lora_weights=False, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    factors = torch.float32 if adapter_dtype == "float32" else dtype
+    with torch.no_grad():  # s B A of the size of W, so the rounding of the sum matters
+        layer.lora_A = torch.nn.Parameter((torch.randn(r, K, generator=g) * 0.3).to(factors))
+        layer.lora_B = torch.nn.Parameter((torch.randn(N, r, generator=g) * 0.3).to(factors))
+    W, A, B = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
+    s = layer.scaling
+    exact = W + s * B @ A
+    fp32 = (r + 2) * 2.0**-24 * (s * B.abs() @ A.abs() + W.abs())
     layer.merge()
-    merged = layer.weight.float().clone()
+    merged = layer.weight.detach().double()
+    assert layer.weight.dtype == dtype
+    err = (merged - exact).abs()
+    bound = half_ulp(exact.abs() + fp32, dtype) + fp32
+    assert (err <= bound).all(), f"merge: {int((err > bound).sum())} elements off by more than one rounding"
     layer.unmerge()
-
-    def half_ulp(t):  # bf16 keeps 8 significant bits
-        return t.abs().clamp_min(2**-126) * 2**-8
-
-    # fp32 arithmetic: only the two bf16 stores round (the merged weight, the restored one)
-    err = (layer.weight.float() - w0.float()).abs()
-    assert (err <= half_ulp(merged) + half_ulp(w0.float()) * 2).all()
+    back = layer.weight.detach().double()
+    err = (back - W).abs()
+    bound = half_ulp(exact.abs() + fp32, dtype) + half_ulp(W.abs() + 2 * fp32, dtype) + 2 * fp32
+    assert (err <= bound).all(), f"unmerge: {int((err > bound).sum())} elements off by more than two roundings"
 
 
 def test_training_step_moves_only_lora_params():

@@ -1,0 +1,317 @@
+"""Mutation smoke: deliberate bugs that the test suite must catch.
+
+    python -m tests.mutation_smoke            # every mutant, 2 in parallel
+    python -m tests.mutation_smoke -k dropout -j 1 --list
+
+Each mutant is one exact source edit (its anchor must occur exactly once, so a code change
+that moves the anchor makes the smoke fail loudly instead of silently testing nothing),
+applied to a fresh copy of the checkout in a temporary directory.  The copy is laid out as
+installed (``fastlora/`` with ``kernels/`` inside it as ``fastlora/kernels/``) and is first
+on ``sys.path`` of the child pytest, which checks at start-up that it imported the copy
+(``FASTLORA_EXPECT_ROOT``, see ``tests/conftest.py``): the editable install maps
+``fastlora.kernels`` to the checkout, so PYTHONPATH alone would test the unmutated kernels.
+
+A mutant is killed when its tests fail (pytest exit status 1); a pass is a survivor, and any
+other status (collection error, crash, timeout) is an error.  The unmutated copy runs every
+selected test first: kills only count against a green baseline.  Exit status 0 when every
+mutant is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# what a child needs besides the package: the tests, and benchmarks/ (tests import its
+# saved-bytes counter), pyproject.toml (pytest config)
+COPIED = ("fastlora", "tests", "benchmarks", "pyproject.toml")
+TIMEOUT_S = 300
+
+
+class MutantError(RuntimeError):
+    """A mutant that cannot be applied exactly as written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the checkout, e.g. "kernels/lora_forward.py"
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids / files, relative to the checkout
+    why: str = ""
+
+
+def _m(name, path, old, new, *tests, why=""):
+    return Mutant(name, path, old, new, tuple(tests), why)
+
+
+# one parametrization each, chosen to cross tile edges (M = 37, N = 72 and K = 40 are off
+# every tile size) and run fast under the interpreter
+KD = "tests/test_kernels.py::test_launchers_dropout_one_mask[p0.25-float32]"
+KL = "tests/test_kernels.py::test_launchers_match_reference[M37-K40-N72-r3-float32-bias]"
+KSTAT = "tests/test_kernels.py::test_philox_mask_matches_independent_reference"
+
+MUTANTS: list[Mutant] = [
+    # ---- the audit's table (issue 15): each must be caught by the test that let it pass
+    _m("load_adapter copies before validating", "fastlora/adapter.py",
+       "        _check_tensors(tensors, _expected_shapes(model, sorted(layers), config.r), where)\n",
+       "        with torch.no_grad():\n"
+       "            for name, layer in layers.items():\n"
+       "                key = _key(name, 'lora_A')\n"
+       "                if key in tensors and tensors[key].shape == layer.lora_A.shape:\n"
+       "                    layer.lora_A.copy_(tensors[key])\n"
+       "        _check_tensors(tensors, _expected_shapes(model, sorted(layers), config.r), where)\n",
+       "tests/test_adapter.py::test_failed_load_leaves_lora_model_unchanged"),
+    _m("merge in bf16 arithmetic", "fastlora/layer.py",
+       "        self.weight.copy_(self.weight.to(delta.dtype) + delta)\n",
+       "        self.weight.copy_(self.weight + delta.to(self.weight.dtype))\n",
+       "tests/test_layer.py::test_merge_rounds_once_unmerge_within_two_roundings"),
+    _m("keep_scale returns 1.0", "fastlora/dropout.py",
+       "    return _LEVELS / (_LEVELS - _threshold(p))\n", "    return 1.0\n",
+       "tests/test_properties.py::test_matches_reference_on_random_cases[torch-dropout]"),
+    _m("u scaled by 1.5 in every dtype", "fastlora/torch_backend.py",
+       "        u = torch.mm(x, A.t()).mul_(scaling)\n",
+       "        u = torch.mm(x, A.t()).mul_(scaling * 1.5)\n",
+       "tests/test_compose.py::test_autocast_cpu"),
+    # ---- torch backend dropout
+    _m("keep_scale ignores the 2**-16 rounding", "fastlora/dropout.py",
+       "    return _LEVELS / (_LEVELS - _threshold(p))\n", "    return 1.0 / (1.0 - p)\n",
+       "tests/test_dropout.py::test_keep_rate_and_scale_resolve_the_rounding"),
+    _m("mask threshold off by one level", "fastlora/dropout.py",
+       "    keep = words.view(torch.int16) >= _threshold(p) - _LEVELS // 2\n",
+       "    keep = words.view(torch.int16) > _threshold(p) - _LEVELS // 2\n",
+       "tests/test_dropout.py::test_keep_rate_and_scale_resolve_the_rounding"),
+    _m("torch backward drops the mask on dx", "fastlora/torch_backend.py",
+       "            if keep is not None:\n                dx.mul_(keep)\n",
+       "            pass\n",
+       "tests/test_dropout.py::test_given_mask_matches_reference"),
+    _m("torch backward draws a fresh mask", "fastlora/torch_backend.py",
+       "        keep = None if mask_bits is None else _keep(x, mask_bits)\n",
+       "        keep = None if mask_bits is None else _keep(\n"
+       "            x, draw_packed_mask(x.shape[0], x.shape[1], dropout_p, x.device))\n",
+       "tests/test_dropout.py::test_backward_uses_the_forward_mask"),
+    # ---- Triton kernels: forward (shrink + GEMM)
+    _m("shrink: wrong dropout scale", "kernels/lora_forward.py",
+       "        inv_keep = 1.0 / (1.0 - p)\n    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)\n",
+       "        inv_keep = 1.0\n    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)\n",
+       KD),
+    _m("shrink: dropped mask", "kernels/lora_forward.py",
+       "            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)\n        a_t",
+       "            x = (x.to(tl.float32) * inv_keep).to(dtype)\n        a_t",
+       KD),
+    _m("forward: wrong scale", "kernels/lora_forward.py",
+       "    u = (acc * s).to(u_ptr.dtype.element_ty)\n",
+       "    u = (acc * s * 1.5).to(u_ptr.dtype.element_ty)\n",
+       KL),
+    _m("forward: off-by-one edge mask on N", "kernels/lora_forward.py",
+       "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n    mask_m = offs_m < M\n    mask_n = offs_n < N\n",
+       "    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n    mask_m = offs_m < M\n    mask_n = offs_n < N - 1\n",
+       KL),
+    _m("mask keyed by a shifted column", "kernels/lora_forward.py",
+       "    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4)\n",
+       "    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4) + 1\n",
+       KSTAT),
+    # ---- Triton kernels: dx
+    _m("dx: wrong dropout scale", "kernels/lora_backward.py",
+       "            low = tl.where(keep, low * (1.0 / (1.0 - p)), 0.0)\n",
+       "            low = tl.where(keep, low, 0.0)\n",
+       KD),
+    _m("dx: dropped mask", "kernels/lora_backward.py",
+       "            low = tl.where(keep, low * (1.0 / (1.0 - p)), 0.0)\n",
+       "            low = low * (1.0 / (1.0 - p))\n",
+       KD),
+    _m("dx: mask from another seed", "kernels/lora_backward.py",
+       "            keep = dropout_keep(tl.load(seed_ptr), offs_m, pid_k * BLOCK_K, p, BLOCK_K)\n",
+       "            keep = dropout_keep(tl.load(seed_ptr) + 1, offs_m, pid_k * BLOCK_K, p, BLOCK_K)\n",
+       KD),
+    _m("dx: off-by-one edge mask on N", "kernels/lora_backward.py",
+       "        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)\n        mask_n = offs_n < N\n",
+       "        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)\n        mask_n = offs_n < N - 1\n",
+       KL),
+    # ---- Triton kernels: dA
+    _m("dA: wrong dropout scale", "kernels/lora_backward.py",
+       "        inv_keep = 1.0 / (1.0 - p)\n    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)\n",
+       "        inv_keep = 1.0\n    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)\n",
+       KD),
+    _m("dA: dropped mask", "kernels/lora_backward.py",
+       "            x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)\n        acc = tl.dot(g_t",
+       "            x = (x.to(tl.float32) * inv_keep).to(dtype)\n        acc = tl.dot(g_t",
+       KD),
+    _m("dA: off-by-one edge mask on M", "kernels/lora_backward.py",
+       "        mask_m = offs_m < m_end\n        g_t = tl.load(",
+       "        mask_m = offs_m < m_end - 1\n        g_t = tl.load(",
+       KL),
+    # ---- Triton kernels: dB
+    _m("dB: wrong scale", "kernels/lora_backward.py",
+       "        acc = tl.dot(dy_t, u, acc, input_precision=DOT_PRECISION)\n",
+       "        acc = tl.dot(dy_t, u * 1.5, acc, input_precision=DOT_PRECISION)\n",
+       KL),
+    _m("dB: off-by-one edge mask on M", "kernels/lora_backward.py",
+       "        mask_m = offs_m < m_end\n        dy_t = tl.load(",
+       "        mask_m = offs_m < m_end - 1\n        dy_t = tl.load(",
+       KL),
+    # ---- save/load key mapping
+    _m("adapter keys without PEFT's prefix", "fastlora/adapter.py",
+       'KEY_PREFIX = "base_model.model."\n', 'KEY_PREFIX = "base_model."\n',
+       "tests/test_adapter.py::test_fastlora_saves_peft_loads[plain-True]"),
+]
+
+
+# ------------------------------------------------------------------------------ machinery
+
+
+def in_copy(path: str) -> str:
+    """Where a checkout path lives in a copy: ``kernels/`` is installed as ``fastlora/kernels/``."""
+    return "fastlora/" + path if path.startswith("kernels/") else path
+
+
+def apply_mutant(root: Path, mutant: Mutant) -> None:
+    """Edit ``mutant.path`` in the copy at ``root`` in place; ``MutantError`` unless the
+    anchor occurs exactly once."""
+    file = root / in_copy(mutant.path)
+    if not file.is_file():
+        raise MutantError(f"mutant {mutant.name!r}: no file {mutant.path}")
+    text = file.read_text()
+    count = text.count(mutant.old)
+    if count != 1:
+        raise MutantError(
+            f"mutant {mutant.name!r}: anchor found {count} times in {mutant.path} "
+            f"(expected exactly once; re-anchor it on the current code):\n{mutant.old}"
+        )
+    file.write_text(text.replace(mutant.old, mutant.new))
+
+
+def make_copy(dest: Path) -> Path:
+    """The checkout's package, kernels and tests under ``dest``, laid out as installed."""
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+    shutil.copytree(ROOT / "kernels", dest / "fastlora" / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def child_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["FASTLORA_EXPECT_ROOT"] = str(root)  # conftest refuses to run against another copy
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("CI", "1")  # the fixed hypothesis profile
+    return env
+
+
+def run_tests(root: Path, tests: tuple[str, ...], first_failure: bool = True) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+           "--no-header", "-rN", *(["-x"] if first_failure else []), *tests]
+    try:
+        out = subprocess.run(cmd, cwd=root, env=child_env(root), capture_output=True, text=True,
+                             timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return -1, f"timed out after {TIMEOUT_S} s"
+    return out.returncode, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@dataclasses.dataclass
+class Outcome:
+    mutant: Mutant
+    verdict: str  # killed | SURVIVED | ERROR
+    seconds: float
+    detail: str = ""
+
+
+def run_mutant(mutant: Mutant, workdir: Path) -> Outcome:
+    start = time.monotonic()
+    root = make_copy(Path(tempfile.mkdtemp(prefix="mutant-", dir=workdir)))
+    try:
+        apply_mutant(root, mutant)
+        rc, log = run_tests(root, mutant.tests)
+    except MutantError as err:
+        return Outcome(mutant, "ERROR", time.monotonic() - start, str(err))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    verdict = {0: "SURVIVED", 1: "killed"}.get(rc, "ERROR")
+    detail = "" if verdict == "killed" else f"pytest exit {rc}\n{log}"
+    return Outcome(mutant, verdict, time.monotonic() - start, detail)
+
+
+def main(argv: list[str] | None = None, mutants: list[Mutant] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutation_smoke", description=__doc__.split("\n")[0])
+    parser.add_argument("-k", default="", help="only mutants whose name contains this")
+    parser.add_argument("-j", type=int, default=2, help="mutants run in parallel (default 2)")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the run of the selected tests on the unmutated copy")
+    args = parser.parse_args(argv)
+    chosen = [m for m in (MUTANTS if mutants is None else mutants) if args.k.lower() in m.name.lower()]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:45s} {m.path:28s} {' '.join(m.tests)}")
+        return 0
+    if not chosen:
+        print(f"no mutant matches {args.k!r}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fastlora-mutation-") as tmp:
+        workdir = Path(tmp)
+        # every anchor first, on a scratch copy each: a stale anchor fails before any test runs
+        stale = []
+        for m in chosen:
+            scratch = workdir / "anchors"
+            scratch.mkdir(exist_ok=True)
+            target = scratch / in_copy(m.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / m.path if (ROOT / m.path).exists() else os.devnull, target)
+            try:
+                apply_mutant(scratch, m)
+            except MutantError as err:
+                stale.append(str(err))
+            shutil.rmtree(scratch)
+        if stale:
+            print("\n\n".join(stale), file=sys.stderr)
+            return 1
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+            rc, log = run_tests(make_copy(workdir / "baseline"), tests, first_failure=False)
+            if rc != 0:
+                print(f"baseline: the selected tests fail on the unmutated copy (exit {rc}):\n{log}",
+                      file=sys.stderr)
+                return 1
+            print(f"baseline: {len(tests)} test selections pass on the unmutated copy "
+                  f"({time.monotonic() - start:.0f} s)", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
+            futures = [pool.submit(run_mutant, m, workdir) for m in chosen]
+            outcomes = []
+            for f in concurrent.futures.as_completed(futures):
+                o = f.result()
+                outcomes.append(o)
+                print(f"  {o.verdict:8s} {o.seconds:6.1f} s  {o.mutant.name}", flush=True)
+    order = {m.name: i for i, m in enumerate(chosen)}
+    outcomes.sort(key=lambda o: order[o.mutant.name])
+    print(f"\n| mutant | file | verdict | s | tests |\n|---|---|---|---|---|")
+    for o in outcomes:
+        print(f"| {o.mutant.name} | {o.mutant.path} | {o.verdict} | {o.seconds:.0f} | "
+              f"{' '.join(t.removeprefix('tests/') for t in o.mutant.tests)} |")
+    bad = [o for o in outcomes if o.verdict != "killed"]
+    for o in bad:
+        print(f"\n--- {o.verdict}: {o.mutant.name}\n{o.detail}", file=sys.stderr)
+    print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} mutants killed in "
+          f"{time.monotonic() - start:.0f} s (-j {args.j})")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
