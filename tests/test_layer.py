@@ -8,6 +8,7 @@ from torch import nn
 
 import fastlora
 from fastlora import FastLoRALinear
+from fastlora.model import lora_layers
 from fastlora.reference import lora_linear_reference
 from helpers import half_ulp, max_err
 
@@ -191,3 +192,21 @@ def test_eval_disables_dropout():
     fastlora.set_backend("torch")
     ref = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
     assert max_err(layer(x), ref) < 1e-5
+
+
+def test_merge_lora_rounds_once():
+    """fastlora.merge_lora (whole models) stores the same rounded-once W + s B A as merge()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 24)).to(torch.bfloat16)
+    fastlora.apply_lora(model, ["0", "2"], r=4, lora_alpha=8, init_lora_weights=False)
+    exact, fp32 = {}, {}
+    for name, layer in lora_layers(model).items():
+        W, A, B = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
+        exact[name] = W + layer.scaling * B @ A
+        fp32[name] = (layer.r + 2) * 2.0**-24 * (layer.scaling * B.abs() @ A.abs() + W.abs())
+    fastlora.merge_lora(model)
+    for name, want in exact.items():
+        got = model.get_submodule(name).weight.detach()
+        assert got.dtype == torch.bfloat16
+        err = (got.double() - want).abs()
+        assert (err <= half_ulp(want.abs() + fp32[name], torch.bfloat16) + fp32[name]).all(), name
