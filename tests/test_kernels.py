@@ -201,7 +201,7 @@ def test_tma_persistent_build_matches_reference(dtype, p):
     x, w, b, A, B = make_inputs(M, K, N, r, dtype, DEVICE)
     dy = make_inputs(M, N, 1, 1, dtype, DEVICE, seed=1)[0]
     seed = seed_tensor(31)
-    mask = extract_mask(seed, M, K, p) if p else None
+    mask = philox_mask(seed, M, K, p) if p else None
     y, u = kernels.lora_forward(x, w, b, A, B, SCALING, p, seed, tma=True)
     grads = kernels.lora_backward(dy, x, w, A, B, u, SCALING, p, seed, tma=True)
     check_all(dtype, (y, *grads), x, w, b, A, B, dy, mask=mask, p=p)
@@ -215,7 +215,7 @@ def test_every_rank_block(r):
     dy = make_inputs(M, N, 1, 1, torch.float32, DEVICE, seed=1)[0]
     y, u = kernels.lora_forward(x, w, b, A, B, SCALING, 0.2, seed_tensor(5))
     grads = kernels.lora_backward(dy, x, w, A, B, u, SCALING, 0.2, seed_tensor(5))
-    mask = extract_mask(seed_tensor(5), M, K, 0.2)
+    mask = philox_mask(seed_tensor(5), M, K, 0.2)
     check_all(torch.float32, (y, *grads), x, w, b, A, B, dy, mask=mask, p=0.2)
 
 
