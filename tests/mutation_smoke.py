@@ -60,22 +60,26 @@ def _m(name, path, old, new, *tests, why=""):
 KD = "tests/test_kernels.py::test_launchers_dropout_one_mask[p0.25-float32]"
 KL = "tests/test_kernels.py::test_launchers_match_reference[M37-K40-N72-r3-float32-bias]"
 KSTAT = "tests/test_kernels.py::test_philox_mask_matches_independent_reference"
+DORA_P0 = "tests/test_dora.py::test_matches_float64_reference[37-24-40-4-bias-p0-torch.float64]"
+DORA_P = "tests/test_dora.py::test_matches_float64_reference[37-24-40-4-bias-p0.25-torch.float64]"
 KTMA = "tests/test_kernels.py::test_tma_persistent_build_matches_reference[p0-float32]"
 
 MUTANTS: list[Mutant] = [
     # ---- the audit's table (issue 15): each must be caught by the test that let it pass
     _m("load_adapter copies before validating", "fastlora/adapter.py",
-       "        _check_tensors(tensors, _expected_shapes(model, sorted(layers), config.r), where)\n",
+       "        _check_tensors(\n"
+       "            tensors, _expected_shapes(model, sorted(layers), config.r, config.use_dora), where\n",
        "        with torch.no_grad():\n"
        "            for name, layer in layers.items():\n"
        "                key = _key(name, 'lora_A')\n"
        "                if key in tensors and tensors[key].shape == layer.lora_A.shape:\n"
        "                    layer.lora_A.copy_(tensors[key])\n"
-       "        _check_tensors(tensors, _expected_shapes(model, sorted(layers), config.r), where)\n",
+       "        _check_tensors(\n"
+       "            tensors, _expected_shapes(model, sorted(layers), config.r, config.use_dora), where\n",
        "tests/test_adapter.py::test_failed_load_leaves_lora_model_unchanged"),
     _m("merge in bf16 arithmetic", "fastlora/layer.py",
-       "        self.weight.copy_(self.weight.to(delta.dtype) + delta)\n",
-       "        self.weight.copy_(self.weight + delta.to(self.weight.dtype))\n",
+       "        merged = self.weight.to(delta.dtype) + delta\n",
+       "        merged = (self.weight + delta.to(self.weight.dtype)).to(delta.dtype)\n",
        "tests/test_layer.py::test_merge_rounds_once_unmerge_within_two_roundings"),
     _m("keep_scale returns 1.0", "fastlora/dropout.py",
        "    return _LEVELS / (_LEVELS - _threshold(p))\n", "    return 1.0\n",
@@ -181,6 +185,29 @@ MUTANTS: list[Mutant] = [
     _m("dB: reduce drops the last partial", "kernels/lora_backward.py",
        "        for i in range(0, PB):\n", "        for i in range(0, PB - 1):\n",
        KL),
+    # ---- DoRA (fastlora/dora.py, fastlora/dora_torch.py, the layer's merge)
+    _m("DoRA: cheap norm's cross term halved", "fastlora/dora.py",
+       "    sq = sq_norm.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * quad\n",
+       "    sq = sq_norm.to(acc) + (1.0 * scaling) * cross + (scaling * scaling) * quad\n",
+       "tests/test_dora.py::test_cheap_norm_matches_the_formed_weight[torch.float64]"),
+    _m("DoRA: dm not divided by the norm", "fastlora/dora_torch.py",
+       "        dm = (_column_dot(dy, z, norm.dtype) / norm).to(magnitude.dtype)\n",
+       "        dm = _column_dot(dy, z, norm.dtype).to(magnitude.dtype)\n",
+       DORA_P0),
+    _m("DoRA: magnitude scale missing on dB", "fastlora/dora_torch.py",
+       "        dB = torch.mm(u.t(), dy).mul_(c).t()",
+       "        dB = torch.mm(u.t(), dy).t()",
+       DORA_P0),
+    _m("DoRA: c instead of c - 1 with dropout", "fastlora/dora_torch.py",
+       "    return y.addmm_(x, weight.t()).addcmul_(z, _minus_one(c_acc, x.dtype)), u, z\n",
+       "    return y.addmm_(x, weight.t()).addcmul_(z, c), u, z\n",
+       DORA_P),
+    _m("DoRA: merge multiplies by the norm", "fastlora/layer.py",
+       "            factor = self.lora_magnitude_vector.to(delta.dtype) / self._merged_norm\n"
+       "            merged.mul_",
+       "            factor = self.lora_magnitude_vector.to(delta.dtype) * self._merged_norm\n"
+       "            merged.mul_",
+       "tests/test_dora.py::test_merge_and_unmerge_like_peft"),
     # ---- save/load key mapping
     _m("adapter keys without PEFT's prefix", "fastlora/adapter.py",
        'KEY_PREFIX = "base_model.model."\n', 'KEY_PREFIX = "base_model."\n',
