@@ -37,12 +37,10 @@ Plans (each a list of launches per phase):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 # --------------------------------------------------------------------------- hardware
 
@@ -265,29 +263,14 @@ SMS_FOR_TILES = 132
 TMA_BUILD = True
 
 
-@contextlib.contextmanager
-def _gpu_tables() -> Iterator[None]:
-    """kernels/_configs answers with its one interpreter tile under TRITON_INTERPRET=1; the
-    model wants the GPU tables whatever the environment."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
 @functools.lru_cache(maxsize=None)
 def tile(kernel: str, s: Shape, cols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) the kernel launches with for this shape (bf16)."""
     from fastlora.kernels import _configs
 
-    with _gpu_tables():
-        c = _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD,
-                          interpreter=False)
+    # the GPU tables also under TRITON_INTERPRET=1 (which has one small interpreter tile)
+    c = _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD,
+                      interpreter=False)
     return c.block_m, c.block_n, c.block_k
 
 
