@@ -23,6 +23,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -356,8 +357,10 @@ def main(argv: list[str] | None = None, mutants: list[Mutant] | None = None) -> 
     bad = [o for o in outcomes if o.verdict != "killed"]
     for o in bad:
         print(f"\n--- {o.verdict}: {o.mutant.name}\n{o.detail}", file=sys.stderr)
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} mutants killed in "
-          f"{time.monotonic() - start:.0f} s (-j {args.j})")
+          f"{time.monotonic() - start:.0f} s wall (-j {args.j}), "
+          f"{cpu.ru_utime + cpu.ru_stime:.0f} s CPU in the test processes")
     return 1 if bad else 0
 
 
