@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fastlora import backend as _backend
+from fastlora import bases
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -46,10 +47,12 @@ def check_inputs(
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected at least 1 dimension [..., in_features], got a 0-D tensor")
-    _check_tensor("weight", weight, 2)
+    base = bases.base_of(weight)  # a 4-bit weight is checked there, with its quant_state
+    if base.kind == "dense":
+        _check_tensor("weight", weight, 2)
     _check_tensor("lora_A", lora_A, 2)
     _check_tensor("lora_B", lora_B, 2)
-    N, K = weight.shape
+    N, K = base.shape
     r = lora_A.shape[0]
     if x.shape[-1] != K:
         raise ValueError(
@@ -62,14 +65,17 @@ def check_inputs(
         raise ValueError(f"lora_A: expected shape [r, in_features]=[{r}, {K}], got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B: expected shape [out_features, r]=[{N}, {r}], got {tuple(lora_B.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x: expected dtype {weight.dtype} (the weight's dtype), got {x.dtype}")
+    bases.check_compute_dtype(base, x)
+    compute = base.compute_dtype_for(x)
+    what = "the weight's dtype" if base.kind == "dense" else "x's dtype, the 4-bit compute dtype"
+    if x.dtype != compute:
+        raise TypeError(f"x: expected dtype {compute} ({what}), got {x.dtype}")
     if bias is not None:
         _check_tensor("bias", bias, 1)
         if bias.shape[0] != N:
             raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias: expected dtype {weight.dtype} (the weight's dtype), got {bias.dtype}")
+        if bias.dtype != compute:
+            raise TypeError(f"bias: expected dtype {compute} ({what}), got {bias.dtype}")
     named = [("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)]
     if bias is not None:
         named.append(("bias", bias))
@@ -109,6 +115,8 @@ def lora_linear(
     """``y = x W^T + b + scaling * (D(x) A^T) B^T`` (DESIGN.md section 1).
 
     x: [..., K], weight: [N, K], bias: [N] or None, lora_A: [r, K], lora_B: [N, r].
+    ``weight`` may be a bitsandbytes 4-bit ``Params4bit`` (with its ``quant_state``): it is
+    decoded into x's dtype, which must then be float16, bfloat16 or float32 (``fastlora.bases``).
     Dropout with rate ``dropout_p`` acts on the low-rank input only and only when
     ``training``. Returns [..., N] in x's dtype (or the autocast dtype under autocast).
 
@@ -141,4 +149,4 @@ def lora_linear(
     else:
         from fastlora import torch_backend as impl
     y2d = impl.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p)
-    return y2d.view(*lead, weight.shape[0])
+    return y2d.view(*lead, lora_B.shape[0])

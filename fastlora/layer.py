@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlora import dora, inits
+from fastlora import bases, dora, inits
 from fastlora.functional import lora_linear
 
 
@@ -119,7 +119,12 @@ class FastLoRALinear(nn.Linear):
         use_dora: bool = False,
     ) -> "FastLoRALinear":
         """Wrap ``linear`` without copying: the new layer holds the same ``weight``/``bias``
-        parameters (frozen), and new LoRA factors on their device and dtype."""
+        parameters (frozen), and new LoRA factors on their device and dtype.
+
+        ``linear`` may be a bitsandbytes ``Linear4bit`` (QLoRA): its packed ``Params4bit``
+        weight and ``quant_state`` are kept as they are (memory stays 4-bit), its
+        ``compute_dtype`` too (x is cast to it and the output back, as ``Linear4bit`` does);
+        the factors take the compute dtype, or the dtype the weight was quantized from."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"linear: expected a torch.nn.Linear, got {type(linear).__name__} "
@@ -133,21 +138,47 @@ class FastLoRALinear(nn.Linear):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        dtype = linear.weight.dtype
+        if bases.is_4bit(linear.weight):
+            bases.restore_standard_packing(linear)
+            bases.base_of(linear.weight, "linear.weight")
+            dtype = bases.factor_dtype(linear)
+            layer.compute_dtype = bases.module_compute_dtype(linear)
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                         linear.weight.device, linear.weight.dtype, use_dora)
+                         linear.weight.device, dtype, use_dora)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if bases.is_4bit(self.weight):
+            return self._forward_4bit(x)
         if self.use_dora:
             return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                self.lora_dropout, self.training, self.lora_magnitude_vector,
                                self._weight_sq_norm.get(self.weight))
         return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                            self.lora_dropout, self.training)
+
+    def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+        # as bitsandbytes' Linear4bit: compute in compute_dtype (x's dtype when unset), bias
+        # cast to it, output back in x's dtype
+        compute = getattr(self, "compute_dtype", None) or x.dtype
+        bias = None if self.bias is None else self.bias.to(compute)
+        dora_args = ()
+        if self.use_dora:
+            dora_args = (self.lora_magnitude_vector, self._weight_sq_norm.get(self.weight))
+        y = lora_linear(x.to(compute), self.weight, bias, self.lora_A, self.lora_B,
+                        self.scaling, self.lora_dropout, self.training, *dora_args)
+        return y.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if bases.is_4bit(self.weight):  # bitsandbytes' keys, as Linear4bit writes them
+            for k, v in self.weight.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -161,6 +192,11 @@ class FastLoRALinear(nn.Linear):
         same tensor); forward becomes the plain linear."""
         if self.merged:
             return
+        if bases.is_4bit(self.weight):
+            raise ValueError(
+                "merge: a 4-bit weight cannot hold W + s*B*A in place; fastlora.merge_lora(model) "
+                "returns a dense nn.Linear in the compute dtype instead (re-quantizing it is lossy)"
+            )
         delta = self.delta_weight()
         merged = self.weight.to(delta.dtype) + delta
         if self.use_dora:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlora import _autograd
+from fastlora import _autograd, bases
 from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
 
 
@@ -34,8 +34,8 @@ def forward(
     dropout_p: float,
     mask_bits: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
-    mask_bits: [M, ceil(K/8)] uint8 | None. Returns y: [M, N] and u: [M, r] (x.dtype)."""
+    """x: [M, K], weight: [N, K] (dense, or 4-bit: ``fastlora.bases``), bias: [N] | None,
+    lora_A: [r, K], lora_B: [N, r], mask_bits: [M, ceil(K/8)] uint8 | None. Returns y: [M, N] and u: [M, r] (x.dtype)."""
     A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
     if mask_bits is None:
@@ -47,7 +47,8 @@ def forward(
     # low-rank part (and bias) first, then the base GEMM accumulates onto it (beta = 1):
     # y is written once by the small GEMM and once by the big one, never re-read by a pass
     y = torch.mm(u, B.t()) if bias is None else torch.addmm(bias, u, B.t())
-    y.addmm_(x, weight.t())
+    # a 4-bit base is decoded into a transient W here and again in backward, never saved
+    y.addmm_(x, bases.dense_weight(weight, x.dtype).t())
     return y, u
 
 
@@ -80,7 +81,7 @@ def backward(
             dx = torch.mm(g, A)
             if keep is not None:
                 dx.mul_(keep)
-            dx.addmm_(dy, weight)
+            dx.addmm_(dy, bases.dense_weight(weight, dy.dtype))
         if need_dA:
             xk = x if keep is None else x * keep
             dA = torch.mm(g.t(), xk).to(lora_A.dtype)
@@ -97,7 +98,7 @@ lora_bwd = torch.library.custom_op("fastlora::lora_bwd", backward, mutates_args=
 
 @lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, mask_bits):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @lora_bwd.register_fake

@@ -34,7 +34,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from fastlora import _autograd
+from fastlora import _autograd, bases
 
 log = logging.getLogger("fastlora")
 
@@ -126,7 +126,7 @@ def lora_fwd_triton(
 
 @lora_fwd_triton.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    return x.new_empty(x.shape[0], lora_B.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @_register_op("fastlora::lora_bwd_triton", mutates_args=())
@@ -219,11 +219,13 @@ def apply(
     measured faster for this shape bucket, the cuBLAS composition.  ``dropout_p == 0``
     means no dropout (eval passes 0)."""
     M, K = x.shape
-    N, r = weight.shape[0], lora_A.shape[0]
+    N, r = lora_B.shape[0], lora_A.shape[0]
     backward = torch.is_grad_enabled() and (
         x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
     )
     pick = strategy_for(M, K, N, r, x.dtype, dropout_p, x.device, backward=backward)
+    if bases.is_4bit(weight):
+        pick = "composition"  # the fused 4-bit tile loader is not plugged in yet
     if pick == "composition":
         from fastlora import torch_backend
 

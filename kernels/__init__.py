@@ -4,10 +4,12 @@ registration live in ``fastlora.triton_backend``."""
 
 from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
 from ._launch import dot_precision
+from .dequant_4bit import dequantize_4bit
 from .lora_backward import lora_backward
 from .lora_forward import lora_forward
 
 __all__ = [
-    "MAX_R", "MMA_MIN_R", "configs_for", "dot_precision", "lora_backward", "lora_forward",
+    "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dot_precision", "lora_backward",
+    "lora_forward",
     "pad_rank",
 ]
