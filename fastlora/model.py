@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from fastlora import inits
+from fastlora import bases, inits
 from fastlora.layer import FastLoRALinear, _check_hparams, _check_use_dora
 
 TargetModules = Union[str, Iterable[str]]
@@ -343,22 +343,42 @@ def merge_lora(model: nn.Module) -> nn.Module:
     tensor; the bias is the same
     parameter), drop ``model.fastlora_config`` and return ``model``. The merged weights keep
     ``requires_grad=False``. A PiSSA/OLoRA layer merges to ``W_res + s * B A``, the trained
-    weight in the original basis."""
+    weight in the original basis. A layer over a 4-bit base becomes a dense ``nn.Linear`` in
+    its compute dtype holding ``dequant(W) + s * B A`` (4-bit cannot hold the sum; quantizing
+    it again is lossy, as PEFT warns)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("merge_lora: the model has no FastLoRALinear layers")
     for name, layer in layers.items():
-        layer.merge()
-        linear = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
-        )
-        linear.weight = layer.weight
-        linear.bias = layer.bias
+        if bases.is_4bit(layer.weight):
+            linear = _merged_4bit(layer)
+        else:
+            layer.merge()
+            linear = nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+            )
+            linear.weight = layer.weight
+            linear.bias = layer.bias
         linear.train(layer.training)
         _set_submodule(model, name, linear)
     if hasattr(model, "fastlora_config"):
         del model.fastlora_config
     return model
+
+
+@torch.no_grad()
+def _merged_4bit(layer: FastLoRALinear) -> nn.Linear:
+    """A dense ``nn.Linear`` in the layer's compute dtype (else the dtype the weight was
+    quantized from) holding ``dequant(W) + s B A``, summed in float32; bias cast to it."""
+    dtype = getattr(layer, "compute_dtype", None) or bases.base_of(layer.weight).quant_state.dtype
+    merged = bases.base_of(layer.weight).dense(torch.float32) + layer.delta_weight().float()
+    linear = nn.Linear(
+        layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+    )
+    linear.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+    return linear
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +500,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         raise ImportError(
             "fastlora.from_peft needs peft installed (pip install fastlora[peft])"
         ) from err
+    lora_linear_types: tuple = (PeftLoraLinear,)
+    try:  # PEFT's LoRA over a bitsandbytes Linear4bit (QLoRA)
+        from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
+
+        lora_linear_types += (PeftLoraLinear4bit,)
+    except ImportError:  # bitsandbytes not installed
+        pass
     try:
         from peft.utils.other import AuxiliaryTrainingWrapper as _Wrapper
     except ImportError:  # older PEFT
@@ -504,12 +531,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, _Wrapper):
             problems.append(f"{name}: {type(module).__name__} (modules_to_save / trainable tokens)")
-        elif isinstance(module, BaseTunerLayer) and type(module) is not PeftLoraLinear:
+        elif isinstance(module, BaseTunerLayer) and type(module) not in lora_linear_types:
             problems.append(
                 f"{name}: {type(module).__name__} "
-                "(fastlora adapts nn.Linear layers with plain LoRA)"
+                "(fastlora adapts nn.Linear and bitsandbytes Linear4bit layers with plain LoRA)"
             )
-        elif isinstance(module, PeftLoraLinear):
+        elif isinstance(module, lora_linear_types):
             found[name] = module
     if not found and not problems:
         raise ValueError("from_peft: found no PEFT LoRA Linear layers in the model")
@@ -548,7 +575,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if getattr(m, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
             problems.append(
                 f"{name}: base layer {type(base).__name__} (fan_in_fan_out/Conv1D or "
-                "quantised layers are not supported; fastlora needs nn.Linear)"
+                "8-bit layers are not supported; fastlora needs nn.Linear or Linear4bit)"
             )
         drop = m.lora_dropout[adapter]
         p = drop.p if isinstance(drop, nn.Dropout) else 0.0

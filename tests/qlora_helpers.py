@@ -1,0 +1,64 @@
+"""Shared by the QLoRA tests: bitsandbytes 4-bit weights and layers, and the yardstick
+decode of a 4-bit weight (bitsandbytes' own dequantize_4bit)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+
+
+def params4bit(W: torch.Tensor, quant_type: str, nested: bool, blocksize: int) -> nn.Parameter:
+    """bitsandbytes quantizes ``W`` [N, K] (its dtype becomes quant_state.dtype)."""
+    return bnb.nn.Params4bit(
+        W.detach().clone(), requires_grad=False, blocksize=blocksize,
+        compress_statistics=nested, quant_type=quant_type,
+    ).to(W.device)  # fmt: skip
+
+
+def linear4bit(
+    K: int,
+    N: int,
+    quant_type: str = "nf4",
+    nested: bool = True,
+    blocksize: int = 64,
+    bias: bool = True,
+    compute_dtype: torch.dtype | None = torch.float32,
+    quant_dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> "bnb.nn.Linear4bit":
+    """A quantized ``Linear4bit`` [N, K] on the CPU from a seeded ``nn.Linear``."""
+    torch.manual_seed(seed)
+    dense = nn.Linear(K, N, bias=bias)
+    lin = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=compute_dtype,
+                            compress_statistics=nested, quant_type=quant_type)  # fmt: skip
+    lin.weight = bnb.nn.Params4bit(
+        dense.weight.data.to(quant_dtype), requires_grad=False, blocksize=blocksize,
+        compress_statistics=nested, quant_type=quant_type, module=lin,
+    )  # fmt: skip
+    if bias:
+        lin.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return lin.to("cpu")  # bitsandbytes quantizes on the move to a device
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] in float32 as bitsandbytes decodes it.
+
+    ``bitsandbytes.functional.dequantize_4bit`` where that is right; bitsandbytes 0.50's
+    AVX512 CPU kernel misdecodes blocks that straddle rows (K not a multiple of blocksize),
+    so those shapes take bitsandbytes' generic decode (the CUDA layout), written out here:
+    code table ``quant_state.code`` indexed by the nibbles, high nibble first, times the
+    absmax of each run of ``blocksize`` elements of the flattened weight."""
+    qs = weight.quant_state
+    N, K = qs.shape
+    if K % qs.blocksize == 0:
+        return bnbF.dequantize_4bit(weight.data, qs).float()
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = bnbF.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    packed = weight.data.reshape(-1).view(torch.uint8)
+    codes = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[: N * K]
+    scale = absmax.float().repeat_interleave(qs.blocksize)[: N * K]
+    return (qs.code.float()[codes.long()] * scale).reshape(N, K)
