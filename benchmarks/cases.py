@@ -51,6 +51,7 @@ class Spec:
     dtype: torch.dtype
     device: str
     bias: bool = False  # Llama's projections carry no bias
+    base: str = "dense"  # or "nf4": the base is a bitsandbytes Linear4bit (QLoRA)
 
     @property
     def lora_alpha(self) -> float:
@@ -65,13 +66,14 @@ class Spec:
         return f"{self.K}x{self.N}"
 
     def label(self) -> str:
-        return f"{self.shape} M={self.M} r={self.r} p={self.p:g}"
+        base = "" if self.base == "dense" else f" {self.base}"
+        return f"{self.shape}{base} M={self.M} r={self.r} p={self.p:g}"
 
 
 @dataclass
 class Inputs:
     spec: Spec
-    linear: nn.Linear  # frozen base, shared by every provider
+    linear: nn.Linear  # frozen base (a Linear4bit for a 4-bit spec), shared by every provider
     lora_A: Tensor     # [r, K]
     lora_B: Tensor     # [N, r]
     x: Tensor          # [M, K], requires grad
@@ -106,6 +108,8 @@ def make_inputs(spec: Spec, seed: int = 0) -> Inputs:
         if spec.bias:
             linear.bias.copy_(rnd(spec.N, scale=0.1))
     linear.requires_grad_(False)
+    if spec.base != "dense":
+        linear = quantized(linear, spec)
     inp = Inputs(
         spec=spec,
         linear=linear,
@@ -115,9 +119,36 @@ def make_inputs(spec: Spec, seed: int = 0) -> Inputs:
         dy=rnd(spec.M, spec.N),
     )
     # a trained-looking magnitude: the row norms of W, each off by up to 10%
-    row_norms = linear.weight.float().norm(dim=1)
+    row_norms = reference_weight(linear).norm(dim=1)
     inp.magnitude = (row_norms * (1 + 0.1 * rnd(spec.N).float())).to(spec.dtype)
     return inp
+
+
+def quantized(linear: nn.Linear, spec: Spec) -> nn.Module:
+    """The frozen base in 4 bits: a bitsandbytes ``Linear4bit`` (``spec.base`` = "nf4",
+    double quantization, blocksize 64, compute dtype ``spec.dtype``), as
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True)`` builds it."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(spec.K, spec.N, bias=spec.bias, compute_dtype=spec.dtype,
+                          compress_statistics=True, quant_type=spec.base)
+    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False,
+                                 compress_statistics=True, quant_type=spec.base, module=q)
+    if spec.bias:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    q = q.to(spec.device)  # bitsandbytes quantizes on the move
+    # bitsandbytes' inference-only CPU shortcut (bf16 GEMV) would change the layout mid-run
+    q.support_avx512bf16_for_cpu = False
+    return q
+
+
+def reference_weight(linear: nn.Module) -> Tensor:
+    """The base's W [N, K] in float32: bitsandbytes' own dequantize_4bit for a 4-bit base."""
+    if getattr(linear.weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
+    return linear.weight.float()
 
 
 # --------------------------------------------------------------------------- providers
@@ -203,7 +234,11 @@ def _peft_layer(inp: Inputs) -> nn.Module:
                              target_modules=[PEFT_TARGET])
     holder = peft.inject_adapter_in_model(config, _Holder(inp.linear))
     layer = getattr(holder, PEFT_TARGET)  # peft.tuners.lora.Linear around inp.linear
-    layer.to(device=s.device, dtype=s.dtype)
+    if s.base == "dense":
+        layer.to(device=s.device, dtype=s.dtype)
+    else:  # lora.bnb.Linear4bit: move only the factors (.to(dtype) would cast the packed codes)
+        layer.lora_A.to(device=s.device, dtype=s.dtype)
+        layer.lora_B.to(device=s.device, dtype=s.dtype)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(inp.lora_A)
         layer.lora_B["default"].weight.copy_(inp.lora_B)
@@ -225,6 +260,8 @@ def setup_peft_compiled(inp: Inputs) -> Case:
     first fwd+bwd compiles here, so timing never sees it; ``info["compile_s"]`` says how long."""
     import torch._dynamo
 
+    if inp.spec.base != "dense":
+        raise NotApplicable("4-bit base: PEFT's QLoRA layer is timed eager")
     torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
     layer = _peft_layer(inp)
     compiled = torch.compile(layer, dynamic=False)
@@ -240,6 +277,8 @@ def setup_peft_compiled(inp: Inputs) -> Case:
 
 
 def setup_fastlora_dora(inp: Inputs) -> Case:
+    if inp.spec.base != "dense":
+        raise NotApplicable("the DoRA rows run on the dense base")
     s = inp.spec
     layer = fastlora.FastLoRALinear.from_linear(
         inp.linear, r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.p, init_lora_weights=False,
@@ -254,6 +293,8 @@ def setup_fastlora_dora(inp: Inputs) -> Case:
 
 
 def setup_peft_dora(inp: Inputs) -> Case:
+    if inp.spec.base != "dense":
+        raise NotApplicable("the DoRA rows run on the dense base")
     import peft
 
     s = inp.spec
@@ -273,6 +314,8 @@ def setup_peft_dora(inp: Inputs) -> Case:
 def setup_unsloth_style(inp: Inputs) -> Case:
     if inp.spec.p > 0:
         raise NotApplicable("no dropout in the recipe (Unsloth's fast path refuses dropout)")
+    if inp.spec.base != "dense":
+        raise NotApplicable("4-bit base: the recipe here is written for a dense W")
     m = UnslothStyleLinear(inp.linear, inp.lora_A, inp.lora_B, inp.spec.scaling)
     return Case("unsloth_style", m, [m.lora_A, m.lora_B])
 

@@ -98,7 +98,9 @@ def _providers(results: dict) -> list[str]:
 
 
 def _label(case: dict) -> str:
-    return f"{case['K']}x{case['N']} | {case['M']} | {case['r']} | {case['p']:g}"
+    base = case.get("base", "dense")
+    shape = f"{case['K']}x{case['N']}" + ("" if base == "dense" else f" {base}")
+    return f"{shape} | {case['M']} | {case['r']} | {case['p']:g}"
 
 
 def _ratio_cell(entry: dict | None, mode: str) -> str:
@@ -199,7 +201,9 @@ def markdown(results: dict) -> str:
 
 
 def _find(results: dict, **where) -> list[dict]:
-    return [c for c in results["cases"] if all(c[k] == v for k, v in where.items())]
+    where.setdefault("base", "dense")
+    return [c for c in results["cases"]
+            if all(c.get(k, "dense" if k == "base" else None) == v for k, v in where.items())]
 
 
 def _entry_ok(case: dict, provider: str) -> dict | None:
@@ -274,6 +278,7 @@ def goals(results: dict) -> list[dict]:
                     e["saved"]["extra"] / ep["saved"]["extra"])
                 out.append(_goal("saved extra bytes vs peft", f, where, mem, "<=", 0.15))
         out += _dora_goals(results)
+        out += _qlora_goals(results, fl)
     return out
 
 
@@ -294,4 +299,25 @@ def _dora_goals(results: dict) -> list[dict]:
         mem = None if e is None or ep is None or not ep["saved"]["extra"] else (
             e["saved"]["extra"] / ep["saved"]["extra"])
         out.append(_goal("saved extra bytes vs peft_dora", f, where, mem, "<=", 1.0))
+    return out
+
+
+def _qlora_goals(results: dict, fl: list[str]) -> list[dict]:
+    """QLoRA issue: CPU, fp32, NF4 base, M = 2048, K = N = 1024, r = 16; there ``linear`` is
+    the frozen ``Linear4bit`` and ``peft`` PEFT's QLoRA layer."""
+    out = []
+    base = dict(M=2048, K=1024, N=1024, r=16, base="nf4")
+    for f in fl:
+        for case in _find(results, p=0.0, **base):
+            e = _entry_ok(case, f)
+            out.append(_goal("QLoRA fwd+bwd vs frozen Linear4bit", f, "1024x1024 nf4 M=2048 r=16 p=0",
+                             e and e["ratio"].get("fwd+bwd"), "<=", 1.20))
+        for case in _find(results, p=0.1, **base):
+            where = "1024x1024 nf4 M=2048 r=16 p=0.1"
+            out.append(_goal("QLoRA fwd+bwd vs peft QLoRA", f, where,
+                             _time_ratio(case, f, "peft"), "<=", 0.85))
+            e, ep = _entry_ok(case, f), _entry_ok(case, "peft")
+            mem = None if e is None or ep is None or not ep["saved"]["extra"] else (
+                e["saved"]["extra"] / ep["saved"]["extra"])
+            out.append(_goal("QLoRA saved extra bytes vs peft QLoRA", f, where, mem, "<=", 0.15))
     return out

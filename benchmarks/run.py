@@ -39,14 +39,17 @@ def preset(device: str, quick: bool) -> dict:
     if device.startswith("cuda"):
         if quick:  # ~3 min on an H200; M=2048 only if the budget allows
             return dict(shapes=LLAMA_SHAPES[:3], m=[8192, 2048], r=[16], dropout=[0.0, 0.1],
-                        budget_s=170)
+                        budget_s=170, qlora=[("4096x4096", 8192)])
         return dict(shapes=LLAMA_SHAPES, m=[8192, 512, 1024, 2048, 4096, 16384],
-                    r=[16, 8, 64], dropout=[0.0, 0.1], budget_s=None)
+                    r=[16, 8, 64], dropout=[0.0, 0.1], budget_s=None,
+                    qlora=[(s, 8192) for s in LLAMA_SHAPES[:3]])
     if quick:  # the foundation issue's shape first; < 5 min on a 2-core CPU
         return dict(cases=[("1024x1024", 2048), ("1024x1024", 512), ("1024x1024", 4096),
-                           ("2048x2048", 2048)], r=[16], dropout=[0.0, 0.1], budget_s=240)
+                           ("2048x2048", 2048)], r=[16], dropout=[0.0, 0.1], budget_s=240,
+                    qlora=[("1024x1024", 2048)])
     return dict(shapes=["1024x1024", "2048x2048", "4096x4096"], m=[2048, 512, 1024, 4096],
-                r=[16, 8, 64], dropout=[0.0, 0.1], budget_s=None)
+                r=[16, 8, 64], dropout=[0.0, 0.1], budget_s=None,
+                qlora=[("1024x1024", 2048), ("2048x2048", 2048)])
 
 
 def _ints(text: str) -> list[int]:
@@ -72,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--r", help="comma list of ranks")
     ap.add_argument("--dropout", help="comma list of dropout rates")
     ap.add_argument("--bias", action="store_true", help="give the base a bias (Llama has none)")
+    ap.add_argument("--base", choices=["all", "dense", "nf4"], default="all",
+                    help="the frozen base: dense nn.Linear, bitsandbytes NF4 Linear4bit (QLoRA "
+                         "rows), or all (the preset's QLoRA cases after the dense ones; with "
+                         "--shapes/--m, both bases for every case)")
     ap.add_argument("--reps", type=int, default=15, help="CPU: timed rounds (after 2 warm-up)")
     ap.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up")
     ap.add_argument("--rep-ms", type=float, default=100, help="GPU: do_bench repetition time")
@@ -112,10 +119,19 @@ def build_specs(args: argparse.Namespace) -> tuple[list[C.Spec], float | None]:
         pairs = [(m, s) for s, m in pre["cases"]]
     ranks = _ints(args.r) if args.r else pre["r"]
     ps = [float(v) for v in args.dropout.split(",")] if args.dropout else pre["dropout"]
+    explicit = bool(args.shapes or args.m)
+    runs = []  # (pairs, base)
+    if args.base in ("all", "dense"):
+        runs.append((pairs, "dense"))
+    if args.base in ("all", "nf4"):
+        qlora = pairs if explicit or args.base == "nf4" else [(m, s) for s, m in pre["qlora"]]
+        runs.append((qlora, "nf4"))
     specs = []
-    for (m, shape), r, p in itertools.product(pairs, ranks, ps):
-        k, n = _shape(shape)
-        specs.append(C.Spec(M=m, K=k, N=n, r=r, p=p, dtype=dtype, device=device, bias=args.bias))
+    for run_pairs, base in runs:
+        for (m, shape), r, p in itertools.product(run_pairs, ranks, ps):
+            k, n = _shape(shape)
+            specs.append(C.Spec(M=m, K=k, N=n, r=r, p=p, dtype=dtype, device=device,
+                                bias=args.bias, base=base))
     budget = args.budget_s if args.budget_s is not None else pre["budget_s"]
     return specs, budget
 
@@ -135,7 +151,7 @@ def _reference(inp: C.Inputs, dora: bool = False) -> dict:
     s = inp.spec
     f = [t.detach().float().requires_grad_()
          for t in (inp.x, inp.lora_A, inp.lora_B, inp.magnitude)[: 4 if dora else 3]]
-    w = inp.linear.weight.float()
+    w = C.reference_weight(inp.linear)
     b = None if inp.linear.bias is None else inp.linear.bias.float()
     if dora:
         y = dora_linear_reference(f[0], w, b, f[1], f[2], f[3], s.scaling)
@@ -248,7 +264,7 @@ def run_case(spec: C.Spec, providers: list[str], args, deadline: float | None, b
                           for mode in modes}
     return {"M": spec.M, "K": spec.K, "N": spec.N, "r": spec.r, "p": spec.p,
             "dtype": str(spec.dtype).replace("torch.", ""), "bias": spec.bias,
-            "providers": entries}
+            "base": spec.base, "providers": entries}
 
 
 def _strategy(spec: C.Spec) -> dict:
@@ -275,8 +291,8 @@ def _write_json(results: dict, path: str) -> None:
 def _order(results: dict, shapes: list[str]) -> None:
     """Present cases by shape (in the given order), rank, dropout, M."""
     rank = {s: i for i, s in enumerate(shapes)}
-    results["cases"].sort(
-        key=lambda c: (rank.get(f"{c['K']}x{c['N']}", 99), c["r"], c["p"], c["M"]))
+    results["cases"].sort(key=lambda c: (c.get("base", "dense") != "dense",
+                                         rank.get(f"{c['K']}x{c['N']}", 99), c["r"], c["p"], c["M"]))
 
 
 def main(argv: list[str] | None = None) -> dict:
