@@ -36,6 +36,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastlora import bases
+
 
 # PEFT's state-dict name of the magnitude (``<module>.lora_magnitude_vector`` in a saved
 # adapter, ``<module>.lora_magnitude_vector.<adapter>.weight`` in a live PeftModel)
@@ -65,6 +67,7 @@ def _rows_mm(weight: Tensor, right: Tensor) -> Tensor:
 def weight_sq_norm(weight: Tensor) -> Tensor:
     """``||W_n||^2`` per output row: weight [N, K] -> [N] in the accumulation dtype."""
     acc = acc_dtype(weight.dtype)
+    weight = bases.dense_weight(weight, acc)  # a 4-bit base is decoded (transient)
     return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square_()
 
 
@@ -79,7 +82,7 @@ def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
     B = lora_B.detach().to(acc)
     if sq_norm is None:
         sq_norm = weight_sq_norm(weight)
-    WA = _rows_mm(weight.detach(), A.t())                  # [N, r]: one pass over W
+    WA = _rows_mm(bases.dense_weight(weight, acc).detach(), A.t())  # [N, r]: one pass over W
     cross = torch.linalg.vecdot(B, WA)                     # B_n . (W A^T)_n
     quad = torch.linalg.vecdot(B @ (A @ A.t()), B)         # B_n (A A^T) B_n^T
     sq = sq_norm.to(acc) + (2.0 * scaling) * cross + (scaling * scaling) * quad
@@ -123,7 +126,7 @@ class WeightNormCache:
 
 def check_magnitude(magnitude: object, sq_norm: object, weight: Tensor) -> None:
     """``TypeError``/``ValueError`` naming the argument for a bad magnitude or cached norm."""
-    N = weight.shape[0]
+    N = bases.out_in_features(weight)[0]
     for name, t in (("magnitude", magnitude), ("weight_sq_norm", sq_norm)):
         if t is None and name == "weight_sq_norm":
             continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlora import _autograd
+from fastlora import _autograd, bases
 from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
 
 
@@ -63,6 +63,7 @@ def forward(
     """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
     magnitude, norm: [N], mask_bits: [M, ceil(K/8)] uint8 | None.
     Returns y [M, N], u [M, r] and the pre-scale output z [M, N] (x.dtype)."""
+    weight = bases.dense_weight(weight, x.dtype)  # a 4-bit base: transient, decoded again in bwd
     A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
     c_acc = magnitude.detach().to(norm.dtype) / norm
@@ -101,6 +102,8 @@ def backward(
     need_dm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx [M, K], dA [r, K], dB [N, r], dm [N]); one not asked for comes back empty."""
+    if need_dx:
+        weight = bases.dense_weight(weight, x.dtype)
     A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
     c_acc = magnitude.detach().to(norm.dtype) / norm
@@ -170,7 +173,7 @@ dora_bwd = torch.library.custom_op("fastlora::dora_bwd", backward, mutates_args=
 
 @dora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, mask_bits):
-    M, N = x.shape[0], weight.shape[0]
+    M, N = x.shape[0], lora_B.shape[0]
     return x.new_empty(M, N), x.new_empty(M, lora_A.shape[0]), x.new_empty(M, N)
 
 

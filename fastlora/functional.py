@@ -143,7 +143,7 @@ def lora_linear(
     if magnitude is not None:
         y2d = dora.apply(backend, x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
                          float(scaling), p)
-        return y2d.view(*lead, weight.shape[0])
+        return y2d.view(*lead, lora_B.shape[0])
     if backend == "triton":
         from fastlora import triton_backend as impl
     else:

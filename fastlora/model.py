@@ -373,6 +373,8 @@ def _merged_4bit(layer: FastLoRALinear) -> nn.Linear:
     quantized from) holding ``dequant(W) + s B A``, summed in float32; bias cast to it."""
     dtype = getattr(layer, "compute_dtype", None) or bases.base_of(layer.weight).quant_state.dtype
     merged = bases.base_of(layer.weight).dense(torch.float32) + layer.delta_weight().float()
+    if layer.use_dora:  # PEFT's merge: (m / ||W + s B A||) * (W + s B A), row by row
+        merged.mul_((layer.lora_magnitude_vector.detach().float() / merged.norm(dim=1)).unsqueeze(1))
     linear = nn.Linear(
         layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
     )

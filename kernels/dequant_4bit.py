@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launchable
+from ._launch import launch
 
 BASE_NF4 = 1
 BASE_FP4 = 2
@@ -150,9 +150,11 @@ def dequantize_4bit(
     if N == 0 or K == 0:
         return out
     grid = (triton.cdiv(N, DECODE_BLOCK_N), triton.cdiv(K, DECODE_BLOCK_K))
-    launchable(_dequant_4bit_kernel)[grid](
-        packed, absmax, code2, absmax2, offset, out,
-        N, K, blocksize, nested_blocksize, out.stride(0), out.stride(1),
-        BASE=BASE, NESTED=NESTED, BLOCK_N=DECODE_BLOCK_N, BLOCK_K=DECODE_BLOCK_K,
+    launch(
+        _dequant_4bit_kernel, grid,
+        (packed, absmax, code2, absmax2, offset, out,
+         N, K, blocksize, nested_blocksize, out.stride(0), out.stride(1)),
+        dict(BASE=BASE, NESTED=NESTED, BLOCK_N=DECODE_BLOCK_N, BLOCK_K=DECODE_BLOCK_K),
+        num_warps=4, num_stages=1,
     )  # fmt: skip
     return out

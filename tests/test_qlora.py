@@ -325,3 +325,41 @@ def test_triton_decode_matches_bitsandbytes(quant_type, nested, blocksize):
             # one rounding of the same fp32 products; the nested absmax may take an FMA on a GPU
             rtol = 0.0 if dev == "cpu" else torch.finfo(dtype).eps
             torch.testing.assert_close(got, want, rtol=rtol, atol=0.0, msg=f"{N}x{K} {dtype}")
+
+
+def test_dora_on_a_4bit_base_matches_peft():
+    """The adapter axis over the base axis: DoRA (use_dora=True) on a Linear4bit against
+    PEFT's DoRA on the same 4-bit base: outputs and gradients of A, B and the magnitude, and
+    the merged dense layer."""
+    peft = pytest.importorskip("peft")
+    lin = linear4bit(128, 40, "nf4", True, 64)
+    holder = nn.Sequential()
+    holder.proj = copy.deepcopy(lin)
+    pm = peft.get_peft_model(holder, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
+                                                     use_dora=True, init_lora_weights=False))
+    theirs = pm.base_model.model.proj
+    ours = fastlora.FastLoRALinear.from_linear(lin, r=4, lora_alpha=8, use_dora=True)
+    with torch.no_grad():
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+        ours.reset_magnitude()
+    torch.testing.assert_close(ours.lora_magnitude_vector,
+                               theirs.lora_magnitude_vector["default"].weight, atol=1e-5, rtol=1e-5)
+    x = torch.randn(6, 128)
+    yp, yo = pm(x), ours(x)
+    torch.testing.assert_close(yo, yp, atol=1e-4, rtol=1e-4)
+    dy = torch.randn_like(yp)
+    yp.backward(dy)
+    yo.backward(dy)
+    for mine, peft_p in ((ours.lora_A, theirs.lora_A["default"].weight),
+                         (ours.lora_B, theirs.lora_B["default"].weight),
+                         (ours.lora_magnitude_vector, theirs.lora_magnitude_vector["default"].weight)):
+        torch.testing.assert_close(mine.grad, peft_p.grad, atol=1e-4, rtol=1e-3)
+    # merge_lora: a dense layer holding (m / ||W + s B A||) (W + s B A), as PEFT merges
+    model = nn.Sequential()
+    model.proj = ours
+    model.fastlora_config = None
+    merged = fastlora.merge_lora(model).proj
+    assert type(merged) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), yp.detach(), atol=1e-4, rtol=1e-4)
