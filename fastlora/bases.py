@@ -28,8 +28,6 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # the dtypes a 4-bit weight is decoded into (bitsandbytes' dequantize_4bit supports these)
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# constexpr ids of the base kinds in the Triton tile loaders (kernels/dequant_4bit.py)
-KERNEL_BASE = {"dense": 0, "nf4": 1, "fp4": 2}
 
 
 def is_4bit(weight: object) -> bool:
@@ -124,7 +122,8 @@ class Packed4bit:
         """What the Triton 4-bit tile loader reads: the packed codes, the absmax (uint8 codes
         plus their 256-entry code table, per-block fp32 scale and fp32 offset when nested;
         fp32 otherwise, with the other pointers aliased and unread), the blocksizes and the
-        constexpr base id. All tensors stay on the device: no host sync."""
+        constexpr ``BASE`` of the loaders ("nf4", "fp4", "_dq" appended when nested). All
+        tensors stay on the device: no host sync."""
         qs = self.quant_state
         if qs.nested:
             state2 = qs.state2
@@ -138,7 +137,7 @@ class Packed4bit:
         return dict(
             packed=self.packed, absmax=absmax, code2=code2, absmax2=absmax2, offset=offset,
             blocksize=self.blocksize, nested_blocksize=nested_blocksize,
-            BASE=KERNEL_BASE[self.quant_type], NESTED=bool(qs.nested),
+            BASE=self.quant_type + ("_dq" if qs.nested else ""),
         )  # fmt: skip
 
 
@@ -248,6 +247,16 @@ def out_in_features(weight: Tensor) -> tuple[int, int]:
     if is_4bit(weight):
         return base_of(weight).shape
     return tuple(weight.shape)
+
+
+def quantize_4bit(weight: Tensor, kind: str, blocksize: int = 64) -> Tensor:
+    """A bitsandbytes ``Params4bit`` of the dense ``weight`` [N, K] for a kernel ``BASE``
+    kind ("nf4", "fp4", "_dq" appended for double quantization); used to time a shape."""
+    import bitsandbytes as bnb
+
+    quant_type, nested = kind.removesuffix("_dq"), kind.endswith("_dq")
+    return bnb.nn.Params4bit(weight.detach().clone(), requires_grad=False, blocksize=blocksize,
+                             compress_statistics=nested, quant_type=quant_type).to(weight.device)
 
 
 # ---------------------------------------------------------------------------------- modules

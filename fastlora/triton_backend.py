@@ -98,6 +98,12 @@ def available(device: torch.device) -> tuple[bool, str]:
 
 # --------------------------------------------------------------------------- the ops
 
+
+def _base4(weight: Tensor) -> dict | None:
+    """The 4-bit tile loader's arguments for a bitsandbytes 4-bit ``weight``, else None."""
+    return bases.base_of(weight).kernel_args() if bases.is_4bit(weight) else None
+
+
 # triton_op lets torch.compile trace into the op body and see each wrap_triton launch.  Under
 # the interpreter the kernels are launched raw (wrap_triton is bypassed) and cannot run on
 # fake tensors, so the ops are registered as opaque custom_ops there: AOTAutograd and
@@ -120,7 +126,8 @@ def lora_fwd_triton(
     seed: int64 [1]. Returns y: [M, N] and u = s D(x) A^T: [M, r], both in x.dtype."""
     with _launch_lock:
         return _kernels.lora_forward(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, traceable=True
+            x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, traceable=True,
+            base4=_base4(weight),
         )
 
 
@@ -149,7 +156,7 @@ def lora_bwd_triton(
     with _launch_lock:
         dx, dA, dB = _kernels.lora_backward(
             dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA,
-            need_dB, traceable=True,
+            need_dB, traceable=True, base4=_base4(weight),
         )  # fmt: skip
     # one fresh empty per missing gradient: outputs of an op may not alias each other
     return (
@@ -176,7 +183,8 @@ lora_fwd_triton.register_autograd(
 def _eager_grads(dy, x, weight, lora_A, lora_B, u, seed, scaling, dropout_p, *needs):
     with _launch_lock:
         return _kernels.lora_backward(
-            dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, *needs
+            dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, *needs,
+            base4=_base4(weight),
         )
 
 
@@ -187,7 +195,8 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         with _launch_lock:
-            y, u = _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            y, u = _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                                         base4=_base4(weight))
         _autograd.save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, u)
         return y
 
@@ -223,9 +232,15 @@ def apply(
     backward = torch.is_grad_enabled() and (
         x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
     )
-    pick = strategy_for(M, K, N, r, x.dtype, dropout_p, x.device, backward=backward)
+    base = "dense"
     if bases.is_4bit(weight):
-        pick = "composition"  # the fused 4-bit tile loader is not plugged in yet
+        base4 = bases.base_of(weight).kernel_args()
+        base = base4["BASE"] if _kernels.fused_4bit_ok(K, base4) else "unaligned"
+    if base == "unaligned":
+        pick = "composition"  # quantization blocks straddle rows: no fused loader for it
+    else:
+        pick = strategy_for(M, K, N, r, x.dtype, dropout_p, x.device, backward=backward,
+                            base=base)
     if pick == "composition":
         from fastlora import torch_backend
 
@@ -276,6 +291,7 @@ def strategy_for(
     device: torch.device,
     *,
     backward: bool = True,
+    base: str = "dense",
 ) -> str:
     """``"fused"`` or ``"composition"`` for this shape.
 
@@ -302,7 +318,7 @@ def strategy_for(
     if device.type != "cuda":
         return "fused"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (_kernels._configs.m_bucket(M), K, N, r, dtype, dropout_p > 0.0, index, backward)
+    key = (_kernels._configs.m_bucket(M), K, N, r, dtype, dropout_p > 0.0, index, backward, base)
     pick = _strategy_cache.get(key)
     if pick is not None:
         return pick
@@ -316,8 +332,10 @@ def strategy_for(
     return pick
 
 
-def _measure(M, K, N, r, dtype, has_dropout, index, backward) -> str:
-    """Time the fused op and the composition on random data of this bucket's shape."""
+def _measure(M, K, N, r, dtype, has_dropout, index, backward, base="dense") -> str:
+    """Time the fused op and the composition on random data of this bucket's shape; a 4-bit
+    ``base`` ("nf4", "fp4", "_dq" when nested) is quantized by bitsandbytes for it (the
+    composition is then bitsandbytes' dequantize + cuBLAS + the low-rank path)."""
     import triton.testing
 
     from fastlora import torch_backend
@@ -329,6 +347,8 @@ def _measure(M, K, N, r, dtype, has_dropout, index, backward) -> str:
     with torch.random.fork_rng(devices=[index]), torch.enable_grad():
         x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=backward)
         weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+        if base != "dense":
+            weight = bases.quantize_4bit(weight, base)
         bias = torch.zeros(N, device=device, dtype=dtype)
         lora_A = torch.randn(r, K, device=device, dtype=dtype, requires_grad=backward)
         lora_B = torch.randn(N, r, device=device, dtype=dtype, requires_grad=backward)
@@ -348,8 +368,9 @@ def _measure(M, K, N, r, dtype, has_dropout, index, backward) -> str:
         }
     pick = "fused" if ms["fused"] <= ms["composition"] else "composition"
     log.debug(
-        "fastlora strategy M<=%d K=%d N=%d r=%d %s dropout=%s backward=%s cuda:%d: "
+        "fastlora strategy M<=%d K=%d N=%d r=%d %s base=%s dropout=%s backward=%s cuda:%d: "
         "fused %.4f ms, composition %.4f ms -> %s",
-        M, K, N, r, dtype, has_dropout, backward, index, ms["fused"], ms["composition"], pick,
+        M, K, N, r, dtype, base, has_dropout, backward, index, ms["fused"], ms["composition"],
+        pick,
     )  # fmt: skip
     return pick

@@ -43,6 +43,16 @@ _ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 _ADAPTER_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr"}
 _SPECIAL_PTRS = {"seed_ptr": "*i64", "ws_ptr": "*fp32", "wsa_ptr": "*fp32", "wsb_ptr": "*fp32"}
 _FLOATS = {"scaling", "dropout_p"}
+# the 4-bit base's loader arguments (kernels/dequant_4bit.py); q_absmax_ptr is uint8 codes
+# under double quantization, fp32 otherwise; blocksizes are powers of two >= 32 (bitsandbytes)
+_Q_ARGS = {
+    "q_absmax_ptr": "*fp32", "q_code2_ptr": "*fp32", "q_absmax2_ptr": "*fp32",
+    "q_offset_ptr": "*fp32",
+}
+# the blocksizes compiled for a 4-bit build: QLoRA's default (bitsandbytes' 64, nested 256)
+Q_BLOCKSIZES = {"Q_BLOCKSIZE": 64, "Q_NESTED_BLOCKSIZE": 256}
+# kernels with a W mainloop, built for each base kind the report is asked for
+BASE_KERNELS = ("forward", "dx")
 # last-dimension strides of contiguous tensors: Triton specialises a stride of 1 to a constant
 _UNIT_STRIDES = {
     "shrink": {"stride_xk", "stride_ak", "stride_ur"},
@@ -75,20 +85,22 @@ def operand_kind(dtype: str) -> str:
 
 def compile_kernel(
     kernel: str, dtype: str, config: _configs.TileConfig, arch: int, r_pad: int,
-    build: str = "ptr",
+    build: str = "ptr", base: str = "dense",
 ):  # fmt: skip
     """``triton.compile`` of one kernel for ``sm_<arch>``; ``build`` "tma" (tensor
-    descriptors, persistent) or "ptr".  Returns the CompiledKernel (``.asm["ptx"]``,
-    ``.asm["cubin"]``, ``.metadata.shared``)."""
+    descriptors, persistent) or "ptr"; ``base`` "dense" or a bitsandbytes 4-bit kind of
+    ``BASES_4BIT`` (the forward and dx GEMMs decode W in their K loop).  Returns the
+    CompiledKernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
     fn = JIT_KERNELS[kernel]
     act, adapter, precision = DTYPES[dtype]
     tma = build == "tma"
+    four_bit = base != "dense"
     constexprs = {
         "R_PAD": r_pad,
         "DOT_PRECISION": precision,
         "GROUP_M": _configs.GROUP_M,
         "USE_TMA": tma,
-        "BASE": "dense_tma" if tma else "dense",
+        "BASE": base if four_bit else ("dense_tma" if tma else "dense"),
         "FLATTEN": tma and config.flatten,
         "EPI_SPLIT": 2 if tma else 1,
         "BLOCK": _configs.REDUCE_BLOCK,
@@ -97,9 +109,22 @@ def compile_kernel(
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
+    if four_bit:
+        constexprs.update({n: v for n, v in Q_BLOCKSIZES.items() if n in fn.arg_names})
+    else:  # the 4-bit loader's arguments: None, so dense cubins keep their params
+        constexprs.update({n: None for n in fn.arg_names if n.lower().startswith("q_")})
+    nested = base.endswith("_dq")
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in _Q_ARGS:
+            signature[name] = _Q_ARGS[name] if name != "q_absmax_ptr" else (
+                "*u8" if nested else "*fp32")
+            if name.endswith("_ptr"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "w_ptr" and four_bit:
+            signature[name] = "*u8"  # packed codes, two per byte
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _UNIT_STRIDES[kernel]:
             signature[name] = "constexpr"
             constexprs[name] = 1

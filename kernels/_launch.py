@@ -102,7 +102,8 @@ def launch(
     spec: LaunchSpec, tensors: Sequence[torch.Tensor], scalars: tuple, *, traceable: bool = False
 ) -> None:
     """Launch ``spec.fn[spec.grid](*tensors, *scalars, **spec.constexprs)``: the kernel's
-    parameters are its pointers, then its runtime scalars, then its constexprs."""
+    parameters are its pointers, then its runtime scalars, then its constexprs.  A None
+    pointer (an argument a variant does not read) is a constexpr to Triton."""
     args = (*tensors, *scalars)
     grid = spec.grid
     if _configs.interpreting():
@@ -118,7 +119,8 @@ def launch(
     # what Triton specialises on is a function of this key (with the spec's constexprs):
     # pointer dtypes and 16-byte alignment, scalar values (a superset of "== 1" and
     # "% 16 == 0")
-    key = (device, scalars, *[(t.dtype, not t.data_ptr() & 15) for t in tensors])
+    key = (device, scalars,
+           *[None if t is None else (t.dtype, not t.data_ptr() & 15) for t in tensors])
     kernel = spec.kernels.get(key)
     if kernel is None:  # first call: Triton's own path compiles, caches and launches
         ensure_allocator()

@@ -2,9 +2,10 @@
 loader and the dropout mask.
 
 Where variants grow (DESIGN.md section 6):
-- a new **base kind** (a 4-bit NF4/FP4 ``W``) is one more ``BASE`` branch in ``load_w``,
-  returning the same dense ``[BLOCK_N, BLOCK_K]`` tile in the compute dtype; both GEMM
-  roles (forward ``x W^T``, backward ``dy W``) call it, so they pick it up together;
+- a **base kind** is a ``BASE`` branch in ``load_w`` (and ``w_source``): dense pointer,
+  dense TMA, or bitsandbytes 4-bit NF4/FP4 decoded in registers (``dequant_4bit.py``),
+  returning the same dense ``[BLOCK_N, BLOCK_K]`` tile; both GEMM roles (forward
+  ``x W^T``, backward ``dy W``) call it, so they pick it up together;
 - a new **adapter kind** (DoRA) is an epilogue next to ``lora_epilogue`` in
   ``lora_forward.py`` and a reduction beside dB in the ``dy`` pass of
   ``lora_backward.py``; the main loops stay as they are.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton.language.random import philox, uint_to_uniform_float
+
+from .dequant_4bit import load_4bit_tile
 
 # Philox4x32 gives four 32-bit draws per counter: one call serves 4 adjacent columns.
 RNG_COLS_PER_DRAW = 4
@@ -36,14 +39,23 @@ def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def load_w(
     w_src, n0, k0, N, K, stride_wn, stride_wk,
     BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    Q_BLOCKSIZE: tl.constexpr = None, Q_NESTED_BLOCKSIZE: tl.constexpr = None,
 ):  # fmt: skip
     """Base weight tile W[n0 : n0+BLOCK_N, k0 : k0+BLOCK_K] (zero outside W).
 
     BASE "dense": ``w_src`` is W's pointer, read through its strides (cp.async on sm_80+);
-    "dense_tma": ``w_src`` is a tensor descriptor with block [BLOCK_N, BLOCK_K] (TMA).
-    A quantized base adds its branch here and returns the decoded tile."""
+    "dense_tma": ``w_src`` is a tensor descriptor with block [BLOCK_N, BLOCK_K] (TMA);
+    "nf4"/"fp4" (+ "_dq" under double quantization): ``w_src`` is the tuple ``w_source``
+    builds, and the bitsandbytes 4-bit codes are decoded in registers (fp32; the caller
+    casts to the compute dtype), half a byte read per element; ``Q_BLOCKSIZE`` and
+    ``Q_NESTED_BLOCKSIZE`` are its quantization blocksizes."""
     if BASE == "dense_tma":
         w = w_src.load([tl.cast(n0, tl.int32), tl.cast(k0, tl.int32)])  # TMA coordinates are 32-bit
+    elif BASE != "dense":
+        w = load_4bit_tile(
+            w_src[0], w_src[1], w_src[2], w_src[3], w_src[4], n0, k0, N, K,
+            BASE, BLOCK_N, BLOCK_K, Q_BLOCKSIZE, Q_NESTED_BLOCKSIZE,
+        )  # fmt: skip
     else:
         # int64: offs_n * stride_wn passes 2**31 on vocabulary-sized W (N*K > 2**31)
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -53,6 +65,24 @@ def load_w(
             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0,
         )  # fmt: skip
     return w
+
+
+@triton.jit
+def w_source(
+    w_ptr, q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, N, K, stride_wn,
+    BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """What ``load_w`` reads W from: a tensor descriptor ("dense_tma"), W's pointer
+    ("dense"), or for a 4-bit base the tuple (packed codes, absmax, nested code table,
+    nested absmax, offset); the ``q_`` pointers are None for the dense kinds (constexpr:
+    the dense kernels keep their parameter list)."""
+    if BASE == "dense_tma":
+        src = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+    elif BASE == "dense":
+        src = w_ptr
+    else:
+        src = (w_ptr, q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr)
+    return src
 
 
 @triton.jit

@@ -10,8 +10,8 @@ itself stored as uint8 codes into a 256-entry fp32 table, with one fp32 scale pe
     absmax[j] = code2[q[j]] * absmax2[j // nested_blocksize] + offset
     W[n, k]   = table[code(i)] * absmax[i // blocksize]      (fp32, then the compute dtype)
 
-which is bitsandbytes' ``dequantize_4bit`` step for step.  ``BASE`` picks the code table
-(1: NF4, 2: FP4; 0 is the dense base, which never reaches this file).
+which is bitsandbytes' ``dequantize_4bit`` step for step.  ``BASE`` (a constexpr string,
+as in ``_tiles.load_w``) names the kind: "nf4", "fp4", "nf4_dq", "fp4_dq" (double quant).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import LaunchSpec, launch
 
-BASE_NF4 = 1
-BASE_FP4 = 2
+BASES_4BIT = ("nf4", "fp4", "nf4_dq", "fp4_dq")
 # the standalone decode's tile; each program decodes DECODE_BLOCK_N x DECODE_BLOCK_K elements
 DECODE_BLOCK_N = 32
 DECODE_BLOCK_K = 64
@@ -72,27 +71,83 @@ def fp4_value(code):
 
 
 @triton.jit
-def load_4bit_tile(
-    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-    rows, cols, mask, K, blocksize, nested_blocksize,
-    BASE: tl.constexpr, NESTED: tl.constexpr,
-):  # fmt: skip
-    """``W[rows, cols]`` decoded to fp32, 0 where ``mask`` is false.
+def _scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask,
+            BASE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):  # fmt: skip
+    """fp32 absmax of the quantization blocks ``block`` (any shape), 0 where masked."""
+    if BASE == "nf4_dq" or BASE == "fp4_dq":
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(
+            absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0
+        ) + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
-    ``rows`` (output features n) and ``cols`` (input features k) are int64 index tensors
-    that broadcast to the tile's shape, in either orientation: a forward mainloop asks for
-    ``W^T`` tiles [BLOCK_K, BLOCK_N] with ``rows = offs_n[None, :]``, ``cols = offs_k[:, None]``,
-    the dx mainloop for ``W`` tiles [BLOCK_N, BLOCK_K].  Reads half a byte per element plus
-    one absmax per ``blocksize`` elements (cached: neighbouring elements share it)."""
-    idx = rows * K + cols
-    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-    code = tl.where((idx % 2) == 0, byte >> 4, byte & 15)
-    if BASE == 1:
+
+@triton.jit
+def _values(code, BASE: tl.constexpr):
+    if BASE == "nf4" or BASE == "nf4_dq":
         value = nf4_value(code)
     else:
         value = fp4_value(code)
+    return value
+
+
+@triton.jit
+def load_4bit_tile(
+    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, n0, k0, N, K,
+    BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+):  # fmt: skip
+    """``W[n0 : n0+BLOCK_N, k0 : k0+BLOCK_K]`` decoded to fp32 (0 outside W), for K a
+    multiple of ``BLOCKSIZE`` (a quantization block never straddles two rows; the launchers
+    send other shapes to the composition) and k0 a multiple of BLOCK_K.
+
+    ``BASE``: "nf4" or "fp4", "_dq" appended under double quantization.  Reads the tile's
+    BLOCK_N x BLOCK_K/2 packed bytes (contiguous per row), split into the high (even k) and
+    low (odd k) nibbles and interleaved, and one absmax per row and ``BLOCKSIZE`` columns
+    (a single one per row when BLOCKSIZE >= BLOCK_K), broadcast over its columns."""
+    offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    mask_n = offs_n < N
+    byte = tl.load(
+        packed_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
+        mask=mask_n[:, None] & (offs_b[None, :] < K // 2), other=0,
+    ).to(tl.int32)  # fmt: skip
+    code = tl.interleave(byte >> 4, byte & 15)  # [BLOCK_N, BLOCK_K]: k even -> high nibble
+    value = _values(code, BASE)
+    blocks_per_row = K // BLOCKSIZE
+    if BLOCKSIZE >= BLOCK_K:
+        block = offs_n * blocks_per_row + k0 // BLOCKSIZE
+        scale = _scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask_n, BASE,
+                        NESTED_BLOCKSIZE)[:, None]  # fmt: skip
+    else:
+        GROUPS: tl.constexpr = BLOCK_K // BLOCKSIZE
+        offs_g = k0 // BLOCKSIZE + tl.arange(0, GROUPS)
+        block = offs_n[:, None] * blocks_per_row + offs_g[None, :]
+        g = _scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block,
+                    mask_n[:, None] & (offs_g[None, :] < blocks_per_row), BASE,
+                    NESTED_BLOCKSIZE)  # fmt: skip
+        scale = tl.reshape(tl.broadcast_to(g[:, :, None], (BLOCK_N, GROUPS, BLOCKSIZE)),
+                           (BLOCK_N, BLOCK_K))  # fmt: skip
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.where(mask_n[:, None] & (offs_k[None, :] < K), value * scale, 0.0)
+
+
+@triton.jit
+def load_4bit_any(
+    packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
+    rows, cols, mask, K, blocksize, nested_blocksize, BASE: tl.constexpr,
+):  # fmt: skip
+    """``W[rows, cols]`` decoded to fp32 for any shape (blocks may straddle rows, K odd):
+    one gathered byte and absmax per element.  The standalone decode's path; the GEMMs
+    use ``load_4bit_tile``."""
+    idx = rows * K + cols
+    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
+    code = tl.where((idx % 2) == 0, byte >> 4, byte & 15)
+    value = _values(code, BASE)
     block = idx // blocksize
-    if NESTED:
+    if BASE == "nf4_dq" or BASE == "fp4_dq":
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(
             absmax2_ptr + block // nested_blocksize, mask=mask, other=0.0
@@ -106,8 +161,7 @@ def load_4bit_tile(
 def _dequant_4bit_kernel(
     packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
     N, K, blocksize, nested_blocksize, stride_on, stride_ok,
-    BASE: tl.constexpr, NESTED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[N, K] = W decoded into out's dtype; one program per [BLOCK_N, BLOCK_K] tile."""
     pid_n = tl.program_id(0).to(tl.int64)
@@ -115,10 +169,9 @@ def _dequant_4bit_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = load_4bit_tile(
+    w = load_4bit_any(
         packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
-        offs_n[:, None], offs_k[None, :], mask, K, blocksize, nested_blocksize,
-        BASE, NESTED,
+        offs_n[:, None], offs_k[None, :], mask, K, blocksize, nested_blocksize, BASE,
     )  # fmt: skip
     tl.store(
         out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
@@ -135,14 +188,13 @@ def dequantize_4bit(
     shape: tuple[int, int],
     blocksize: int,
     nested_blocksize: int,
-    BASE: int,
-    NESTED: bool,
+    BASE: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The whole 4-bit weight decoded: W [N, K] in ``dtype``.
 
     packed: uint8 [ceil(N*K/2)]; absmax: fp32 [ceil(N*K/blocksize)], or uint8 codes when
-    ``NESTED`` with code2: fp32 [256], absmax2: fp32 [ceil(len(absmax)/nested_blocksize)],
+    ``BASE`` ends in "_dq" (double quantization) with code2: fp32 [256], absmax2: fp32 [ceil(len(absmax)/nested_blocksize)],
     offset: fp32 [1] (all on one device; unused pointers may alias absmax).  The arguments
     are what ``fastlora.bases.Packed4bit.kernel_args()`` returns."""
     N, K = shape
@@ -150,11 +202,8 @@ def dequantize_4bit(
     if N == 0 or K == 0:
         return out
     grid = (triton.cdiv(N, DECODE_BLOCK_N), triton.cdiv(K, DECODE_BLOCK_K))
-    launch(
-        _dequant_4bit_kernel, grid,
-        (packed, absmax, code2, absmax2, offset, out,
-         N, K, blocksize, nested_blocksize, out.stride(0), out.stride(1)),
-        dict(BASE=BASE, NESTED=NESTED, BLOCK_N=DECODE_BLOCK_N, BLOCK_K=DECODE_BLOCK_K),
-        num_warps=4, num_stages=1,
-    )  # fmt: skip
+    spec = LaunchSpec(_dequant_4bit_kernel, grid,
+                      dict(BASE=BASE, BLOCK_N=DECODE_BLOCK_N, BLOCK_K=DECODE_BLOCK_K), 4, 1)
+    launch(spec, (packed, absmax, code2, absmax2, offset, out),
+           (N, K, blocksize, nested_blocksize, out.stride(0), out.stride(1)))
     return out

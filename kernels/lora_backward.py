@@ -30,8 +30,8 @@ import triton.language as tl
 
 from . import _configs
 from ._launch import LaunchSpec, current_device_info, dot_precision, launch
-from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords
-from .lora_forward import use_tma
+from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords, w_source
+from .lora_forward import use_tma, w_arguments
 
 
 @triton.jit
@@ -90,6 +90,7 @@ def _lora_dy_kernel(
 @triton.jit
 def _lora_dx_kernel(
     dy_ptr, w_ptr, g_ptr, a_ptr, x_ptr, seed_ptr, dx_ptr, ws_ptr,
+    q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr,
     stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk, stride_wsp, stride_wsr,
@@ -98,22 +99,23 @@ def _lora_dx_kernel(
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    Q_BLOCKSIZE: tl.constexpr, Q_NESTED_BLOCKSIZE: tl.constexpr,
 ):  # fmt: skip
     """dx tile [BLOCK_M, BLOCK_K] and (NEED_DA) the dA partial [pid_m, r, BLOCK_K];
     COMPUTE_DX=False skips the GEMM (dA alone)."""
     dtype = dy_ptr.dtype.element_ty
     if USE_TMA:
         dy_src = tl.make_tensor_descriptor(dy_ptr, [M, N], [stride_dym, 1], [BLOCK_M, BLOCK_N])
-        w_src = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
         x_src = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
         dx_dst = tl.make_tensor_descriptor(
             dx_ptr, [M, K], [stride_dxm, 1], [BLOCK_M, BLOCK_K // EPI_SPLIT]
         )  # fmt: skip
     else:
         dy_src = dy_ptr
-        w_src = w_ptr
         x_src = x_ptr
         dx_dst = dx_ptr
+    w_src = w_source(w_ptr, q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, N, K,
+                     stride_wn, BASE, BLOCK_N, BLOCK_K)  # fmt: skip
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         p = tl.cast(dropout_p, tl.float32)
@@ -131,12 +133,23 @@ def _lora_dx_kernel(
         mask_m = offs_m < M
         mask_k = offs_k < K
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        if COMPUTE_DX:
+        if COMPUTE_DX and (BASE == "dense" or BASE == "dense_tma"):
             for n0 in range(0, N, BLOCK_N):
                 dy = load_rows(dy_src, m0, n0, M, N, stride_dym, stride_dyn, USE_TMA, BLOCK_M,
                                BLOCK_N)  # fmt: skip
                 w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
                 acc = tl.dot(dy, w, acc, input_precision=DOT_PRECISION)
+        elif COMPUTE_DX:
+            # a decoded 4-bit W lives in registers: the MMA's A operand (wgmma takes only A
+            # from registers), so the tile is dx^T = W^T dy^T
+            acc_t = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                dy = load_rows(dy_src, m0, n0, M, N, stride_dym, stride_dyn, USE_TMA, BLOCK_M,
+                               BLOCK_N)  # fmt: skip
+                w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K,
+                           Q_BLOCKSIZE, Q_NESTED_BLOCKSIZE)
+                acc_t = tl.dot(w.to(dtype).T, dy.T, acc_t, input_precision=DOT_PRECISION)
+            acc = acc_t.T
         # epilogue operands after the main loop: the accumulator already fills the registers
         g = tl.load(
             g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
@@ -204,13 +217,14 @@ def lora_backward(
     *,
     traceable: bool = False,
     tma: bool | None = None,
+    base4: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """dy: [M, N], x: [M, K], weight: [N, K], lora_A: [r, K], lora_B: [N, r], u: [M, r]
     (from ``lora_forward``), seed: the forward's int64 [1].  Returns dx [M, K] in x.dtype,
     dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype (contiguous); None for what is
-    not needed.  ``traceable``/``tma`` as in ``lora_forward``."""
+    not needed.  ``traceable``/``tma``/``base4`` as in ``lora_forward``."""
     M, K = x.shape
-    N = weight.shape[0]
+    N = lora_B.shape[0]
     R = lora_A.shape[0]
     dev = x.device
     dx = torch.empty((M, K), device=dev, dtype=x.dtype) if need_dx else None
@@ -222,10 +236,11 @@ def lora_backward(
         return None, None, None
     arch, sms = current_device_info()
     dx_arg = dx if need_dx else x  # never written when COMPUTE_DX=False
-    tma = use_tma(arch, dy, x, weight, dx_arg) if tma is None else tma
+    tma = use_tma(arch, dy, x, dx_arg, *(() if base4 else (weight,))) if tma is None else tma
+    base, q_ptrs, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
     dy_spec, dx_spec, reduce_spec, parts_a, parts_b = _plan(
         M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, need_dx, need_dA, need_dB,
-        dropout_p > 0.0, tma, sms,
+        dropout_p > 0.0, tma, sms, base, q_sizes,
     )  # fmt: skip
     f32 = torch.float32
     ws_b = torch.empty((parts_b, N, R), device=dev, dtype=f32) if need_dB else u
@@ -240,8 +255,8 @@ def lora_backward(
     if dx_spec is not None:
         ws_a = torch.empty((parts_a, R, K), device=dev, dtype=f32) if need_dA else u
         launch(
-            dx_spec, (dy, weight, g, lora_A, x, seed, dx_arg, ws_a),
-            (M, N, K, R, *dy.stride(), *weight.stride(), *g.stride(), *lora_A.stride(),
+            dx_spec, (dy, weight, g, lora_A, x, seed, dx_arg, ws_a, *q_ptrs),
+            (M, N, K, R, *dy.stride(), *w_strides, *g.stride(), *lora_A.stride(),
              *x.stride(), *dx_arg.stride(), R * K, K, float(dropout_p), dx_spec.grid[0]),
             traceable=traceable,
         )  # fmt: skip
@@ -256,7 +271,8 @@ def lora_backward(
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, sms):
+def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, sms,
+          base="dense", q_sizes=(None, None)):
     """The launches of a backward call (dy, dx or None, reduce or None) and the partial
     counts of dA and dB, per shape."""
     r_pad = _configs.pad_rank(R)
@@ -278,9 +294,11 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
         dx_spec = LaunchSpec(
             _lora_dx_kernel, (min(tiles, sms) if tma else tiles,),
             dict(COMPUTE_DX=need_dx, NEED_DA=need_dA, HAS_DROPOUT=has_dropout, R_PAD=r_pad,
-                 DOT_PRECISION=prec, USE_TMA=tma, BASE="dense_tma" if tma else "dense",
+                 DOT_PRECISION=prec, USE_TMA=tma,
+                 BASE=("dense_tma" if tma else "dense") if base == "dense" else base,
                  BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                 GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten, EPI_SPLIT=2 if tma else 1),
+                 GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten, EPI_SPLIT=2 if tma else 1,
+                 Q_BLOCKSIZE=q_sizes[0], Q_NESTED_BLOCKSIZE=q_sizes[1]),
             c.num_warps, c.num_stages,
         )  # fmt: skip
     reduce_spec = None

@@ -30,7 +30,7 @@ import triton.language as tl
 from . import _configs
 from ._launch import LaunchSpec, current_device_info, dot_precision, launch
 from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, load_w
-from ._tiles import store_rows, tile_coords
+from ._tiles import store_rows, tile_coords, w_source
 
 __all__ = ["RNG_COLS_PER_DRAW", "dropout_keep", "lora_forward", "use_tma"]
 
@@ -92,6 +92,7 @@ def lora_epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,
+    q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
     stride_bn, stride_br, stride_ym, stride_yn,
@@ -100,20 +101,21 @@ def _lora_forward_kernel(
     USE_TMA: tl.constexpr, BASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    Q_BLOCKSIZE: tl.constexpr, Q_NESTED_BLOCKSIZE: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] = x W^T + b + u B^T.  Programs walk tiles tile = pid, pid + NUM_PROGS, ...
     (NUM_PROGS = tile count without TMA: one tile each)."""
     dtype = x_ptr.dtype.element_ty
     if USE_TMA:
         x_src = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
-        w_src = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
         y_dst = tl.make_tensor_descriptor(
             y_ptr, [M, N], [stride_ym, 1], [BLOCK_M, BLOCK_N // EPI_SPLIT]
         )  # fmt: skip
     else:
         x_src = x_ptr
-        w_src = w_ptr
         y_dst = y_ptr
+    w_src = w_source(w_ptr, q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, N, K,
+                     stride_wn, BASE, BLOCK_N, BLOCK_K)  # fmt: skip
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -133,14 +135,43 @@ def _lora_forward_kernel(
             b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
             mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0,
         ).to(dtype)  # [R_PAD, BLOCK_N]: B^T in x's dtype, cast in registers
-        acc = tl.dot(u, b_t, input_precision=DOT_PRECISION)
-        for k0 in range(0, K, BLOCK_K):
-            x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M, BLOCK_K)
-            w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
-            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        if BASE == "dense" or BASE == "dense_tma":
+            acc = tl.dot(u, b_t, input_precision=DOT_PRECISION)
+            for k0 in range(0, K, BLOCK_K):
+                x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M,
+                              BLOCK_K)  # fmt: skip
+                w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
+                acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        else:
+            # a decoded 4-bit W lives in registers: it is the MMA's A operand (wgmma takes A
+            # from registers, B only from shared memory), so the tile is y^T = W x^T
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M,
+                              BLOCK_K)  # fmt: skip
+                w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K,
+                           Q_BLOCKSIZE, Q_NESTED_BLOCKSIZE)
+                acc_t = tl.dot(w.to(dtype), x.T, acc_t, input_precision=DOT_PRECISION)
+            acc = tl.dot(u, b_t, acc_t.T, input_precision=DOT_PRECISION)
         acc = lora_epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS)
         store_rows(y_dst, acc, m0, n0, M, N, stride_ym, stride_yn, USE_TMA, BLOCK_M, BLOCK_N,
                    EPI_SPLIT)  # fmt: skip
+
+
+def w_arguments(weight: torch.Tensor, base4: dict | None, K: int, tma: bool):
+    """(BASE, the four ``q_`` pointers, W's strides, the two blocksize constexprs) of a GEMM
+    over ``weight``: a dense weight (``q_`` all None), or the packed codes of a bitsandbytes
+    4-bit base (``base4`` = ``fastlora.bases.Packed4bit.kernel_args()``)."""
+    if base4 is None:
+        return "dense", (None,) * 4, (weight.stride(0), weight.stride(1)), (None, None)
+    q = (base4["absmax"], base4["code2"], base4["absmax2"], base4["offset"])
+    return base4["BASE"], q, (K, 1), (base4["blocksize"], base4["nested_blocksize"])
+
+
+def fused_4bit_ok(K: int, base4: dict) -> bool:
+    """The GEMMs' 4-bit tile loader reads whole quantization blocks per row: K must be a
+    multiple of the blocksize (true of real models); other shapes take the composition."""
+    return K % base4["blocksize"] == 0
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -168,6 +199,7 @@ def lora_forward(
     *,
     traceable: bool = False,
     tma: bool | None = None,
+    base4: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
     seed: int64 [1] (read only when dropout_p > 0).  Returns y: [M, N] and u: [M, r],
@@ -175,24 +207,25 @@ def lora_forward(
     x.dtype with fp32 accumulation.  ``traceable``: launch through wrap_triton (inside a
     triton_op); ``tma``: force the TMA build on or off (default: sm_90 and aligned)."""
     M, K = x.shape
-    N = weight.shape[0]
+    N = lora_B.shape[0]
     R = lora_A.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if M == 0:
         return y, u
     arch, sms = current_device_info()
-    tma = use_tma(arch, x, weight, y) if tma is None else tma
+    tma = use_tma(arch, x, y, *(() if base4 else (weight,))) if tma is None else tma
+    base, q_ptrs, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
     shrink, fwd = _plan(M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, bias is not None,
-                        dropout_p > 0.0, tma, sms)  # fmt: skip
+                        dropout_p > 0.0, tma, sms, base, q_sizes)  # fmt: skip
     launch(
         shrink, (x, lora_A, u, seed),
         (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(), float(scaling), float(dropout_p)),
         traceable=traceable,
     )  # fmt: skip
     launch(
-        fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y),
-        (M, N, K, R, *x.stride(), *weight.stride(), *u.stride(), *lora_B.stride(), *y.stride(),
+        fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y, *q_ptrs),
+        (M, N, K, R, *x.stride(), *w_strides, *u.stride(), *lora_B.stride(), *y.stride(),
          fwd.grid[0]),
         traceable=traceable,
     )  # fmt: skip
@@ -200,7 +233,8 @@ def lora_forward(
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms):
+def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense",
+          q_sizes=(None, None)):
     """The two launches of a forward call: configs, grids, constexprs (per shape)."""
     r_pad = _configs.pad_rank(R)
     kind = _configs.operand_kind(esize, prec)
@@ -216,9 +250,10 @@ def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms):
     fwd = LaunchSpec(
         _lora_forward_kernel, (min(tiles, sms) if tma else tiles,),
         dict(HAS_BIAS=has_bias, R_PAD=r_pad, DOT_PRECISION=prec, USE_TMA=tma,
-             BASE="dense_tma" if tma else "dense", BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+             BASE=("dense_tma" if tma else "dense") if base == "dense" else base,
+             BLOCK_M=c.block_m, BLOCK_N=c.block_n,
              BLOCK_K=c.block_k, GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten,
-             EPI_SPLIT=2 if tma else 1),
+             EPI_SPLIT=2 if tma else 1, Q_BLOCKSIZE=q_sizes[0], Q_NESTED_BLOCKSIZE=q_sizes[1]),
         c.num_warps, c.num_stages,
     )  # fmt: skip
     return shrink, fwd

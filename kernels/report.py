@@ -26,14 +26,16 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter cannot com
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, minus its warning
 
 from . import _compile, _configs  # noqa: E402
+from .dequant_4bit import BASES_4BIT as _BASES_4BIT  # noqa: E402
 
 _configs._INTERPRETING = False  # the package may have been imported with the interpreter on
 
 
-def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS):
-    """(arch, dtype, r_pad, kernel, config, build) for every launchable config; with ``r_pads``
-    None, each config at the largest rank block it is launched with (the rank block only
-    adds registers and shared memory, so that is its worst case)."""
+def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",)):
+    """(arch, dtype, r_pad, kernel, config, build, base) for every launchable config; with
+    ``r_pads`` None, each config at the largest rank block it is launched with (the rank
+    block only adds registers and shared memory, so that is its worst case).  The W
+    mainloops (forward, dx) are built once per base kind in ``bases``."""
     for arch in archs:
         for dtype in dtypes:
             kind = _compile.operand_kind(dtype)
@@ -51,12 +53,13 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS):
                         for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
                             if r_pads is None and r_pad != max(pads):
                                 continue
-                            yield arch, dtype, r_pad, kernel, cfg, build
+                            for base in bases if kernel in _compile.BASE_KERNELS else ("dense",):
+                                yield arch, dtype, r_pad, kernel, cfg, build, base
 
 
 def problems_of(job, res) -> list[str]:
     """The failure rules (module docstring) applied to one build's resources."""
-    arch, _, _, kernel, _, build = job
+    arch, _, _, kernel, _, build, _ = job
     problems = []
     limit = _compile.SMEM_LIMIT[arch]
     if res.shared > limit:
@@ -71,10 +74,10 @@ def problems_of(job, res) -> list[str]:
 
 
 def check(job):
-    arch, dtype, r_pad, kernel, cfg, build = job
+    arch, dtype, r_pad, kernel, cfg, build, base = job
     t0 = time.perf_counter()
     try:
-        compiled = _compile.compile_kernel(kernel, dtype, cfg, arch, r_pad, build)
+        compiled = _compile.compile_kernel(kernel, dtype, cfg, arch, r_pad, build, base)
         persistent = build == "tma" and kernel in _configs.GEMM_KERNELS
         res = _compile.resources(compiled, arch, cfg.num_warps, persistent)
     except Exception as exc:  # a config that does not compile is a failure to report
@@ -93,19 +96,24 @@ def main(argv=None) -> int:
                     help="rank blocks to build (default: each config at its largest)")  # fmt: skip
     ap.add_argument("--kernel", nargs="+", default=list(_configs.KERNELS),
                     choices=_configs.KERNELS)  # fmt: skip
+    ap.add_argument("--base", nargs="+", default=["dense"],
+                    choices=["dense", *_BASES_4BIT],
+                    help="base kinds of the forward/dx main loops (default: dense; nf4_dq is "
+                         "QLoRA's default 4-bit base; FP4 and non-nested differ only in the "
+                         "decode's constants and one load)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
 
-    todo = list(jobs(args.arch, args.dtype, args.r_pad, args.kernel))
+    todo = list(jobs(args.arch, args.dtype, args.r_pad, args.kernel, args.base))
     t0 = time.perf_counter()
     header = f"{'kernel':7} {'config (BM,BN,BK,w,s)':22} {'dtype':10} {'r_pad':>5} {'arch':>5} " \
-             f"{'build':5} {'smem B':>7} {'regs':>4} {'spill B':>7} {'wgmma':>5} {'TMA':>3} " \
+             f"{'build':5} {'base':6} {'smem B':>7} {'regs':>4} {'spill B':>7} {'wgmma':>5} {'TMA':>3} " \
              f"{'wait':>4} {'pers':>4} {'CTA/SM':>6}  status"  # fmt: skip
     print(header)
     failed = 0
     with ProcessPoolExecutor(args.jobs) as pool:
         for job, res, problem, _ in pool.map(check, todo):
-            arch, dtype, r_pad, kernel, c, build = job
+            arch, dtype, r_pad, kernel, c, build, base = job
             cfg = f"{c.block_m},{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
             yn = {True: "yes", False: "no"}
             if res:
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
             else:
                 cols = f"{'-':>7} {'-':>4} {'-':>7} {'-':>5} {'-':>3} {'-':>4} {'-':>4} {'-':>6}"
             failed += bool(problem)
-            print(f"{kernel:7} {cfg:22} {dtype:10} {r_pad:5d} sm_{arch:<2} {build:5} {cols}  "
+            print(f"{kernel:7} {cfg:22} {dtype:10} {r_pad:5d} sm_{arch:<2} {build:5} {base:6} {cols}  "
                   f"{'FAIL ' + problem if problem else 'ok'}", flush=True)  # fmt: skip
     print(f"{len(todo)} kernel builds, {failed} failing, {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0

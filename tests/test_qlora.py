@@ -301,6 +301,35 @@ def _decode_kernel():
     return _kernels.dequantize_4bit
 
 
+def _tiles_kernel():
+    """A test kernel storing ``load_4bit_tile`` tiles [BN, BK] of W (module level: a
+    @triton.jit function resolves names through its module's globals)."""
+    global _TILES
+    if _TILES is None:
+        import triton
+        import triton.language as tl
+
+        from fastlora.kernels.dequant_4bit import load_4bit_tile
+
+        globals()["load_4bit_tile"], globals()["tl"] = load_4bit_tile, tl
+
+        @triton.jit
+        def tiles(packed, absmax, code2, absmax2, offset, out, N, K, BASE: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, NBS: tl.constexpr):
+            n0 = tl.program_id(0) * BN
+            k0 = tl.program_id(1) * BK
+            w = load_4bit_tile(packed, absmax, code2, absmax2, offset, n0, k0, N, K, BASE, BN,
+                               BK, BS, NBS)
+            offs_n = n0 + tl.arange(0, BN)
+            offs_k = k0 + tl.arange(0, BK)
+            tl.store(out + offs_n[:, None] * K + offs_k[None, :], w,
+                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+        _TILES = tiles
+    return _TILES
+
+
+_TILES = None
 DECODE_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
@@ -363,3 +392,49 @@ def test_dora_on_a_4bit_base_matches_peft():
     assert type(merged) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(merged(x), yp.detach(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("quant_type, nested", QUANT, ids=QUANT_IDS)
+def test_gemm_tile_loader_matches_bitsandbytes(quant_type, nested, blocksize):
+    """The GEMMs' tile loader (``load_4bit_tile``: packed bytes per row, one absmax per row
+    and block) at the launch tile width BLOCK_K = 64: blocksize 32 takes its several-scales-
+    per-row branch, 64 and up the one-scale branch; edge tiles masked (N, K not multiples
+    of the tile)."""
+    _decode_kernel()
+    import triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    N, K = 19, max(blocksize, 64) * 3 if blocksize < 4096 else 4096
+    g = torch.Generator().manual_seed(blocksize)
+    W = (torch.randn(N, K, generator=g).reshape(-1) * torch.logspace(-2, 2, N * K)).reshape(N, K)
+    w = params4bit(W.to(dev), quant_type, nested, blocksize)
+    args = bases.base_of(w).kernel_args()
+    out = torch.full((N, K), float("nan"), device=dev)
+    BN, BK = 16, 64
+    _tiles_kernel()[(triton.cdiv(N, BN), triton.cdiv(K, BK))](
+        args["packed"], args["absmax"], args["code2"], args["absmax2"], args["offset"], out, N, K,
+        BASE=args["BASE"], BN=BN, BK=BK, BS=blocksize, NBS=args["nested_blocksize"])
+    rtol = 0.0 if dev == "cpu" else torch.finfo(torch.float32).eps
+    torch.testing.assert_close(out, dequantized(w), rtol=rtol, atol=0.0)
+
+
+def test_fused_kernels_run_the_4bit_base():
+    """The fused launchers themselves with a 4-bit base (no dispatcher in between): y, dx,
+    dA, dB against the float64 reference on bitsandbytes' decode of W; and the strategy
+    cache keys the base kind (a dense and a 4-bit layer of one shape are timed apart)."""
+    _decode_kernel()
+    from fastlora.triton_backend import _kernels, strategy_for
+
+    lin = linear4bit(128, 48, "fp4", True, 64)
+    args = bases.base_of(lin.weight).kernel_args()
+    x, A, B, dy = (t.float() for t in _inputs(lin, 21, 5, torch.float32))
+    seed = torch.zeros(1, dtype=torch.int64)
+    y, u = _kernels.lora_forward(x, lin.weight, lin.bias, A, B, 0.5, 0.0, seed, base4=args)
+    dx, dA, dB = _kernels.lora_backward(dy, x, lin.weight, A, B, u, 0.5, 0.0, seed, base4=args)
+    W64 = dequantized(lin.weight).double()
+    truth = _grads(lambda x, A, B: lora_linear_reference(x, W64, lin.bias.double(), A, B, 0.5),
+                   x.double(), A.double(), B.double(), dy.double())
+    for name, got, want in zip(("y", "dx", "dA", "dB"), (y, dx, dA, dB), truth):
+        assert max_err(got, want) <= 1e-4 * max(1.0, want.abs().max().item()), name
+    assert strategy_for(64, 128, 48, 5, torch.float32, 0.0, "cpu", base=args["BASE"]) == "fused"
