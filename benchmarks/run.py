@@ -75,10 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--r", help="comma list of ranks")
     ap.add_argument("--dropout", help="comma list of dropout rates")
     ap.add_argument("--bias", action="store_true", help="give the base a bias (Llama has none)")
-    ap.add_argument("--base", choices=["all", "dense", "nf4"], default="all",
+    ap.add_argument("--base", choices=["all", "dense", "nf4"], default=None,
                     help="the frozen base: dense nn.Linear, bitsandbytes NF4 Linear4bit (QLoRA "
-                         "rows), or all (the preset's QLoRA cases after the dense ones; with "
-                         "--shapes/--m, both bases for every case)")
+                         "rows: linear is then the frozen Linear4bit, peft PEFT's QLoRA), or "
+                         "all (both for every case).  Default: the preset's dense cases, then "
+                         "its QLoRA cases; dense only with --shapes/--m")
     ap.add_argument("--reps", type=int, default=15, help="CPU: timed rounds (after 2 warm-up)")
     ap.add_argument("--warmup-ms", type=float, default=25, help="GPU: do_bench warm-up")
     ap.add_argument("--rep-ms", type=float, default=100, help="GPU: do_bench repetition time")
@@ -121,11 +122,12 @@ def build_specs(args: argparse.Namespace) -> tuple[list[C.Spec], float | None]:
     ps = [float(v) for v in args.dropout.split(",")] if args.dropout else pre["dropout"]
     explicit = bool(args.shapes or args.m)
     runs = []  # (pairs, base)
-    if args.base in ("all", "dense"):
+    if args.base in (None, "all", "dense"):
         runs.append((pairs, "dense"))
     if args.base in ("all", "nf4"):
-        qlora = pairs if explicit or args.base == "nf4" else [(m, s) for s, m in pre["qlora"]]
-        runs.append((qlora, "nf4"))
+        runs.append((pairs, "nf4"))
+    elif args.base is None and not explicit:
+        runs.append(([(m, s) for s, m in pre["qlora"]], "nf4"))
     specs = []
     for run_pairs, base in runs:
         for (m, shape), r, p in itertools.product(run_pairs, ranks, ps):
