@@ -229,6 +229,35 @@ def test_tma_only_where_strides_allow():
     assert not use_tma(90, a[:, 1:])  # base not 16-byte aligned
 
 
+def test_sm90_takes_tma_where_strides_allow_and_falls_back_elsewhere(monkeypatch):
+    """With an sm_90 device, aligned operands run the TMA build and a transposed x (row
+    stride 2 elements: not 16-byte aligned) the pointer build; both match the reference."""
+    import sys
+
+    builds = []
+    for name in ("fastlora.kernels.lora_forward", "fastlora.kernels.lora_backward"):
+        mod = sys.modules[name]
+        monkeypatch.setattr(mod, "current_device_info", lambda: (90, 4))
+        real = mod.launch
+
+        def spy(spec, *a, _real=real, **k):
+            builds.append(spec.constexprs.get("USE_TMA"))
+            _real(spec, *a, **k)
+
+        monkeypatch.setattr(mod, "launch", spy)
+    M, K, N, r = 21, 40, 24, 3
+    x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, DEVICE)
+    dy = make_inputs(M, N, 1, 1, torch.float32, DEVICE, seed=1)[0]
+    xs = torch.zeros(K, 2 * M, device=DEVICE).t()[::2]  # [M, K], strides (2, 2M)
+    xs.copy_(x)
+    for xin, want in ((x, True), (xs, False)):
+        builds.clear()
+        y, u = kernels.lora_forward(xin, w, b, A, B, SCALING, 0.0, seed_tensor())
+        grads = kernels.lora_backward(dy, xin, w, A, B, u, SCALING, 0.0, seed_tensor())
+        assert builds[:4] == [want] * 4, builds  # shrink, forward, dy, dx
+        check_all(torch.float32, (y, *grads), x, w, b, A, B, dy)
+
+
 def _count_launches(monkeypatch):
     """Count kernel launches; record every aten op run outside them (those would be extra
     GPU launches: a sum, a cast, a zeros)."""
