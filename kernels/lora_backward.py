@@ -236,7 +236,8 @@ def lora_backward(
         return None, None, None
     arch, sms = current_device_info()
     dx_arg = dx if need_dx else x  # never written when COMPUTE_DX=False
-    tma = use_tma(arch, dy, x, dx_arg, *(() if base4 else (weight,))) if tma is None else tma
+    if tma is None:
+        tma = not traceable and use_tma(arch, dy, x, dx_arg, *(() if base4 else (weight,)))
     base, q_ptrs, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
     dy_spec, dx_spec, reduce_spec, parts_a, parts_b = _plan(
         M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, need_dx, need_dA, need_dB,

@@ -15,6 +15,9 @@ Two builds of the same kernels, chosen per call (``use_tma``):
   stride or base address is not 16-byte aligned;
 - on sm_90: persistent programs (grid = SM count, grouped tile order) that load x and W
   and store y through tensor descriptors (TMA), the epilogue stored in subtiles.
+Under torch.compile (``traceable``) the pointer build is launched: the TMA build's
+in-kernel descriptors need Triton's per-launch scratch allocator, which code compiled by
+Inductor is not known to provide (not testable without a GPU).
 A new base kind is a ``BASE`` branch of ``_tiles.load_w``; a new adapter epilogue goes
 beside ``lora_epilogue``.
 """
@@ -214,7 +217,8 @@ def lora_forward(
     if M == 0:
         return y, u
     arch, sms = current_device_info()
-    tma = use_tma(arch, x, y, *(() if base4 else (weight,))) if tma is None else tma
+    if tma is None:  # under torch.compile: the pointer build (see the module docstring)
+        tma = not traceable and use_tma(arch, x, y, *(() if base4 else (weight,)))
     base, q_ptrs, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
     shrink, fwd = _plan(M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, bias is not None,
                         dropout_p > 0.0, tma, sms, base, q_sizes)  # fmt: skip
