@@ -143,7 +143,7 @@ _CONFIGS_16 = {
 _CONFIGS_TF32 = {
     "forward": [
         T(128, 128, 32, 8, 3, "large M and N", SMALL_R),
-        T(64, 128, 32, 4, 4, "mid M", SMALL_R),
+        T(64, 128, 32, 4, 4, "mid M (r_pad 64 spills on sm_80)", 32),
         T(64, 64, 32, 4, 3, "r_pad 128, and mid M on narrow layers"),
         T(32, 64, 64, 4, 4, "small M: many CTAs along N"),
     ],
@@ -155,13 +155,12 @@ _CONFIGS_TF32 = {
         T(16, 0, 64, 4, 3, "small M, r_pad 128", min_r_pad=MAX_R),
     ],
     "dx": [
-        T(128, 32, 64, 8, 3, "large M and K", SMALL_R),
-        T(64, 32, 64, 4, 3, "mid M", SMALL_R),
-        T(32, 32, 64, 4, 3, "small M, and r_pad 128"),
+        T(128, 64, 32, 8, 3, "large M: dx tile 128 x 32", SMALL_R),
+        T(64, 64, 32, 8, 3, "mid and small M, and r_pad 128"),
     ],
     "dy": [
-        T(128, 32, 0, 8, 3, "large M", SMALL_R),
-        T(64, 32, 0, 4, 3, "small M, and r_pad 128"),
+        T(128, 16, 0, 8, 3, "large M", SMALL_R),
+        T(64, 16, 0, 8, 3, "small M, and r_pad 128"),
     ],
     "reduce": [T(0, 0, 0, 4, 1, "sums partials")],
 }
@@ -174,7 +173,7 @@ _CONFIGS_FP32 = {
     "forward": [T(32, 32, 32, 4, 3, "the FMA tile that fits registers up to r_pad 64")],
     "shrink": [T(32, 0, 32, 4, 3, "FMA tile")],
     "dx": [T(32, 32, 32, 4, 3, "FMA tile")],
-    "dy": [T(32, 32, 0, 4, 3, "FMA tile")],
+    "dy": [T(32, 16, 0, 4, 3, "FMA tile (32 columns spill)")],
     "reduce": [T(0, 0, 0, 4, 1, "sums partials")],
 }
 _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
