@@ -2,10 +2,11 @@
 
     eager        the first call for a specialisation compiles through ``JITFunction.run``
                  (Triton's own binder, cache and launcher); later calls look the
-                 ``CompiledKernel`` up in a dict keyed by what Triton specialises on
-                 (argument dtypes, 16-byte alignment, ints equal to 1 or divisible by 16,
-                 the constexprs) and call its launcher directly: no Autotuner, no binder,
-                 no ``wrap_triton``, no op dispatch.
+                 ``CompiledKernel`` up in the ``LaunchSpec``'s dict, keyed by a superset
+                 of what Triton specialises on (device, pointer dtypes and 16-byte
+                 alignment, scalar values; the spec fixes the constexprs), and call its
+                 launcher directly: no Autotuner, no binder, no ``wrap_triton``, no op
+                 dispatch.
     traceable    under torch.compile (``triton_op`` bodies) through ``wrap_triton``, so the
                  graph holds each launch.
     interpreter  ``TRITON_INTERPRET=1``: the raw kernel (wrap_triton raises there, pytorch
@@ -26,7 +27,6 @@ from triton.runtime import driver
 from triton.runtime import _allocation
 
 from . import _configs
-
 
 
 def dot_precision(dtype: torch.dtype) -> str:
