@@ -172,7 +172,11 @@ FP32_MAX_R_PAD = 64
 _CONFIGS_FP32 = {
     "forward": [T(32, 32, 32, 4, 3, "the FMA tile that fits registers up to r_pad 64")],
     "shrink": [T(32, 0, 32, 4, 3, "FMA tile")],
-    "dx": [T(32, 32, 32, 4, 3, "FMA tile")],
+    "dx": [
+        T(32, 32, 32, 4, 3, "FMA tile", builds="tma"),
+        T(32, 16, 32, 4, 3, "FMA tile (N steps of 32 spill in the pointer build)",
+          builds="ptr"),
+    ],
     "dy": [T(32, 16, 0, 4, 3, "FMA tile (32 columns spill)")],
     "reduce": [T(0, 0, 0, 4, 1, "sums partials")],
 }

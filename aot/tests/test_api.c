@@ -34,13 +34,14 @@ typedef struct {
 } call;
 
 #define DEV(a) ((void*)(uintptr_t)(a))
+static int default_dtype = FASTLORA_FP16; /* test_fake: a dtype this build holds */
 
 static call base(int64_t M, int64_t N, int64_t K, int64_t r) {
     call c = {DEV(0x100000), DEV(0x200000), DEV(0x300000), DEV(0x400000), DEV(0x500000),
               DEV(0x600000), DEV(0x700000), DEV(0x800000), DEV(0x900000), DEV(0xa00000),
               DEV(0xb00000), NULL,
               K, K, K, r, N, N, K, M, N, K, r,
-              2.0f, 0.1f, (const int64_t*)DEV(0xc00000), 0, FASTLORA_FP16};
+              2.0f, 0.1f, (const int64_t*)DEV(0xc00000), 0, default_dtype};
     return c;
 }
 
@@ -246,6 +247,7 @@ static void test_fake(const char* fake_path) {
     log_at = (const fake_event* (*)(int))dlsym(h, "fake_cuda_log");
     log_reset = (void (*)(void))dlsym(h, "fake_cuda_reset");
     int arch = first_built_arch();
+    if (!strstr(fastlora_build_info(), "fp16")) default_dtype = FASTLORA_BF16;
     char cc[16];
     snprintf(cc, sizeof cc, "%d", arch);
 
