@@ -289,6 +289,8 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
     )  # fmt: skip
     dx_spec, parts_a = None, 0
     if need_g:
+        # a kind with no TMA dx tile (tf32: see _configs) runs the pointer build for dx
+        tma = tma and bool(_configs.configs_for("dx", kind, r_pad, tma=True))
         c = _configs.pick("dx", kind, r_pad, M, K, sms, tma)
         parts_a = _configs.cdiv(M, c.block_m) if need_dA else 0
         tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(K, c.block_k)
