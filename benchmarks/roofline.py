@@ -14,8 +14,10 @@ bound of the frozen ``nn.Linear`` (one GEMM forward, one ``dy W`` backward).
   tensor peak, so absolute times are optimistic; ratios are what the model is for.
 - tensor FLOPs: 2 m n k per matmul, with the rank padded to the MMA minimum (16) and the
   power-of-two block the kernels compute with.
-- ALU ops: work outside the tensor cores that cannot hide in the memory stream: Philox
-  dropout bits and the 4-bit decode, both estimates (``PHILOX_OPS``, ``DECODE_OPS``).
+- ALU ops: instructions outside the tensor cores, against one instruction per FP32 lane
+  per clock (the datasheet's FP32 FLOPS / 2, an FMA counting 2): Philox dropout bits and
+  the 4-bit decode, both counted from the kernels' code and rounded (``PHILOX_OPS``,
+  ``DECODE_OPS``).  The max() assumes they overlap the MMAs and the memory stream fully.
 - not modelled: launch latency and the tail of a small grid (a few microseconds per
   launch, which matters below M ~ 1024), and L2 reuse between launches.
 
@@ -50,29 +52,33 @@ class GPU:
     name: str
     bandwidth: float  # bytes/s, peak HBM
     tensor: float  # FLOP/s, dense bf16 tensor cores (no sparsity)
-    alu: float  # op/s, fp32 non-tensor (CUDA cores)
+    alu: float  # instructions/s on the FP32 lanes: FP32 FLOPS / 2 (an FMA counts 2 FLOPs)
     source: str
 
 
 # Published peaks (SXM parts). Dense bf16 is half of the "with sparsity" figure that the
 # H100/H200 datasheets headline.
 GPUS = {
-    "A100": GPU("A100 SXM4 80GB", 2.039e12, 312e12, 19.5e12,
+    "A100": GPU("A100 SXM4 80GB", 2.039e12, 312e12, 19.5e12 / 2,
                 "NVIDIA A100 Tensor Core GPU datasheet (2021): HBM2e 2,039 GB/s; BF16 tensor "
                 "312 TFLOPS dense; FP32 19.5 TFLOPS"),
-    "H100": GPU("H100 SXM5 80GB", 3.35e12, 989.4e12, 67e12,
+    "H100": GPU("H100 SXM5 80GB", 3.35e12, 989.4e12, 67e12 / 2,
                 "NVIDIA H100 Tensor Core GPU datasheet: HBM3 3.35 TB/s; BF16 tensor 1,979 "
                 "TFLOPS with sparsity = 989 dense; FP32 67 TFLOPS"),
-    "H200": GPU("H200 SXM 141GB", 4.8e12, 989.4e12, 67e12,
+    "H200": GPU("H200 SXM 141GB", 4.8e12, 989.4e12, 67e12 / 2,
                 "NVIDIA H200 Tensor Core GPU datasheet: HBM3e 4.8 TB/s; BF16 tensor 1,979 "
                 "TFLOPS with sparsity = 989 dense; FP32 67 TFLOPS"),
 }  # fmt: skip
 
-# ALU estimates (ops per element): Philox4x32-10 gives 4 uniforms for ~10 rounds of 2
-# multiplies and ~4 xor/adds, plus the compare and select; the NF4/FP4 decode is a nibble
-# extract, a 16-entry table lookup, the absmax multiply and a convert.
-PHILOX_OPS = 16
-DECODE_OPS = 4
+# ALU instructions per element (estimates, FP32-lane equivalents):
+# - Philox4x32-10 (kernels/_tiles.dropout_keep): 10 rounds of 2 wide multiplies, 2 3-input
+#   xors and 2 key adds give 4 uniforms, ~20 per element, the 32-bit multiplies at half rate
+#   on sm_80/sm_90 (~25); then the float conversion, the compare and the select: ~30.
+# - NF4 decode (kernels/dequant_4bit.load_4bit_tile): nibble split and interleave (~2), four
+#   bit tests (~8), the 15-select table tree, the absmax multiply, the bounds select and the
+#   convert to the MMA dtype: ~28.
+PHILOX_OPS = 30
+DECODE_OPS = 28
 MMA_MIN = 16  # tl.dot's smallest dimension (kernels/_configs.py MMA_MIN_R)
 
 
@@ -467,7 +473,7 @@ def case_lines(cases: list[dict], device_name: str | None) -> list[str]:
 
 def sources() -> list[str]:
     return [f"- {g.name}: {g.bandwidth / 1e12:.2f} TB/s, {g.tensor / 1e12:.0f} TFLOPS bf16 dense, "
-            f"{g.alu / 1e12:.1f} TFLOPS fp32 ({g.source})" for g in GPUS.values()]
+            f"{g.alu / 1e12:.2f} T ALU instructions/s ({g.source})" for g in GPUS.values()]
 
 
 def _shapes(kn_list: str, ms: str, rs: str, ps: str) -> list[Shape]:
@@ -482,9 +488,9 @@ def _shapes(kn_list: str, ms: str, rs: str, ps: str) -> list[Shape]:
 
 
 HEADER = ("Roofline MODEL, not a measurement: per launch t = max(bytes / bandwidth, tensor "
-          "FLOPs / bf16 dense peak, ALU ops / fp32 peak), summed over launches; cells are "
-          "that bound over the frozen nn.Linear's (x W^T forward, dy W backward), bf16, "
-          "adapters in bf16, no bias.")
+          "FLOPs / bf16 dense peak, ALU instructions / FP32 lane rate), summed over launches; "
+          "cells are that bound over the frozen nn.Linear's (x W^T forward, dy W backward), "
+          "bf16, adapters in bf16, no bias.")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,7 +94,7 @@ def test_launch_time_is_the_highest_ceiling():
     h100 = R.GPUS["H100"]
     mem = R.Launch("copy", bytes=3.35e12)  # one second of HBM3
     mma = R.Launch("gemm", bytes=1.0, flops=989.4e12 / 2)
-    alu = R.Launch("decode", bytes=1.0, alu=67e12 * 3)
+    alu = R.Launch("decode", bytes=1.0, alu=67e12 / 2 * 3)  # FP32 FLOPS / 2 a second
     assert mem.seconds(h100) == pytest.approx(1.0) and mem.bound(h100) == "memory"
     assert mma.seconds(h100) == pytest.approx(0.5) and mma.bound(h100) == "tensor"
     assert alu.seconds(h100) == pytest.approx(3.0) and alu.bound(h100) == "alu"
