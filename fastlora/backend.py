@@ -65,9 +65,15 @@ def _triton_status_of(device_type: str, index: int) -> tuple[bool, str]:
     return triton_backend.available(device)
 
 
+def _triton_status_value(device_type: str, index: int) -> tuple[bool, str]:
+    return _triton_status_of(device_type, index)
+
+
 # Asked once per device and, while torch.compile traces, taken as a constant: the probe
-# (an import, a driver query in try/except) would otherwise break the graph.
-_triton_status_constant = torch.compiler.assume_constant_result(_triton_status_of)
+# (an import, a driver query in try/except) would otherwise break the graph. The constant is
+# a plain function around the cached one: handed the lru_cache wrapper itself, Dynamo warns
+# that it ignores the cache ("silent incorrectness is a potential risk").
+_triton_status_constant = torch.compiler.assume_constant_result(_triton_status_value)
 
 
 def _triton_status(device: torch.device) -> tuple[bool, str]:
