@@ -262,13 +262,14 @@ def goals(results: dict) -> list[dict]:
                                        f"r={case['r']} p={case['p']:g}")
             out.append(_goal("fwd+bwd never slower than unsloth_style", f, where, worst, "<=", 1.0))
     elif dtype == "float32":
-        # foundation issue: CPU, fp32, M = 2048, K = N = 1024, r = 16
+        # foundation issue: CPU, fp32, M = 2048, K = N = 1024, r = 16; issue 14 set the p=0
+        # limit to 1.10 (1.05 was below what the six skinny MKL GEMMs allow)
         base = dict(M=2048, K=1024, N=1024, r=16)
         for f in fl:
             for case in _find(results, p=0.0, **base):
                 e = _entry_ok(case, f)
                 out.append(_goal("fwd+bwd vs linear", f, "1024x1024 M=2048 r=16 p=0",
-                                 e and e["ratio"].get("fwd+bwd"), "<=", 1.05))
+                                 e and e["ratio"].get("fwd+bwd"), "<=", 1.10))
             for case in _find(results, p=0.1, **base):
                 where = "1024x1024 M=2048 r=16 p=0.1"
                 out.append(_goal("fwd+bwd vs peft", f, where, _time_ratio(case, f, "peft"),
