@@ -394,6 +394,7 @@ def _minilm_out(model, batch):
         return model(**batch).last_hidden_state
 
 
+@pytest.mark.slow
 def test_minilm_round_trips_with_peft(tmp_path, minilm):
     base, batch = minilm
     model = fm.apply_lora(

@@ -55,6 +55,7 @@ def test_compile_fullgraph_one_frame_no_recompile(p, train):
         assert max_err(y, layer(x)) < 1e-5
 
 
+@pytest.mark.slow
 def test_compile_inductor_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)

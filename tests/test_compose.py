@@ -133,6 +133,7 @@ def test_compile_fullgraph_one_frame_matches_eager(backend, p, mode):
     assert counter.frame_count == 1, f"{counter.frame_count} frames (a graph break or recompile)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("p", "mode"), MODES[1:], ids=MODE_IDS[1:])
 def test_compile_inductor_matches_eager(backend, p, mode):
     """Inductor (generated C++ around the fastlora ops) gives eager's numbers within fp32

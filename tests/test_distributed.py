@@ -32,6 +32,9 @@ from torch import nn
 import fastlora
 from helpers import max_err
 
+# every test here reads the results of two spawned gloo process groups (DDP, FSDP2)
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 D_IN, D_HID, D_OUT, R = 16, 10, 7, 3  # 7 output rows over 2 ranks: uneven FSDP2 shards
 BATCH = 8  # 4 rows per rank

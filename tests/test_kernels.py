@@ -473,6 +473,7 @@ def test_available_says_why():
     assert not ok and "meta" in reason
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
 def test_opcheck(p):
     """All of opcheck's checks: with triton_op on a GPU; under the interpreter the ops are

@@ -175,6 +175,7 @@ def _check(backend, c):
         assert ((Bg.grad.double() - want).abs() <= _bound(mag, rows + K + 2, dtype, want)).all(), f"dB, case {c}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", ["no-dropout", "dropout"])
 @pytest.mark.parametrize("backend_name", available_backends())
 def test_matches_reference_on_random_cases(backend_name, regime):

