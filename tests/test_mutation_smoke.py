@@ -36,6 +36,7 @@ def test_main_fails_on_a_stale_anchor(capsys):
     assert "'stale': anchor found 0 times" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_child_imports_the_copy(tmp_path):
     """The editable install maps fastlora.kernels to the checkout; the copy must win."""
     root = make_copy(tmp_path)
@@ -48,6 +49,7 @@ def test_child_imports_the_copy(tmp_path):
     assert ROOT not in [root, *root.parents]
 
 
+@pytest.mark.slow
 def test_a_surviving_mutant_fails_the_run(capsys):
     """An equivalent mutant (a comment edit) survives its test: the run must say so and fail."""
     harmless = Mutant("comment edit", "fastlora/dropout.py", "_BITS = 8\n", "_BITS = 8  # same\n",

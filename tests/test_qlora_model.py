@@ -199,6 +199,7 @@ def test_fp4_without_double_quant(quant_type, tmp_path):
         torch.testing.assert_close(_out(ours, batch), theirs, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.slow
 def test_example_runs_in_4bit(tmp_path, capsys):
     """``examples/finetune_sentiment.py --4bit``: the real MiniLM in 4 bits, fastlora and
     PEFT's QLoRA side by side for two steps (evaluated before training: bitsandbytes' CPU
