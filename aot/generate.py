@@ -70,6 +70,11 @@ def C(key):
     return Arg("const", key)
 
 
+# The 4-bit base's loader arguments (pointers and block sizes): None constexprs in the dense
+# builds the C library holds.
+Q_NONE = {n: C("none") for n in ("q_absmax_ptr", "q_code2_ptr", "q_absmax2_ptr",
+                                 "q_offset_ptr", "Q_BLOCKSIZE", "Q_NESTED_BLOCKSIZE")}
+
 # Every argument of every kernel, by name.  The hints mirror kernels/_compile.py (what
 # Triton's runtime specialises for aligned tensors) except M, which is left unhinted so
 # any M takes the fast path (a hint on M only sharpens the row mask).
@@ -85,7 +90,7 @@ KERNEL_ARGS = {
     },
     "forward": {
         "x_ptr": P("x"), "w_ptr": P("w"), "bias_ptr": P("bias"), "u_ptr": P("u"),
-        "b_ptr": P("b"), "y_ptr": P("y"),
+        "b_ptr": P("b"), "y_ptr": P("y"), **Q_NONE,
         "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
         "stride_xm": I("ldx"), "stride_xk": U, "stride_wn": I("ldw"), "stride_wk": U,
         "stride_um": I("ldu", False), "stride_ur": U, "stride_bn": I("ldb", False),
@@ -110,7 +115,7 @@ KERNEL_ARGS = {
     },
     "dx": {
         "dy_ptr": P("dy"), "w_ptr": P("w"), "g_ptr": P("g"), "a_ptr": P("a"), "x_ptr": P("x"),
-        "seed_ptr": P("seed"), "dx_ptr": P("dx"), "ws_ptr": P("ws_a"),
+        "seed_ptr": P("seed"), "dx_ptr": P("dx"), "ws_ptr": P("ws_a"), **Q_NONE,
         "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
         "stride_dym": I("lddy"), "stride_dyn": U, "stride_wn": I("ldw"), "stride_wk": U,
         "stride_gm": I("ldg", False), "stride_gr": U, "stride_ar": I("lda"), "stride_ak": U,
@@ -236,7 +241,7 @@ def compile_one(fn, kernel, dtype, arch, r_pad, tile, flag, aligned, tma, cfg):
     from triton.backends.compiler import GPUTarget
 
     consts = {
-        "flag": flag, "r_pad": r_pad, "precision": "ieee", "on": True, "tma": tma,
+        "flag": flag, "r_pad": r_pad, "precision": "ieee", "on": True, "tma": tma, "none": None,
         "base": "dense_tma" if tma else "dense", "GROUP_M": cfg.GROUP_M,
         "flatten": bool(tma and tile is not None and tile.flatten), "epi_split": 2 if tma else 1,
         "REDUCE_BLOCK": cfg.REDUCE_BLOCK,
