@@ -146,7 +146,8 @@ def apply(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
           dropout_p: float) -> Tensor:
     """x: [M, K] -> y: [M, N]: the norm (detached, cheap form), then the backend's op."""
     norm = weight_norm(weight, lora_A, lora_B, scaling, sq_norm)
-    # TODO(kernels): the Triton DoRA epilogue; until then every backend runs the torch path
-    from fastlora import dora_torch as impl
-
+    if backend == "triton" and not bases.is_4bit(weight):  # a 4-bit base: the torch path
+        from fastlora import dora_triton as impl
+    else:
+        from fastlora import dora_torch as impl
     return impl.apply_dora(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)

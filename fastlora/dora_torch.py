@@ -25,7 +25,10 @@ _DOT_CHUNK = 1 << 18
 
 
 def _column_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """``sum_m a[m, n] * b[m, n]`` for a, b [M, N] -> [N] in ``acc``, a block of rows at a time."""
+    """``sum_m a[m, n] * b[m, n]`` for a, b [M, N] -> [N] in ``acc``: on the CPU a block of
+    rows at a time; on a GPU (where each block would be a launch) one call."""
+    if a.device.type != "cpu":
+        return torch.linalg.vecdot(a, b, dim=0).to(acc)
     M, N = a.shape
     rows = max(1, _DOT_CHUNK // max(N, 1))
     out = torch.zeros(N, dtype=acc, device=a.device)

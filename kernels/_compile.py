@@ -40,8 +40,11 @@ DTYPES = {
     "tf32": ("fp32", "fp32", "tf32"),  # fp32 tensors with torch's allow_tf32 on
 }
 _ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-_ADAPTER_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr"}
-_SPECIAL_PTRS = {"seed_ptr": "*i64", "ws_ptr": "*fp32", "wsa_ptr": "*fp32", "wsb_ptr": "*fp32"}
+_ADAPTER_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr", "mag_ptr", "dm_ptr"}
+_SPECIAL_PTRS = {"seed_ptr": "*i64", "ws_ptr": "*fp32", "wsa_ptr": "*fp32", "wsb_ptr": "*fp32",
+                 "wsm_ptr": "*fp32", "norm_ptr": "*fp32"}
+# DoRA's operands: None (constexpr) in a LoRA build, as the launchers pass them
+_DORA_PTRS = ("z_ptr", "mag_ptr", "norm_ptr", "wsm_ptr", "dm_ptr")
 _FLOATS = {"scaling", "dropout_p"}
 # the 4-bit base's loader arguments (kernels/dequant_4bit.py); q_absmax_ptr is uint8 codes
 # under double quantization, fp32 otherwise; blocksizes are powers of two >= 32 (bitsandbytes)
@@ -64,13 +67,17 @@ _UNIT_STRIDES = {
 # sizes that are r (or counts) and so not known to be multiples of 16
 _NOT_DIVISIBLE = {
     "R", "NUM_PROGS", "stride_um", "stride_gm", "stride_bn", "stride_wsn", "stride_wsp",
-    "NA", "NB", "PA", "PB", "PROGS_A",
+    "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB",
 }
 # the constexpr flags compiled: every optional piece of code on
 FLAGS = {
     "HAS_BIAS": True, "HAS_DROPOUT": True, "COMPUTE_DX": True, "NEED_DA": True,
-    "WRITE_G": True, "NEED_DB": True,
+    "WRITE_G": True, "NEED_DB": True, "NEED_DM": True, "HAS_DM": True,
 }
+# adapter variants (_configs.ADAPTERS): the ADAPTER constexpr and whether DoRA's dropout
+# accumulators are compiled in; DoRA changes these kernels only
+ADAPTERS = _configs.ADAPTERS
+DORA_KERNELS = ("forward", "dy", "dx", "reduce")
 SMEM_LIMIT = _configs.SMEM_LIMIT
 # builds per arch: sm_90 launches the TMA build, and the pointer build where a stride or
 # base address is not 16-byte aligned; sm_80 the pointer build only
@@ -85,12 +92,13 @@ def operand_kind(dtype: str) -> str:
 
 def compile_kernel(
     kernel: str, dtype: str, config: _configs.TileConfig, arch: int, r_pad: int,
-    build: str = "ptr", base: str = "dense",
+    build: str = "ptr", base: str = "dense", variant: str = "lora",
 ):  # fmt: skip
     """``triton.compile`` of one kernel for ``sm_<arch>``; ``build`` "tma" (tensor
     descriptors, persistent) or "ptr"; ``base`` "dense" or a bitsandbytes 4-bit kind of
-    ``BASES_4BIT`` (the forward and dx GEMMs decode W in their K loop).  Returns the
-    CompiledKernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
+    ``BASES_4BIT`` (the forward and dx GEMMs decode W in their K loop); ``variant`` one of
+    ``ADAPTERS`` ("dora": DoRA's epilogues, "dora_dropout": also its second accumulators).
+    Returns the CompiledKernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
     fn = JIT_KERNELS[kernel]
     act, adapter, precision = DTYPES[dtype]
     tma = build == "tma"
@@ -105,6 +113,10 @@ def compile_kernel(
         "EPI_SPLIT": 2 if tma else 1,
         "BLOCK": _configs.REDUCE_BLOCK,
         **FLAGS,
+        "ADAPTER": "dora" if variant.startswith("dora") else "lora",
+        **({"HAS_DROPOUT": False} if variant == "dora" else {}),
+        **({"NEED_DM": False, "HAS_DM": False} if variant == "lora" else {}),
+        **({n: None for n in _DORA_PTRS} if variant == "lora" else {}),
         **config.meta(kernel),
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}

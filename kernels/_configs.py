@@ -183,6 +183,43 @@ _CONFIGS_FP32 = {
     "reduce": [T(0, 0, 0, 4, 1, "sums partials")],
 }
 _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
+
+# DoRA's own tiles where its variant needs more registers than LoRA's (every other
+# (kind, kernel, variant) launches LoRA's table): with dropout the forward holds two
+# [BM, BN] accumulators (x W^T and D(x) W^T), and the dy pass holds a z tile and its
+# product with dy beside g and the dB partial.
+_DORA_CONFIGS = {
+    ("16bit", "forward", "dora_dropout"): [
+        T(128, 64, 64, 8, 3, "large M: two [128, 64] accumulators over 8 warps", 32),
+        T(64, 64, 64, 8, 3, "mid M, and r_pad >= 64: two [64, 64] accumulators"),
+        T(32, 32, 64, 4, 3, "small M: many CTAs (below wgmma's 64 rows)", builds="ptr"),
+    ],
+    ("tf32", "forward", "dora_dropout"): [
+        T(128, 64, 32, 8, 3, "large M: two [128, 64] accumulators over 8 warps", 32),
+        T(64, 64, 32, 8, 3, "mid M, and r_pad >= 64"),
+        T(32, 32, 64, 4, 3, "small M", builds="ptr"),
+    ],
+    ("fp32", "forward", "dora_dropout"): [
+        T(16, 32, 32, 4, 3, "FMA tile, two accumulators"),
+    ],
+    ("16bit", "dy", "dora"): [
+        T(128, 32, 0, 8, 3, "large M: dy and z tiles [128, 32] beside g", 32),
+        T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
+        T(64, 16, 0, 8, 3, "r_pad 128: z and dy [64, 16] beside g", min_r_pad=MAX_R),
+    ],
+    ("tf32", "dy", "dora"): [
+        T(64, 32, 0, 8, 3, "large M: dy, z [64, 32] beside g", 32),
+        T(32, 32, 0, 8, 3, "small M, and r_pad >= 64"),
+    ],
+}
+
+# adapter variants a kernel build can be: LoRA, DoRA, DoRA with dropout (forward and dx then
+# carry two accumulators)
+ADAPTERS = ("lora", "dora", "dora_dropout")
+
+
+def adapter_variant(dora: bool, dropout: bool) -> str:
+    return ("dora_dropout" if dropout else "dora") if dora else "lora"
 del T
 
 _INTERPRET_CONFIG = TileConfig(
@@ -212,19 +249,21 @@ def operand_kind(esize: int, precision: str) -> str:
 
 
 def configs_for(
-    kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None, tma: bool = False
+    kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None, tma: bool = False,
+    adapter: str = "lora",
 ) -> list[TileConfig]:
     """Every config the dispatcher may launch for this kernel, operand kind
-    (``operand_kind``), rank block and build (``tma``); ``interpreter`` defaults to
-    ``TRITON_INTERPRET=1``."""
+    (``operand_kind``), rank block, build (``tma``) and adapter variant (``ADAPTERS``);
+    ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
     if interpreting() if interpreter is None else interpreter:
         return [_INTERPRET_CONFIG]
     esize = 2 if kind == "16bit" else 4
     if r_pad > (FP32_MAX_R_PAD if kind == "fp32" else MAX_R):
         return []
+    table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
     return [
         c
-        for c in _TABLES[kind][kernel]
+        for c in table
         if c.min_r_pad <= r_pad <= c.max_r_pad
         and ("tma" if tma else "ptr") in c.builds
         and smem_estimate(kernel, c, esize, r_pad) <= SMEM_LIMIT[80]
@@ -239,13 +278,13 @@ def m_bucket(m: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def pick(
     kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False,
-    *, interpreter: bool | None = None,
+    *, interpreter: bool | None = None, adapter: str = "lora",
 ) -> TileConfig:
     """The config launched for a ``rows x cols`` output (cols 1 for row-tiled kernels):
     the largest tile (table order) that still gives every one of ``sms`` SMs a tile,
     else the config with the most tiles.  A function of the shape alone.  ``interpreter``
     as in ``configs_for`` (False: the GPU tables even under ``TRITON_INTERPRET=1``)."""
-    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter)
+    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter, adapter=adapter)
     if not cands:
         raise ValueError(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "

@@ -20,6 +20,10 @@ in-kernel descriptors need Triton's per-launch scratch allocator, which code com
 Inductor is not known to provide (not testable without a GPU).
 A new base kind is a ``BASE`` branch of ``_tiles.load_w``; a new adapter epilogue goes
 beside ``lora_epilogue``.
+
+DoRA (``dora_forward``, ``ADAPTER="dora"``, dense base): the same two launches; the GEMM's
+epilogue stores the pre-scale output z and writes y with the column scale m / norm, and
+with dropout a second accumulator D(x) W^T runs on the main loop's W tiles.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ._launch import LaunchSpec, current_device_info, dot_precision, launch
 from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, load_w
 from ._tiles import store_rows, tile_coords, w_source
 
-__all__ = ["RNG_COLS_PER_DRAW", "dropout_keep", "lora_forward", "use_tma"]
+__all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "lora_forward", "use_tma"]
 
 # TMA: 16-byte aligned base addresses and row strides, unit last stride (CUDA's
 # cuTensorMapEncodeTiled rules for a 2-D tensor).
@@ -93,30 +97,64 @@ def lora_epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def dora_scale(mag_ptr, norm_ptr, offs_n, N):
+    """DoRA's column scale c = m / norm [BLOCK_N] in fp32 (zero outside N)."""
+    mask_n = offs_n < N
+    m = tl.load(mag_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return m / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)
+
+
+@triton.jit
+def dora_epilogue(acc, z, c, bias_ptr, offs_n, N, HAS_BIAS: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr):  # fmt: skip
+    """DoRA epilogue, after the pre-scale output z = D(x) W^T + u B^T was stored (acc =
+    x W^T + u B^T): y = acc + (c - 1) z + b with dropout, y = c z + b without (z is acc)."""
+    if HAS_DROPOUT:
+        y = acc + (c[None, :] - 1.0) * z
+    else:
+        y = c[None, :] * z
+    return lora_epilogue(y, bias_ptr, offs_n, N, HAS_BIAS)
+
+
+@triton.jit
 def _lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, y_ptr,
     q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr,
+    z_ptr, mag_ptr, norm_ptr, seed_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur,
     stride_bn, stride_br, stride_ym, stride_yn,
-    NUM_PROGS,
+    dropout_p, NUM_PROGS,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, BASE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
     Q_BLOCKSIZE: tl.constexpr, Q_NESTED_BLOCKSIZE: tl.constexpr,
+    ADAPTER: tl.constexpr = "lora", HAS_DROPOUT: tl.constexpr = False,
 ):  # fmt: skip
     """y[M, N] = x W^T + b + u B^T.  Programs walk tiles tile = pid, pid + NUM_PROGS, ...
-    (NUM_PROGS = tile count without TMA: one tile each)."""
+    (NUM_PROGS = tile count without TMA: one tile each).
+
+    ADAPTER "dora" (dense base): also z [M, N] (y's strides) and DoRA's epilogue; with
+    HAS_DROPOUT the main loop runs a second accumulator D(x) W^T on the same W tiles (mask
+    in registers), started, like the first, with u B^T."""
     dtype = x_ptr.dtype.element_ty
     if USE_TMA:
         x_src = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
         y_dst = tl.make_tensor_descriptor(
             y_ptr, [M, N], [stride_ym, 1], [BLOCK_M, BLOCK_N // EPI_SPLIT]
         )  # fmt: skip
+        if ADAPTER == "dora":
+            z_dst = tl.make_tensor_descriptor(
+                z_ptr, [M, N], [stride_ym, 1], [BLOCK_M, BLOCK_N // EPI_SPLIT]
+            )  # fmt: skip
     else:
         x_src = x_ptr
         y_dst = y_ptr
+        z_dst = z_ptr
+    if ADAPTER == "dora" and HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        p = tl.cast(dropout_p, tl.float32)
     w_src = w_source(w_ptr, q_absmax_ptr, q_code2_ptr, q_absmax2_ptr, q_offset_ptr, N, K,
                      stride_wn, BASE, BLOCK_N, BLOCK_K)  # fmt: skip
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -140,11 +178,17 @@ def _lora_forward_kernel(
         ).to(dtype)  # [R_PAD, BLOCK_N]: B^T in x's dtype, cast in registers
         if BASE == "dense" or BASE == "dense_tma":
             acc = tl.dot(u, b_t, input_precision=DOT_PRECISION)
+            if ADAPTER == "dora" and HAS_DROPOUT:
+                acc_d = acc  # z's accumulator: u B^T + D(x) W^T
             for k0 in range(0, K, BLOCK_K):
                 x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M,
                               BLOCK_K)  # fmt: skip
                 w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
                 acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+                if ADAPTER == "dora" and HAS_DROPOUT:
+                    # D(x) W^T on the same W tile: no second pass over W
+                    xd = apply_dropout(x, seed, offs_m, k0, p, BLOCK_K)
+                    acc_d = tl.dot(xd, w.T, acc_d, input_precision=DOT_PRECISION)
         else:
             # a decoded 4-bit W lives in registers: it is the MMA's A operand (wgmma takes A
             # from registers, B only from shared memory), so the tile is y^T = W x^T
@@ -156,7 +200,17 @@ def _lora_forward_kernel(
                            Q_BLOCKSIZE, Q_NESTED_BLOCKSIZE)
                 acc_t = tl.dot(w.to(dtype), x.T, acc_t, input_precision=DOT_PRECISION)
             acc = tl.dot(u, b_t, acc_t.T, input_precision=DOT_PRECISION)
-        acc = lora_epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS)
+        if ADAPTER == "dora":
+            c = dora_scale(mag_ptr, norm_ptr, offs_n, N)
+            if HAS_DROPOUT:
+                z = acc_d
+            else:
+                z = acc
+            store_rows(z_dst, z, m0, n0, M, N, stride_ym, stride_yn, USE_TMA, BLOCK_M, BLOCK_N,
+                       EPI_SPLIT)  # fmt: skip
+            acc = dora_epilogue(acc, z, c, bias_ptr, offs_n, N, HAS_BIAS, HAS_DROPOUT)
+        else:
+            acc = lora_epilogue(acc, bias_ptr, offs_n, N, HAS_BIAS)
         store_rows(y_dst, acc, m0, n0, M, N, stride_ym, stride_yn, USE_TMA, BLOCK_M, BLOCK_N,
                    EPI_SPLIT)  # fmt: skip
 
@@ -209,36 +263,69 @@ def lora_forward(
     both in x.dtype; u = s * D(x) A^T is what the backward needs for dB.  Computes in
     x.dtype with fp32 accumulation.  ``traceable``: launch through wrap_triton (inside a
     triton_op); ``tma``: force the TMA build on or off (default: sm_90 and aligned)."""
+    y, u, _ = _forward(x, weight, bias, lora_A, lora_B, None, None, scaling, dropout_p, seed,
+                       traceable, tma, base4)
+    return y, u
+
+
+def dora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: torch.Tensor,
+    *,
+    traceable: bool = False,
+    tma: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DoRA on a dense base: ``lora_forward``'s arguments plus magnitude [N] (any float
+    dtype) and the detached row norms norm [N] (fp32).  Returns y [M, N], u [M, r] and the
+    pre-scale output z = D(x) W^T + u B^T [M, N] (what the backward needs for dm), all in
+    x.dtype.  The same two launches as LoRA: the shrink, then the GEMM with DoRA's epilogue."""
+    return _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+                    traceable, tma, None)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+             traceable, tma, base4):
+    dora = magnitude is not None
     M, K = x.shape
     N = lora_B.shape[0]
     R = lora_A.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     u = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if dora else None
     if M == 0:
-        return y, u
+        return y, u, z
     arch, sms = current_device_info()
     if tma is None:  # under torch.compile: the pointer build (see the module docstring)
         tma = not traceable and use_tma(arch, x, y, *(() if base4 else (weight,)))
     base, q_ptrs, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
     shrink, fwd = _plan(M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, bias is not None,
-                        dropout_p > 0.0, tma, sms, base, q_sizes)  # fmt: skip
+                        dropout_p > 0.0, tma, sms, base, q_sizes, dora)  # fmt: skip
     launch(
         shrink, (x, lora_A, u, seed),
         (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(), float(scaling), float(dropout_p)),
         traceable=traceable,
     )  # fmt: skip
     launch(
-        fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y, *q_ptrs),
+        fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y, *q_ptrs,
+              *((z, magnitude, norm) if dora else (None, None, None)), seed),
         (M, N, K, R, *x.stride(), *w_strides, *u.stride(), *lora_B.stride(), *y.stride(),
-         fwd.grid[0]),
+         float(dropout_p), fwd.grid[0]),
         traceable=traceable,
     )  # fmt: skip
-    return y, u
+    return y, u, z
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense",
-          q_sizes=(None, None)):
+          q_sizes=(None, None), dora=False):
     """The two launches of a forward call: configs, grids, constexprs (per shape)."""
     r_pad = _configs.pad_rank(R)
     kind = _configs.operand_kind(esize, prec)
@@ -249,7 +336,8 @@ def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense"
              BLOCK_M=c.block_m, BLOCK_K=c.block_k),
         c.num_warps, c.num_stages,
     )  # fmt: skip
-    c = _configs.pick("forward", kind, r_pad, M, N, sms, tma)
+    variant = _configs.adapter_variant(dora, has_dropout)
+    c = _configs.pick("forward", kind, r_pad, M, N, sms, tma, adapter=variant)
     tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(N, c.block_n)
     fwd = LaunchSpec(
         _lora_forward_kernel, (min(tiles, sms) if tma else tiles,),
@@ -257,7 +345,8 @@ def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense"
              BASE=("dense_tma" if tma else "dense") if base == "dense" else base,
              BLOCK_M=c.block_m, BLOCK_N=c.block_n,
              BLOCK_K=c.block_k, GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten,
-             EPI_SPLIT=2 if tma else 1, Q_BLOCKSIZE=q_sizes[0], Q_NESTED_BLOCKSIZE=q_sizes[1]),
+             EPI_SPLIT=2 if tma else 1, Q_BLOCKSIZE=q_sizes[0], Q_NESTED_BLOCKSIZE=q_sizes[1],
+             ADAPTER="dora" if dora else "lora", HAS_DROPOUT=dora and has_dropout),
         c.num_warps, c.num_stages,
     )  # fmt: skip
     return shrink, fwd

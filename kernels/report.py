@@ -16,6 +16,7 @@ kernel the launchers can start is built (``_configs.configs_for``), through
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -31,35 +32,44 @@ from .dequant_4bit import BASES_4BIT as _BASES_4BIT  # noqa: E402
 _configs._INTERPRETING = False  # the package may have been imported with the interpreter on
 
 
-def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",)):
-    """(arch, dtype, r_pad, kernel, config, build, base) for every launchable config; with
-    ``r_pads`` None, each config at the largest rank block it is launched with (the rank
-    block only adds registers and shared memory, so that is its worst case).  The W
-    mainloops (forward, dx) are built once per base kind in ``bases``."""
+def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adapters=("lora",)):
+    """(arch, dtype, r_pad, kernel, config, build, base, adapter variant) for every
+    launchable config; with ``r_pads`` None, each config at the largest rank block it is
+    launched with (the rank block only adds registers and shared memory, so that is its
+    worst case).  The W mainloops (forward, dx) are built once per base kind in ``bases``;
+    DoRA's variants (dense base: a 4-bit DoRA layer takes the torch path) for the kernels
+    DoRA changes, "dora_dropout" for those with its second accumulator."""
     for arch in archs:
         for dtype in dtypes:
             kind = _compile.operand_kind(dtype)
             for kernel in kernels:
                 # the reduce kernel has no TMA path: one build per arch
                 builds = _compile.BUILDS[arch][-1:] if kernel == "reduce" else _compile.BUILDS[arch]
-                for build in builds:
+                for build, adapter in itertools.product(builds, adapters):
+                    if adapter != "lora" and kernel not in _compile.DORA_KERNELS:
+                        continue
+                    if adapter == "dora_dropout" and kernel not in _configs.DROPOUT_ACC_KERNELS:
+                        continue  # the same build as "dora"
                     seen = {}
                     for r_pad in _configs.R_PADS:
                         for cfg in _configs.configs_for(
-                            kernel, kind, r_pad, interpreter=False, tma=build == "tma"
+                            kernel, kind, r_pad, interpreter=False, tma=build == "tma",
+                            adapter=adapter,
                         ):  # fmt: skip
                             seen.setdefault(cfg, []).append(r_pad)
+                    kinds = bases if kernel in _compile.BASE_KERNELS and adapter == "lora" \
+                        else ("dense",)
                     for cfg, pads in seen.items():
                         for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
                             if r_pads is None and r_pad != max(pads):
                                 continue
-                            for base in bases if kernel in _compile.BASE_KERNELS else ("dense",):
-                                yield arch, dtype, r_pad, kernel, cfg, build, base
+                            for base in kinds:
+                                yield arch, dtype, r_pad, kernel, cfg, build, base, adapter
 
 
 def problems_of(job, res) -> list[str]:
     """The failure rules (module docstring) applied to one build's resources."""
-    arch, _, _, kernel, _, build, _ = job
+    arch, _, _, kernel, _, build, _, _ = job
     problems = []
     limit = _compile.SMEM_LIMIT[arch]
     if res.shared > limit:
@@ -74,10 +84,11 @@ def problems_of(job, res) -> list[str]:
 
 
 def check(job):
-    arch, dtype, r_pad, kernel, cfg, build, base = job
+    arch, dtype, r_pad, kernel, cfg, build, base, adapter = job
     t0 = time.perf_counter()
     try:
-        compiled = _compile.compile_kernel(kernel, dtype, cfg, arch, r_pad, build, base)
+        compiled = _compile.compile_kernel(kernel, dtype, cfg, arch, r_pad, build, base,
+                                           adapter)
         persistent = build == "tma" and kernel in _configs.GEMM_KERNELS
         res = _compile.resources(compiled, arch, cfg.num_warps, persistent)
     except Exception as exc:  # a config that does not compile is a failure to report
@@ -101,19 +112,21 @@ def main(argv=None) -> int:
                     help="base kinds of the forward/dx main loops (default: dense; nf4_dq is "
                          "QLoRA's default 4-bit base; FP4 and non-nested differ only in the "
                          "decode's constants and one load)")  # fmt: skip
+    ap.add_argument("--adapter", nargs="+", default=list(_compile.ADAPTERS),
+                    choices=_compile.ADAPTERS)  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
 
-    todo = list(jobs(args.arch, args.dtype, args.r_pad, args.kernel, args.base))
+    todo = list(jobs(args.arch, args.dtype, args.r_pad, args.kernel, args.base, args.adapter))
     t0 = time.perf_counter()
     header = f"{'kernel':7} {'config (BM,BN,BK,w,s)':22} {'dtype':10} {'r_pad':>5} {'arch':>5} " \
-             f"{'build':5} {'base':6} {'smem B':>7} {'regs':>4} {'spill B':>7} {'wgmma':>5} {'TMA':>3} " \
+             f"{'build':5} {'base':6} {'adapter':12} {'smem B':>7} {'regs':>4} {'spill B':>7} {'wgmma':>5} {'TMA':>3} " \
              f"{'wait':>4} {'pers':>4} {'CTA/SM':>6}  status"  # fmt: skip
     print(header)
     failed = 0
     with ProcessPoolExecutor(args.jobs) as pool:
         for job, res, problem, _ in pool.map(check, todo):
-            arch, dtype, r_pad, kernel, c, build, base = job
+            arch, dtype, r_pad, kernel, c, build, base, adapter = job
             cfg = f"{c.block_m},{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
             yn = {True: "yes", False: "no"}
             if res:
@@ -123,7 +136,8 @@ def main(argv=None) -> int:
             else:
                 cols = f"{'-':>7} {'-':>4} {'-':>7} {'-':>5} {'-':>3} {'-':>4} {'-':>4} {'-':>6}"
             failed += bool(problem)
-            print(f"{kernel:7} {cfg:22} {dtype:10} {r_pad:5d} sm_{arch:<2} {build:5} {base:6} {cols}  "
+            print(f"{kernel:7} {cfg:22} {dtype:10} {r_pad:5d} sm_{arch:<2} {build:5} {base:6} "
+                  f"{adapter:12} {cols}  "
                   f"{'FAIL ' + problem if problem else 'ok'}", flush=True)  # fmt: skip
     print(f"{len(todo)} kernel builds, {failed} failing, {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
