@@ -91,6 +91,9 @@ KERNEL_ARGS = {
     "forward": {
         "x_ptr": P("x"), "w_ptr": P("w"), "bias_ptr": P("bias"), "u_ptr": P("u"),
         "b_ptr": P("b"), "y_ptr": P("y"), **Q_NONE,
+        # DoRA's operands: the C API builds LoRA only (ADAPTER "lora"), None as LoRA passes
+        "z_ptr": C("none"), "mag_ptr": C("none"), "norm_ptr": C("none"), "seed_ptr": P("seed"),
+        "dropout_p": F("dropout_p"), "ADAPTER": C("lora"), "HAS_DROPOUT": C("off"),
         "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
         "stride_xm": I("ldx"), "stride_xk": U, "stride_wn": I("ldw"), "stride_wk": U,
         "stride_um": I("ldu", False), "stride_ur": U, "stride_bn": I("ldb", False),
@@ -104,6 +107,8 @@ KERNEL_ARGS = {
     "dy": {
         "dy_ptr": P("dy"), "b_ptr": P("b"), "u_ptr": P("u"), "g_ptr": P("g"),
         "ws_ptr": P("ws_b"),
+        "z_ptr": C("none"), "mag_ptr": C("none"), "norm_ptr": C("none"), "wsm_ptr": C("none"),
+        "stride_zm": I("lddy"), "ADAPTER": C("lora"), "NEED_DM": C("off"),
         "M": I("M", False), "N": I("N"), "R": I("R", False),
         "stride_dym": I("lddy"), "stride_dyn": U, "stride_bn": I("ldb", False), "stride_br": U,
         "stride_um": I("ldu", False), "stride_ur": U, "stride_gm": I("ldg", False),
@@ -116,6 +121,7 @@ KERNEL_ARGS = {
     "dx": {
         "dy_ptr": P("dy"), "w_ptr": P("w"), "g_ptr": P("g"), "a_ptr": P("a"), "x_ptr": P("x"),
         "seed_ptr": P("seed"), "dx_ptr": P("dx"), "ws_ptr": P("ws_a"), **Q_NONE,
+        "mag_ptr": C("none"), "norm_ptr": C("none"), "ADAPTER": C("lora"),
         "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
         "stride_dym": I("lddy"), "stride_dyn": U, "stride_wn": I("ldw"), "stride_wk": U,
         "stride_gm": I("ldg", False), "stride_gr": U, "stride_ar": I("lda"), "stride_ak": U,
@@ -132,6 +138,8 @@ KERNEL_ARGS = {
         "wsa_ptr": P("ws_a"), "da_ptr": P("da"), "wsb_ptr": P("ws_b"), "db_ptr": P("db"),
         "NA": I("na", False), "PA": I("pa", False), "NB": I("nb", False), "PB": I("pb", False),
         "PROGS_A": I("progs_a", False), "BLOCK": C("REDUCE_BLOCK"),
+        "wsm_ptr": C("none"), "dm_ptr": C("none"), "norm_ptr": C("none"), "NM": I("nb", False),
+        "PM": I("pb", False), "PROGS_AB": I("progs_a", False), "HAS_DM": C("off"),
     },
 }  # fmt: skip
 KERNEL_IDS = {k: i for i, k in enumerate(KERNEL_ARGS)}  # FL_K_<NAME> in fl_internal.h
@@ -242,6 +250,7 @@ def compile_one(fn, kernel, dtype, arch, r_pad, tile, flag, aligned, tma, cfg):
 
     consts = {
         "flag": flag, "r_pad": r_pad, "precision": "ieee", "on": True, "tma": tma, "none": None,
+        "off": False, "lora": "lora",
         "base": "dense_tma" if tma else "dense", "GROUP_M": cfg.GROUP_M,
         "flatten": bool(tma and tile is not None and tile.flatten), "epi_split": 2 if tma else 1,
         "REDUCE_BLOCK": cfg.REDUCE_BLOCK,

@@ -190,8 +190,8 @@ _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
 # product with dy beside g and the dB partial.
 _DORA_CONFIGS = {
     ("16bit", "forward", "dora_dropout"): [
-        T(128, 64, 64, 8, 3, "large M: two [128, 64] accumulators over 8 warps", 32),
-        T(64, 64, 64, 8, 3, "mid M, and r_pad >= 64: two [64, 64] accumulators"),
+        T(64, 64, 64, 8, 3, "two [64, 64] accumulators over 8 warps ([128, 64] spills on "
+          "sm_80)"),
         T(32, 32, 64, 4, 3, "small M: many CTAs (below wgmma's 64 rows)", builds="ptr"),
     ],
     ("tf32", "forward", "dora_dropout"): [
@@ -207,6 +207,24 @@ _DORA_CONFIGS = {
         T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
         T(64, 16, 0, 8, 3, "r_pad 128: z and dy [64, 16] beside g", min_r_pad=MAX_R),
     ],
+    ("tf32", "forward", "dora"): [
+        T(128, 128, 32, 8, 3, "large M and N", SMALL_R),
+        T(64, 128, 32, 4, 4, "mid M (r_pad 64 spills 16 B with z and the column scale)", 32),
+        T(64, 64, 32, 4, 3, "r_pad >= 64, and mid M on narrow layers"),
+        T(32, 64, 64, 4, 4, "small M: many CTAs along N"),
+    ],
+    ("tf32", "dx", "dora"): [
+        T(128, 32, 64, 8, 3, "large M and K", SMALL_R),
+        T(64, 32, 64, 4, 3, "mid M (r_pad 64 spills 16 B with the column scale)", 32),
+        T(32, 32, 64, 4, 3, "small M, and r_pad >= 64"),
+    ],
+    ("tf32", "dx", "dora_dropout"): [
+        T(64, 32, 32, 8, 3, "two [64, 32] accumulators over 8 warps", SMALL_R),
+        T(32, 32, 32, 8, 3, "r_pad 128"),
+    ],
+    ("fp32", "dy", "dora"): [
+        T(16, 32, 0, 8, 3, "FMA tile: z and dy beside g, 8 warps"),
+    ],
     ("tf32", "dy", "dora"): [
         T(64, 32, 0, 8, 3, "large M: dy, z [64, 32] beside g", 32),
         T(32, 32, 0, 8, 3, "small M, and r_pad >= 64"),
@@ -216,6 +234,7 @@ _DORA_CONFIGS = {
 # adapter variants a kernel build can be: LoRA, DoRA, DoRA with dropout (forward and dx then
 # carry two accumulators)
 ADAPTERS = ("lora", "dora", "dora_dropout")
+DROPOUT_ACC_KERNELS = ("forward", "dx")  # the kernels with DoRA's second accumulator
 
 
 def adapter_variant(dora: bool, dropout: bool) -> str:
@@ -260,6 +279,8 @@ def configs_for(
     esize = 2 if kind == "16bit" else 4
     if r_pad > (FP32_MAX_R_PAD if kind == "fp32" else MAX_R):
         return []
+    if adapter == "dora_dropout" and kernel not in DROPOUT_ACC_KERNELS:
+        adapter = "dora"  # dropout changes DoRA's registers in forward and dx only
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
     return [
         c
