@@ -213,14 +213,17 @@ _DORA_CONFIGS = {
         T(64, 64, 32, 4, 3, "r_pad >= 64, and mid M on narrow layers"),
         T(32, 64, 64, 4, 4, "small M: many CTAs along N"),
     ],
+    # tf32 dx: dy scaled by c in registers cannot feed sm_90's wgmma from shared memory
+    # (the main loop then waits with depth 0), so DoRA's tf32 dx runs the pointer build
     ("tf32", "dx", "dora"): [
-        T(128, 32, 64, 8, 3, "large M and K", SMALL_R),
-        T(64, 32, 64, 4, 3, "mid M (r_pad 64 spills 16 B with the column scale)", 32),
-        T(32, 32, 64, 4, 3, "small M, and r_pad >= 64"),
+        T(128, 32, 64, 8, 3, "large M and K", SMALL_R, builds="ptr"),
+        T(64, 32, 64, 4, 3, "mid M (r_pad 64 spills 16 B with the column scale)", 32,
+          builds="ptr"),
+        T(32, 32, 64, 4, 3, "small M, and r_pad >= 64", builds="ptr"),
     ],
     ("tf32", "dx", "dora_dropout"): [
-        T(64, 32, 32, 8, 3, "two [64, 32] accumulators over 8 warps", SMALL_R),
-        T(32, 32, 32, 8, 3, "r_pad 128"),
+        T(64, 32, 32, 8, 3, "two [64, 32] accumulators over 8 warps", SMALL_R, builds="ptr"),
+        T(32, 32, 32, 8, 3, "r_pad 128", builds="ptr"),
     ],
     ("fp32", "dy", "dora"): [
         T(16, 32, 0, 8, 3, "FMA tile: z and dy beside g, 8 warps"),
