@@ -6,6 +6,7 @@
 # eat the lease. Writes at most 8 files under ${OUT:-out}:
 #   env.txt tests.log (the C-library check appended) bench.log results_cuda.json table_cuda.md
 #   time_vs_m_cuda.png speedup_cuda.png memory_cuda.png
+# and 4 under ${OUT}/qlora: bench.log results_cuda.json table_cuda.md qlora_memory_cuda.json
 # Usage (repo root, no install needed): bash benchmarks/gpu_check.sh
 # Exit status: 0 when every step passed, else the first failing step's status.
 set -euo pipefail
@@ -21,6 +22,7 @@ export PYTHONUNBUFFERED=1
 
 T_TESTS="${T_TESTS:-200}"   # seconds for the CUDA test suite
 T_BENCH="${T_BENCH:-230}"   # seconds for the quick suite (it stops starting cases at 150 s)
+T_QLORA="${T_QLORA:-60}"  # seconds for the QLoRA rows (the MiniLM memory step has 60 more)
 T_AOT="${T_AOT:-60}"        # seconds for the C-library comparison once its build is done
 status=0
 step() {  # step NAME RC: remember the first failure, keep going
@@ -68,6 +70,17 @@ timeout -k 10 "$T_BENCH" python -m benchmarks --quick --device cuda --out "$OUT"
     > "$OUT/bench.log" 2>&1 || rc=$?
 grep -v -e 'case/s' -e '^benchmarks:' "$OUT/bench.log" | tail -n 80 || true
 step "quick benchmark suite ($(( $(date +%s) - start )) s so far)" "$rc"
+
+# QLoRA rows: an NF4 Linear4bit base (frozen Linear4bit, fastlora fused/strategy, PEFT's
+# QLoRA), then one training step of the 4-bit MiniLM (peak memory, fastlora vs PEFT)
+rc=0
+mkdir -p "$OUT/qlora"
+{ timeout -k 10 "$T_QLORA" python -m benchmarks --device cuda --base nf4 --shapes 4096x4096 \
+    --m 4096 --r 16 --dropout 0,0.1 --providers linear,fastlora,peft --out "$OUT/qlora" \
+    --no-plots && HF_HUB_OFFLINE=1 timeout -k 10 60 python -m benchmarks.qlora_memory \
+    --device cuda --out "$OUT/qlora"; } > "$OUT/qlora/bench.log" 2>&1 || rc=$?
+grep -v -e 'case/s' -e '^benchmarks:' "$OUT/qlora/bench.log" | tail -n 40 || true
+step "QLoRA rows and 4-bit MiniLM memory ($(( $(date +%s) - start )) s so far)" "$rc"
 
 rc=0
 wait "$aot_pid" || rc=$?

@@ -39,7 +39,7 @@ def preset(device: str, quick: bool) -> dict:
     if device.startswith("cuda"):
         if quick:  # ~3 min on an H200; M=2048 only if the budget allows
             return dict(shapes=LLAMA_SHAPES[:3], m=[8192, 2048], r=[16], dropout=[0.0, 0.1],
-                        budget_s=170, qlora=[("4096x4096", 8192)])
+                        budget_s=170, qlora=[])  # QLoRA rows: their own step in gpu_check.sh
         return dict(shapes=LLAMA_SHAPES, m=[8192, 512, 1024, 2048, 4096, 16384],
                     r=[16, 8, 64], dropout=[0.0, 0.1], budget_s=None,
                     qlora=[(s, 8192) for s in LLAMA_SHAPES[:3]])

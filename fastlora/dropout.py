@@ -12,6 +12,8 @@ cost is per call, so this is ~4x cheaper than one float per element). The drop r
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _BITS = 8
@@ -55,9 +57,19 @@ def draw_packed_mask(rows: int, cols: int, p: float, device: torch.device) -> to
     return pack_mask(keep)
 
 
+# Eight 0/1 bytes read as one little-endian int64 word w (byte j = element 8c + j): the
+# product w * _GATHER puts byte j's bit at bit 56 + j (its other shifted copies fall below bit
+# 56 without carrying into it, or overflow past bit 63), so (w * _GATHER) >> 56 is the packed
+# byte. Three elementwise passes instead of fifteen.
+_GATHER = 0x0102040810204080
+
+
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     """bool [rows, cols] with cols % 8 == 0 -> uint8 [rows, cols / 8]."""
     rows, cols = keep.shape
+    if sys.byteorder == "little" and keep.is_contiguous():
+        words = keep.view(torch.uint8).view(torch.int64)  # [rows, cols / 8]
+        return ((words * _GATHER) >> 56).to(torch.uint8)
     lanes = keep.view(torch.uint8).view(rows, cols // _BITS, _BITS)
     packed = lanes[..., 0].clone()
     for j in range(1, _BITS):

@@ -28,8 +28,9 @@ def linear4bit(
     compute_dtype: torch.dtype | None = torch.float32,
     quant_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> "bnb.nn.Linear4bit":
-    """A quantized ``Linear4bit`` [N, K] on the CPU from a seeded ``nn.Linear``."""
+    """A quantized ``Linear4bit`` [N, K] on ``device`` from a seeded ``nn.Linear``."""
     torch.manual_seed(seed)
     dense = nn.Linear(K, N, bias=bias)
     lin = bnb.nn.Linear4bit(K, N, bias=bias, compute_dtype=compute_dtype,
@@ -40,7 +41,7 @@ def linear4bit(
     )  # fmt: skip
     if bias:
         lin.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
-    return lin.to("cpu")  # bitsandbytes quantizes on the move to a device
+    return lin.to(device)  # bitsandbytes quantizes on the move to a device
 
 
 def dequantized(weight: torch.Tensor) -> torch.Tensor:
