@@ -63,6 +63,7 @@ KL = "tests/test_kernels.py::test_launchers_match_reference[M37-K40-N72-r3-float
 KSTAT = "tests/test_kernels.py::test_philox_mask_matches_independent_reference"
 DORA_P0 = "tests/test_dora.py::test_matches_float64_reference[37-24-40-4-bias-p0-torch.float64]"
 DORA_P = "tests/test_dora.py::test_matches_float64_reference[37-24-40-4-bias-p0.25-torch.float64]"
+DORA_K = "tests/test_dora_kernels.py::test_launchers_match_reference[M37-K40-N72-r3-float32-p0-bias]"
 KTMA = "tests/test_kernels.py::test_tma_persistent_build_matches_reference[p0-float32]"
 
 MUTANTS: list[Mutant] = [
@@ -209,6 +210,14 @@ MUTANTS: list[Mutant] = [
        "            factor = self.lora_magnitude_vector.to(delta.dtype) * self._merged_norm\n"
        "            merged.mul_",
        "tests/test_dora.py::test_merge_and_unmerge_like_peft"),
+    _m("DoRA kernel: column scale m * norm", "kernels/lora_forward.py",
+       "    return m / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)\n",
+       "    return m * tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)\n",
+       DORA_K),
+    _m("DoRA kernel: dm not divided by the norm", "kernels/lora_backward.py",
+       "        acc = acc / tl.load(norm_ptr + offs, mask=offs < NM, other=1.0)\n",
+       "        acc = acc\n",
+       DORA_K),
     # ---- the 4-bit base (kernels/dequant_4bit.py, fastlora/bases.py)
     _m("4-bit tile: wrong absmax index (one scale per row)", "kernels/dequant_4bit.py",
        "        block = offs_n * blocks_per_row + k0 // BLOCKSIZE\n",
