@@ -54,7 +54,14 @@ except ImportError:  # pragma: no cover - transformers is a test/peft extra
 
 
 def _lora_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    """The parameters ``save_adapter`` writes: the factors and, for DoRA, the magnitude."""
+    ids = set()
+    for layer in lora_layers(model).values():
+        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            p = getattr(layer, name, None)
+            if isinstance(p, nn.Parameter):
+                ids.add(id(p))
+    return ids
 
 
 def extra_trainable(model: nn.Module) -> dict[str, torch.Tensor]:

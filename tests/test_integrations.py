@@ -329,3 +329,16 @@ def test_resume_refuses_a_checkpoint_with_other_trainable_modules(tmp_path):
     with pytest.raises(ValueError, match=r"outside the adapter \['lm_head.weight'\].*none"):
         load_checkpoint(other, str(tmp_path))
     _assert_same(_trainable(other), before)  # untouched
+
+
+def test_extra_trainable_leaves_out_what_the_adapter_holds():
+    """LoRA factors and a DoRA magnitude go to the adapter file; a trainable head goes beside."""
+    from torch import nn
+
+    from fastlora.integrations import extra_trainable
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    fastlora.apply_lora(model, ["0"], r=2, use_dora=True)
+    assert extra_trainable(model) == {}
+    model[2].requires_grad_(True)
+    assert sorted(extra_trainable(model)) == ["2.bias", "2.weight"]
