@@ -41,6 +41,7 @@ def test_explicit_triton_refuses_float64():
         fastlora.lora_linear(x, x.new_ones(5, 4), None, x.new_ones(2, 4), x.new_ones(5, 2), 1.0)
 
 
+@pytest.mark.slow  # a fresh Python process imports torch, triton and fastlora
 def test_environment_sets_the_default():
     code = "import fastlora; print(fastlora.get_backend())"
     env = {**os.environ, "FASTLORA_BACKEND": "torch"}

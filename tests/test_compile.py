@@ -106,6 +106,7 @@ def test_compile_dynamic_shapes_one_frame(p):
     assert counter.frames == 1
 
 
+@pytest.mark.slow  # a fresh Python process imports torch, triton and fastlora
 def test_compile_as_the_first_call_in_a_process():
     """Nothing lazily initialised on the first call (backend name, Triton probe) may break
     a fullgraph trace."""
@@ -154,6 +155,7 @@ except Exception as exc:
 """
 
 
+@pytest.mark.slow  # a fresh Python process imports torch, triton and fastlora
 def test_triton_op_is_traced_into_without_a_gpu():
     """Without the interpreter the Triton ops are triton_ops: torch.compile must see the
     kernel launches inside (shrink + forward GEMM), not one opaque call. Tracing needs no

@@ -146,6 +146,7 @@ STUB_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_stub_driver_compiles_for_sm90_and_records_launches(tmp_path):
     script = tmp_path / "stub_check.py"
     script.write_text(STUB_SCRIPT)
