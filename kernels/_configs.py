@@ -282,6 +282,8 @@ def configs_for(
     esize = 2 if kind == "16bit" else 4
     if r_pad > (FP32_MAX_R_PAD if kind == "fp32" else MAX_R):
         return []
+    if kind == "fp32" and adapter != "lora":
+        return []  # IEEE fp32 FMA tiles spill with DoRA's operands: DoRA takes the torch path
     if adapter == "dora_dropout" and kernel not in DROPOUT_ACC_KERNELS:
         adapter = "dora"  # dropout changes DoRA's registers in forward and dx only
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
