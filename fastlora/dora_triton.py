@@ -63,8 +63,8 @@ def _composition(x: Tensor, r: int) -> bool:
     if r > cfg.MAX_R:
         return True
     kind = cfg.operand_kind(x.dtype.itemsize, _kernels.dot_precision(x.dtype))
-    if x.device.type == "cuda" and (kind == "fp32" or cfg.pad_rank(r) > cfg.max_r_pad(kind)):
-        return True  # fp32 without TF32: no DoRA tiles (the FMA tiles spill), the torch path
+    if x.device.type == "cuda" and (kind != "16bit" or cfg.pad_rank(r) > cfg.max_r_pad(kind)):
+        return True  # fp32 inputs (TF32 or not): no DoRA tiles (see _configs), the torch path
     forced = triton_backend._strategy_override or os.environ.get("FASTLORA_STRATEGY", "auto")
     return forced.lower() == "composition"
 

@@ -282,8 +282,11 @@ def configs_for(
     esize = 2 if kind == "16bit" else 4
     if r_pad > (FP32_MAX_R_PAD if kind == "fp32" else MAX_R):
         return []
-    if kind == "fp32" and adapter != "lora":
-        return []  # IEEE fp32 FMA tiles spill with DoRA's operands: DoRA takes the torch path
+    if kind != "16bit" and adapter != "lora":
+        # fp32 operands: the IEEE FMA tiles spill with DoRA's operands, and tf32's dx main
+        # loop with dy scaled in registers waits with depth 0 on sm_90: DoRA takes the
+        # torch path there (fastlora.dora_triton)
+        return []
     if adapter == "dora_dropout" and kernel not in DROPOUT_ACC_KERNELS:
         adapter = "dora"  # dropout changes DoRA's registers in forward and dx only
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
