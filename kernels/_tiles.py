@@ -136,7 +136,8 @@ def store_rows(
 def dropout_keep(seed, offs_m, k0, p, BLOCK_K: tl.constexpr):
     """Keep mask [BM, BLOCK_K] for rows offs_m and columns k0 .. k0 + BLOCK_K (k0 a
     multiple of 4): element (row, col) keeps iff Philox4x32-10(seed; col // 4, row, 0, 0)
-    [col % 4], as a uniform in [0, 1), is >= p.
+    [(0, 2, 1, 3)[col % 4]], as a uniform in [0, 1), is >= p (the lane order is what the
+    two nested joins below give).
 
     Row and column group are separate 32-bit counters, so the stream never wraps for
     M*K >= 2**31 (it needs M, K < 2**32) and no int64 product is formed; the same
@@ -146,7 +147,8 @@ def dropout_keep(seed, offs_m, k0, p, BLOCK_K: tl.constexpr):
     rows = offs_m[:, None].to(tl.uint32) + zero
     cols = groups[None, :].to(tl.uint32) + zero
     r0, r1, r2, r3 = philox(seed, cols, rows, zero, zero)
-    # [BM, BK/4, 2, 2] -> [BM, BK]: column 4g + 2i + j takes draw r_(2i+j) of group g
+    # join stacks on a new last axis: [BM, BK/4, 2 (j), 2 (i)] holds r_(2i+j), so column
+    # 4g + 2j + i takes draw r_(2i+j) of group g: lanes 0, 2, 1, 3 (tests/philox.py)
     bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (offs_m.shape[0], BLOCK_K))
     return uint_to_uniform_float(bits) >= p
 
