@@ -29,9 +29,13 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._launch import LaunchSpec, current_device_info, dot_precision, launch
+from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_info
+from ._launch import dot_precision, launch, next_serial, operand_key, transient
 from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords, w_source
-from .lora_forward import use_tma, w_arguments
+from .lora_forward import q_pointers, use_tma, w_arguments
+
+# per-call plans (``_backward``): launches, TMA decision, scalars and workspace sizes by key
+_calls = CallCache()
 
 
 @triton.jit
@@ -314,56 +318,81 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, scaling, dro
     N = lora_B.shape[0]
     R = lora_A.shape[0]
     dev = x.device
-    dx = torch.empty((M, K), device=dev, dtype=x.dtype) if need_dx else None
-    dA = torch.empty(lora_A.shape, device=dev, dtype=lora_A.dtype) if need_dA else None
-    dB = torch.empty(lora_B.shape, device=dev, dtype=lora_B.dtype) if need_dB else None
+    dx = torch.empty(M, K, device=dev, dtype=x.dtype) if need_dx else None
+    dA = torch.empty(R, K, device=dev, dtype=lora_A.dtype) if need_dA else None
+    dB = torch.empty(N, R, device=dev, dtype=lora_B.dtype) if need_dB else None
     dm = torch.empty(magnitude.shape, device=dev, dtype=magnitude.dtype) if need_dm else None
     if M == 0:
         return (dx, dA.zero_() if need_dA else None, dB.zero_() if need_dB else None,
                 dm.zero_() if need_dm else None)
     if not (need_dx or need_dA or need_dB or need_dm):
         return None, None, None, None
-    arch, sms = current_device_info()
+    info = current_device_info()
+    args = (info, dy, x, weight, lora_A, lora_B, u, z, dx, dora, scaling, dropout_p, need_dx,
+            need_dA, need_dB, need_dm, traceable, tma, base4)
+    if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
+        call = _call(*args)
+    else:
+        # everything the launches depend on besides the fresh outputs and workspaces
+        key = (info, tma, M, K, N, R, need_dx, need_dA, need_dB, need_dm, float(scaling),
+               float(dropout_p),
+               *map(operand_key, (dy, x, weight, lora_A, lora_B, u, seed, magnitude, norm, z)),
+               base4_key(base4))  # fmt: skip
+        call = _calls.get(key) or _calls.put(key, _call(*args))
+    dy_spec, dx_spec, reduce_spec, dy_scalars, dx_scalars, reduce_scalars, sizes, serial = call
+    ctx = context(traceable)
+    f32 = torch.float32
+    # g and the partial sums live only through these launches: reused buffers (_workspace)
+    g = transient(ctx, "g", dev, x.dtype, sizes[0]) if dx_spec is not None else u
+    ws_b = transient(ctx, "dB partials", dev, f32, sizes[1]) if need_dB else u
+    ws_m = transient(ctx, "dm partials", dev, f32, sizes[2]) if need_dm else None
+    ws_a = transient(ctx, "dA partials", dev, f32, sizes[3]) if need_dA and dx_spec else u
+    q_ptrs = q_pointers(base4)
+    mag, nrm = (magnitude, norm) if dora else (None, None)  # LoRA builds never read them
+    launch(dy_spec, (dy, lora_B, u, g, ws_b, z if need_dm else None, mag, nrm, ws_m),
+           dy_scalars, traceable=traceable, ctx=ctx, key=serial)  # fmt: skip
+    if dx_spec is not None:
+        launch(dx_spec, (dy, weight, g, lora_A, x, seed, dx if need_dx else x, ws_a, *q_ptrs,
+                         mag, nrm),
+               dx_scalars, traceable=traceable, ctx=ctx, key=serial)  # fmt: skip
+    if reduce_spec is not None:
+        launch(reduce_spec, (ws_a, dA if need_dA else ws_a, ws_b, dB if need_dB else ws_b, ws_m,
+                             dm, nrm if need_dm else None),
+               reduce_scalars, traceable=traceable, ctx=ctx, key=serial)  # fmt: skip
+    return dx, dA, dB, dm
+
+
+def _call(info, dy, x, weight, lora_A, lora_B, u, z, dx, dora, scaling, dropout_p, need_dx,
+          need_dA, need_dB, need_dm, traceable, tma, base4):  # fmt: skip
+    """The launches of a backward call, their scalar arguments, the workspace sizes
+    (elements of g, the dB, dm and dA partials) and a serial (``launch``'s key), for
+    ``_backward``'s key; ``info``: (arch, SMs)."""
+    M, K = x.shape
+    N, R = lora_B.shape[0], lora_A.shape[0]
+    arch, sms = info
     dx_arg = dx if need_dx else x  # never written when COMPUTE_DX=False
     if tma is None:
         tma = not traceable and use_tma(arch, dy, x, dx_arg, *(() if base4 else (weight,)))
-    base, q_ptrs, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
+    base, _, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
     dy_spec, dx_spec, reduce_spec, parts_a, parts_b = _plan(
         M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, need_dx, need_dA, need_dB,
         dropout_p > 0.0, tma, sms, base, q_sizes, dora, need_dm,
     )  # fmt: skip
-    f32 = torch.float32
-    ws_b = torch.empty((parts_b, N, R), device=dev, dtype=f32) if need_dB else u
     parts_m = dy_spec.grid[0] if need_dm else 0
-    ws_m = torch.empty((parts_m, N), device=dev, dtype=f32) if need_dm else None
-    g = torch.empty((M, R), device=dev, dtype=x.dtype) if dx_spec is not None else u
-    mag, nrm = (magnitude, norm) if dora else (None, None)  # LoRA builds never read them
-    launch(
-        dy_spec, (dy, lora_B, u, g, ws_b, z if need_dm else None, mag, nrm, ws_m),
-        (M, N, R, *dy.stride(), *lora_B.stride(), *u.stride(), *g.stride(), N * R, R,
-         z.stride(0) if need_dm else 0, float(scaling)),
-        traceable=traceable,
-    )  # fmt: skip
-    ws_a = u
+    g_strides = (R, 1) if dx_spec is not None else u.stride()  # g: [M, R] row-major
+    dy_scalars = (M, N, R, *dy.stride(), *lora_B.stride(), *u.stride(), *g_strides, N * R, R,
+                  z.stride(0) if need_dm else 0, float(scaling))  # fmt: skip
+    dx_scalars = None
     if dx_spec is not None:
-        ws_a = torch.empty((parts_a, R, K), device=dev, dtype=f32) if need_dA else u
-        launch(
-            dx_spec, (dy, weight, g, lora_A, x, seed, dx_arg, ws_a, *q_ptrs, mag, nrm),
-            (M, N, K, R, *dy.stride(), *w_strides, *g.stride(), *lora_A.stride(),
-             *x.stride(), *dx_arg.stride(), R * K, K, float(dropout_p), dx_spec.grid[0]),
-            traceable=traceable,
-        )  # fmt: skip
-    if reduce_spec is not None:
-        na, nb = (R * K if need_dA else 0), (N * R if need_dB else 0)
-        progs_a = _configs.cdiv(na, _configs.REDUCE_BLOCK)
-        launch(
-            reduce_spec, (ws_a, dA if need_dA else ws_a, ws_b, dB if need_dB else ws_b, ws_m,
-                          dm, nrm if need_dm else None),
-            (na, parts_a, nb, parts_b, progs_a, N if need_dm else 0, parts_m,
-             progs_a + _configs.cdiv(nb, _configs.REDUCE_BLOCK)),
-            traceable=traceable,
-        )  # fmt: skip
-    return dx, dA, dB, dm
+        dx_scalars = (M, N, K, R, *dy.stride(), *w_strides, *g_strides, *lora_A.stride(),
+                      *x.stride(), *dx_arg.stride(), R * K, K, float(dropout_p),
+                      dx_spec.grid[0])  # fmt: skip
+    na, nb = (R * K if need_dA else 0), (N * R if need_dB else 0)
+    progs_a = _configs.cdiv(na, _configs.REDUCE_BLOCK)
+    reduce_scalars = (na, parts_a, nb, parts_b, progs_a, N if need_dm else 0, parts_m,
+                      progs_a + _configs.cdiv(nb, _configs.REDUCE_BLOCK))  # fmt: skip
+    sizes = (M * R, parts_b * N * R, parts_m * N, parts_a * R * K)
+    return dy_spec, dx_spec, reduce_spec, dy_scalars, dx_scalars, reduce_scalars, sizes, next_serial()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._launch import LaunchSpec, current_device_info, dot_precision, launch
+from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_info
+from ._launch import dot_precision, launch, next_serial, operand_key
 from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, load_w
 from ._tiles import store_rows, tile_coords, w_source
 
@@ -44,6 +45,8 @@ __all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "lora_forward", 
 # TMA: 16-byte aligned base addresses and row strides, unit last stride (CUDA's
 # cuTensorMapEncodeTiled rules for a 2-D tensor).
 TMA_ALIGN = 16
+# per-call plans (``_forward``): launches, TMA decision and scalar arguments by key
+_calls = CallCache()
 
 
 @triton.jit
@@ -220,9 +223,18 @@ def w_arguments(weight: torch.Tensor, base4: dict | None, K: int, tma: bool):
     over ``weight``: a dense weight (``q_`` all None), or the packed codes of a bitsandbytes
     4-bit base (``base4`` = ``fastlora.bases.Packed4bit.kernel_args()``)."""
     if base4 is None:
-        return "dense", (None,) * 4, (weight.stride(0), weight.stride(1)), (None, None)
-    q = (base4["absmax"], base4["code2"], base4["absmax2"], base4["offset"])
-    return base4["BASE"], q, (K, 1), (base4["blocksize"], base4["nested_blocksize"])
+        return "dense", _NO_Q, (weight.stride(0), weight.stride(1)), (None, None)
+    return base4["BASE"], q_pointers(base4), (K, 1), (base4["blocksize"], base4["nested_blocksize"])
+
+
+def q_pointers(base4: dict | None) -> tuple:
+    """The four ``q_`` pointers of ``w_arguments`` (per call: they are the layer's tensors)."""
+    if base4 is None:
+        return _NO_Q
+    return base4["absmax"], base4["code2"], base4["absmax2"], base4["offset"]
+
+
+_NO_Q = (None,) * 4
 
 
 def fused_4bit_ok(K: int, base4: dict) -> bool:
@@ -297,30 +309,52 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
     M, K = x.shape
     N = lora_B.shape[0]
     R = lora_A.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    u = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if dora else None
+    dev, dtype = x.device, x.dtype
+    y = torch.empty(M, N, device=dev, dtype=dtype)
+    u = torch.empty(M, R, device=dev, dtype=dtype)
+    z = torch.empty(M, N, device=dev, dtype=dtype) if dora else None
     if M == 0:
         return y, u, z
-    arch, sms = current_device_info()
-    if tma is None:  # under torch.compile: the pointer build (see the module docstring)
-        tma = not traceable and use_tma(arch, x, y, *(() if base4 else (weight,)))
-    base, q_ptrs, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
-    shrink, fwd = _plan(M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, bias is not None,
-                        dropout_p > 0.0, tma, sms, base, q_sizes, dora)  # fmt: skip
-    launch(
-        shrink, (x, lora_A, u, seed),
-        (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(), float(scaling), float(dropout_p)),
-        traceable=traceable,
-    )  # fmt: skip
+    info = current_device_info()
+    args = (info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p, traceable,
+            tma, base4)
+    if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
+        call = _call(*args)
+    else:
+        # everything the launches depend on besides y, u, z (fresh: aligned, contiguous)
+        key = (info, tma, M, K, N, R, float(scaling), float(dropout_p),
+               *map(operand_key, (x, weight, bias, lora_A, lora_B, seed, magnitude, norm)),
+               base4_key(base4))  # fmt: skip
+        call = _calls.get(key) or _calls.put(key, _call(*args))
+    shrink, fwd, shrink_scalars, fwd_scalars, serial = call
+    q_ptrs = q_pointers(base4)
+    ctx = context(traceable)
+    launch(shrink, (x, lora_A, u, seed), shrink_scalars, traceable=traceable, ctx=ctx, key=serial)
     launch(
         fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y, *q_ptrs,
               *((z, magnitude, norm) if dora else (None, None, None)), seed),
-        (M, N, K, R, *x.stride(), *w_strides, *u.stride(), *lora_B.stride(), *y.stride(),
-         float(dropout_p), fwd.grid[0]),
-        traceable=traceable,
+        fwd_scalars, traceable=traceable, ctx=ctx, key=serial,
     )  # fmt: skip
     return y, u, z
+
+
+def _call(info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p, traceable, tma,
+          base4):  # fmt: skip
+    """The launches of a forward call, their scalar arguments and a serial (``launch``'s
+    key), for ``_forward``'s key; ``info``: (arch, SMs)."""
+    M, K = x.shape
+    N, R = y.shape[1], u.shape[1]
+    arch, sms = info
+    if tma is None:  # under torch.compile: the pointer build (see the module docstring)
+        tma = not traceable and use_tma(arch, x, y, *(() if base4 else (weight,)))
+    base, _, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
+    shrink, fwd = _plan(M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, bias is not None,
+                        dropout_p > 0.0, tma, sms, base, q_sizes, dora)  # fmt: skip
+    shrink_scalars = (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(), float(scaling),
+                      float(dropout_p))  # fmt: skip
+    fwd_scalars = (M, N, K, R, *x.stride(), *w_strides, *u.stride(), *lora_B.stride(),
+                   *y.stride(), float(dropout_p), fwd.grid[0])  # fmt: skip
+    return shrink, fwd, shrink_scalars, fwd_scalars, next_serial()
 
 
 @functools.lru_cache(maxsize=1024)

@@ -250,12 +250,56 @@ def test_sm90_takes_tma_where_strides_allow_and_falls_back_elsewhere(monkeypatch
     dy = make_inputs(M, N, 1, 1, torch.float32, DEVICE, seed=1)[0]
     xs = torch.zeros(K, 2 * M, device=DEVICE).t()[::2]  # [M, K], strides (2, 2M)
     xs.copy_(x)
-    for xin, want in ((x, True), (xs, False)):
+    # x's strides, its base 4 bytes past a 16-byte boundary: the per-call plan is keyed on
+    # alignment too, so this must not reuse the aligned x's TMA plan
+    xo = torch.zeros(M * K + 4, device=DEVICE)[1 : 1 + M * K].view(M, K)
+    xo.copy_(x)
+    assert xo.stride() == x.stride() and xo.data_ptr() % 16
+    for xin, want in ((x, True), (xs, False), (xo, False), (x, True)):
         builds.clear()
         y, u = kernels.lora_forward(xin, w, b, A, B, SCALING, 0.0, seed_tensor())
         grads = kernels.lora_backward(dy, xin, w, A, B, u, SCALING, 0.0, seed_tensor())
         assert builds[:4] == [want] * 4, builds  # shrink, forward, dy, dx
         check_all(torch.float32, (y, *grads), x, w, b, A, B, dy)
+
+
+def test_backward_workspaces_are_reused_across_shapes():
+    """g and the dA/dB partials come from per-stream buffers reused by the next call: a
+    larger shape grows them, a smaller one reuses the larger buffer, and each backward is
+    still exact (its partials are written before they are read, never accumulated onto
+    stale ones)."""
+    from fastlora.kernels import _workspace
+
+    _workspace.clear()
+    kept = []
+    for M, K, N, r in ((37, 40, 24, 3), (53, 72, 40, 20), (19, 24, 40, 5), (37, 40, 24, 3)):
+        x, w, b, A, B = make_inputs(M, K, N, r, torch.float32, DEVICE)
+        dy = make_inputs(M, N, 1, 1, torch.float32, DEVICE, seed=1)[0]
+        mask = philox_mask(seed_tensor(9), M, K, 0.2)
+        y, u = kernels.lora_forward(x, w, b, A, B, SCALING, 0.2, seed_tensor(9))
+        grads = kernels.lora_backward(dy, x, w, A, B, u, SCALING, 0.2, seed_tensor(9))
+        check_all(torch.float32, (y, *grads), x, w, b, A, B, dy, mask=mask, p=0.2)
+        kept.append(_workspace.kept_bytes())
+    assert kept[0] > 0 and kept[1] > kept[0]  # grown for the larger shape
+    assert kept[3] == kept[2] == kept[1]  # then reused, not reallocated
+
+
+def test_workspace_buffer_grows_and_is_kept_per_stream():
+    from fastlora.kernels import _launch, _workspace
+
+    _workspace.clear()
+    a = _workspace.buffer("t", DEVICE, 7, torch.float32, 100)
+    assert a.numel() == 100 and a.dtype == torch.float32
+    assert _workspace.buffer("t", DEVICE, 7, torch.float32, 60) is a  # smaller: the same one
+    b = _workspace.buffer("t", DEVICE, 7, torch.float32, 101)  # larger: replaced
+    assert b is not a and b.numel() == 101
+    assert _workspace.buffer("t", DEVICE, 8, torch.float32, 10) is not b  # another stream
+    assert _workspace.buffer("t", DEVICE, 7, torch.float16, 10) is not b  # another dtype
+    # a traced (or graph-captured) call gets private allocations, never a kept buffer
+    fresh = _launch.transient(_launch.context(traceable=True), "t", DEVICE, torch.float32, 10)
+    assert fresh is not b and fresh.numel() == 10
+    _workspace.clear()
+    assert _workspace.kept_bytes() == 0
 
 
 def _count_launches(monkeypatch):
