@@ -25,8 +25,9 @@ Cheap norms: ``norm^2 = ||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T`
 layer (``WeightNormCache``), ``W A^T`` is one [N, r] product per step. ``W + s B A`` is never
 formed.
 
-Saved for backward: ``x``, ``u`` [M, r], ``z`` [M, N], ``m`` and ``norm`` [N] and the packed
-dropout mask. ``z`` is the one [M, N] activation: without it ``dm`` needs either ``x W^T``
+Saved for backward: ``x``, ``u`` [M, r], ``S = (x * mask) W^T`` [M, N] (``x W^T`` at p = 0),
+``m`` and ``norm`` [N] and the packed dropout mask. ``S`` is the one [M, N] activation (``dm``
+is ``(ks colsum(dy * S) + B . (u^T dy)) / norm``): without it ``dm`` needs either ``x W^T``
 again or ``dy^T x`` (a third full GEMM, +50% of the frozen layer's fwd+bwd); PEFT saves two
 [M, N] tensors (the base and the LoRA results) plus ``D(x)`` and the mask.
 """

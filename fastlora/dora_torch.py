@@ -1,11 +1,13 @@
 """The torch backend of DoRA (``fastlora.dora`` states the math): the LoRA composition plus
-column scales, with ``c = m / norm`` folded onto the smaller operand (``B``'s and ``W``'s rows)
-rather than a pass over an [M, N] tensor wherever the algebra allows.
+column scales, with ``c = m / norm`` (and the dropout scale ``ks = 1/(1-p)``) folded onto
+[N], [N, r] and [N, K] factors rather than a pass over an [M, N] or [M, K] tensor wherever the
+algebra allows, and every big fresh output first written by a GEMM.
 
-Forward: ``u`` (skinny), ``z = u B^T + x W^T`` (the base GEMM accumulates in place), then
-``y = c * z + b`` in one pass; with dropout a second GEMM adds ``(x - D(x)) W^T``. Backward:
-``dm`` is one column reduction of ``dy * z``; ``dx = dy (c W) + g A`` (two GEMMs over W with
-dropout), ``dA``, ``dB`` as LoRA's with ``c`` on ``B``'s rows.
+Forward: ``S = (x * mask) W^T`` (``x W^T`` at p = 0) is the saved [M, N] tensor; at p = 0
+``y = c * S + b + u (c B)^T``, with dropout ``y = x W^T + (c - 1) ks S + u (c B)^T + b`` (a
+second GEMM). Backward: ``dm = (ks colsum(dy * S) + B . (u^T dy)) / norm`` (``u^T dy`` is
+dB's product too); ``dx = dy (c W) + g A``, with dropout ``dy W + ks mask * (dy ((c - 1) W) +
+g A)`` (two GEMMs over W), the unpacked mask reused in place for ``x * mask`` of ``dA``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ from fastlora import _autograd, bases
 from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
 
 
+def _keep(mask_bits: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
+    """The unpacked 0/1 keep mask [M, cols] in ``dtype``: one fresh tensor that the callers
+    then reuse in place (x * mask is formed in it), so no second [M, K] temporary exists."""
+    return unpack_mask(mask_bits, cols, dtype)
 
 
-# elements of dy * z formed at a time by _column_dot: ~1 MiB of fp32, so the product stays in
+# elements of dy * S formed at a time by _column_dot: ~1 MiB of fp32, so the product stays in
 # cache (one [M, N] temporary costs a fresh allocation, page faults included, and a re-read)
 _DOT_CHUNK = 1 << 18
 
@@ -37,18 +43,19 @@ def _column_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return out
 
 
-def _minus_one(c_acc: Tensor, dtype: torch.dtype) -> Tensor:
-    """``c - 1`` formed before the cast: in bf16 the spacing near 1 is 2**-7, which would be a
-    large relative error on a small ``c - 1``."""
-    return (c_acc - 1).to(dtype)
+def _minus_one(c_acc: Tensor, dtype: torch.dtype, factor: float = 1.0) -> Tensor:
+    """``factor * (c - 1)`` formed before the cast: in bf16 the spacing near 1 is 2**-7, which
+    would be a large relative error on a small ``c - 1``."""
+    return ((c_acc - 1) * factor).to(dtype)
 
 
-def _addmm_scaled_(out: Tensor, left: Tensor, col: Tensor, right: Tensor, alpha: float = 1.0):
-    """``out += alpha * (left * col) @ right`` in place for left [M, N], col [N], right [N, K]:
-    the scale goes on whichever operand is smaller (right's rows, or left's columns)."""
+def _mm_col_scaled(left: Tensor, col: Tensor, right: Tensor) -> Tensor:
+    """``(left * col) @ right`` for left [M, N], col [N], right [N, K] into a fresh tensor
+    written by the GEMM itself; the scale goes on the smaller operand (right's rows, or
+    left's columns)."""
     if right.shape[0] * right.shape[1] <= left.shape[0] * left.shape[1]:
-        return out.addmm_(left, right * col.unsqueeze(1), alpha=alpha)
-    return out.addmm_(left * col, right, alpha=alpha)
+        return torch.mm(left, right * col.unsqueeze(1))
+    return torch.mm(left * col, right)
 
 
 def forward(
@@ -65,25 +72,28 @@ def forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [M, K], weight: [N, K], bias: [N] | None, lora_A: [r, K], lora_B: [N, r],
     magnitude, norm: [N], mask_bits: [M, ceil(K/8)] uint8 | None.
-    Returns y [M, N], u [M, r] and the pre-scale output z [M, N] (x.dtype)."""
+    Returns y [M, N], u = s D(x) A^T [M, r] and S = (x * mask) W^T [M, N] (``x W^T`` at p = 0;
+    the mask unscaled), all x.dtype."""
     weight = bases.dense_weight(weight, x.dtype)  # a 4-bit base: transient, decoded again in bwd
     A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
     c_acc = magnitude.detach().to(norm.dtype) / norm
-    c = c_acc.to(x.dtype)
+    Bc = B * c_acc.to(x.dtype).unsqueeze(1)  # c on B's rows: c * (u B^T) = u (c B)^T
     if mask_bits is None:
         u = torch.mm(x, A.t()).mul_(scaling)
-        z = torch.mm(u, B.t()).addmm_(x, weight.t())
-        y = z * c if bias is None else torch.addcmul(bias, z, c)
-        return y, u, z
+        S = torch.mm(x, weight.t())  # the GEMM writes the fresh output (its page faults hide)
+        c = c_acc.to(x.dtype)
+        y = S * c if bias is None else torch.addcmul(bias, S, c)
+        return y.addmm_(u, Bc.t()), u, S
     ks = keep_scale(dropout_p)
-    xk = x * unpack_mask(mask_bits, x.shape[1], x.dtype)  # D(x) = ks * xk
-    u = torch.mm(xk, A.t()).mul_(scaling * ks)
-    z = torch.mm(u, B.t()).addmm_(xk, weight.t(), alpha=ks)
-    # y = x W^T + b + (c - 1) z + u B^T: (c-1)(D(x) W^T) + c (u B^T) regrouped around z, so
-    # the second GEMM reads x itself and no (x - D(x)) is formed
-    y = torch.mm(u, B.t()) if bias is None else torch.addmm(bias, u, B.t())
-    return y.addmm_(x, weight.t()).addcmul_(z, _minus_one(c_acc, x.dtype)), u, z
+    xm = _keep(mask_bits, x.shape[1], x.dtype).mul_(x)  # D(x) = ks * xm; ks goes on the
+    # [N] and [M, r] factors, never on an [M, K] pass
+    u = torch.mm(xm, A.t()).mul_(scaling * ks)
+    S = torch.mm(xm, weight.t())
+    del xm
+    # y = x W^T + b + (c - 1) ks S + u (c B)^T
+    y = torch.mm(x, weight.t()).addcmul_(S, _minus_one(c_acc, x.dtype, ks)).addmm_(u, Bc.t())
+    return (y if bias is None else y.add_(bias)), u, S
 
 
 def backward(
@@ -95,7 +105,7 @@ def backward(
     magnitude: Tensor,
     norm: Tensor,
     u: Tensor,
-    z: Tensor | None,
+    S: Tensor | None,
     mask_bits: Tensor | None,
     scaling: float,
     dropout_p: float,
@@ -104,33 +114,44 @@ def backward(
     need_dB: bool,
     need_dm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx [M, K], dA [r, K], dB [N, r], dm [N]); one not asked for comes back empty."""
+    """Returns (dx [M, K], dA [r, K], dB [N, r], dm [N]); one not asked for comes back empty.
+    ``S`` as ``forward`` returns it (needed for dm only)."""
     if need_dx:
         weight = bases.dense_weight(weight, x.dtype)
     A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
-    c_acc = magnitude.detach().to(norm.dtype) / norm
+    acc = norm.dtype
+    c_acc = magnitude.detach().to(acc) / norm
     c = c_acc.to(x.dtype)
+    ks = 1.0 if mask_bits is None else keep_scale(dropout_p)
     dx, dA, dB, dm = x.new_empty(0), x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    if need_dm:
-        dm = (_column_dot(dy, z, norm.dtype) / norm).to(magnitude.dtype)
-    if need_dx or need_dA:
-        ks = 1.0 if mask_bits is None else keep_scale(dropout_p)
-        g = torch.mm(dy, B * c.unsqueeze(1)).mul_(scaling * ks)
-        keep = None if mask_bits is None else unpack_mask(mask_bits, x.shape[1], x.dtype)
+    if need_dB or need_dm:
+        t = torch.mm(u.t(), dy)  # [r, N]; the reduction over M is faster with dy untransposed
+        if need_dm:
+            # z = ks S + u B^T: colsum(dy * u B^T)_n = B_n . (u^T dy)_n, no [M, N] pass
+            low = torch.linalg.vecdot(B.to(acc), t.t().to(acc))
+            dm = ((ks * _column_dot(dy, S, acc) + low) / norm).to(magnitude.dtype)
+        if need_dB:
+            dB = t.mul_(c).t().to(lora_B.dtype).contiguous()
+    if not (need_dx or need_dA):
+        return dx, dA, dB, dm
+    g = torch.mm(dy, B * c.unsqueeze(1)).mul_(scaling)  # [M, r]
+    if mask_bits is None:
         if need_dx:
-            # low-rank term first, then the big GEMMs accumulate onto it (beta = 1)
-            dx = torch.mm(g, A)
-            if keep is None:
-                _addmm_scaled_(dx, dy, c, weight)
-            else:
-                _addmm_scaled_(dx, dy, _minus_one(c_acc, x.dtype), weight, alpha=ks)
-                dx.mul_(keep).addmm_(dy, weight)
+            dx = _mm_col_scaled(dy, c, weight).addmm_(g, A)
         if need_dA:
-            dA = torch.mm(g.t(), x if keep is None else x * keep).to(lora_A.dtype)
-    if need_dB:
-        # (u^T dy)^T as LoRA's (the reduction over M is faster with dy untransposed), c in place
-        dB = torch.mm(u.t(), dy).mul_(c).t().to(lora_B.dtype).contiguous()
+            dA = torch.mm(g.t(), x).to(lora_A.dtype)
+        return dx, dA, dB, dm
+    # dx = dy W + ks * mask * (dy ((c - 1) W) + g A);  dA = ks * g^T (x * mask)
+    if need_dx:
+        dx = _mm_col_scaled(dy, _minus_one(c_acc, x.dtype, ks), weight).addmm_(g, A, alpha=ks)
+    keep = _keep(mask_bits, x.shape[1], x.dtype)
+    if need_dx:
+        dx.mul_(keep).addmm_(dy, weight)
+    if need_dA:
+        dA = torch.mm(g.t(), keep.mul_(x))
+    if need_dA:
+        dA = (dA.to(acc) * ks).to(lora_A.dtype)
     return dx, dA, dB, dm
 
 
@@ -154,9 +175,9 @@ def base_grads(dy, x, weight, magnitude, norm, mask_bits, dropout_p, need_w, nee
 
 def _grads(ctx, dy, bwd) -> tuple:
     """Gradients for (x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, bits)."""
-    x, weight, lora_A, lora_B, magnitude, norm, u, z, bits = ctx.saved_tensors
+    x, weight, lora_A, lora_B, magnitude, norm, u, S, bits = ctx.saved_tensors
     need_x, need_w, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
-    dx, dA, dB, dm = bwd(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, bits,
+    dx, dA, dB, dm = bwd(dy, x, weight, lora_A, lora_B, magnitude, norm, u, S, bits,
                          ctx.scaling, ctx.dropout_p, need_x, need_A, need_B, need_m)
     dW, db = base_grads(dy, x, weight, magnitude, norm, bits, ctx.dropout_p, need_w, need_b,
                         ctx.has_bias)
@@ -164,9 +185,9 @@ def _grads(ctx, dy, bwd) -> tuple:
             dm if need_m else None, None, None, None, None)
 
 
-def _save(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, bits, u, z):
+def _save(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, bits, u, S):
     ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
-    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, u, z, bits)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, norm, u, S, bits)
 
 
 # Registered ops: what torch.compile, export and opcheck see.
@@ -181,7 +202,7 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, mask
 
 
 @dora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, mask_bits, scaling, dropout_p,
+def _(dy, x, weight, lora_A, lora_B, magnitude, norm, u, S, mask_bits, scaling, dropout_p,
       need_dx, need_dA, need_dB, need_dm):
     dx, dA, dB = _autograd.fake_grads(x, lora_A, lora_B, need_dx, need_dA, need_dB)
     dm = magnitude.new_empty(magnitude.shape) if need_dm else x.new_empty(0)
@@ -193,21 +214,21 @@ def _setup_context(ctx, inputs, output) -> None:
     _save(ctx, *inputs, output[1], output[2])
 
 
-dora_fwd.register_autograd(lambda ctx, dy, _du, _dz: _grads(ctx, dy, dora_bwd),
+dora_fwd.register_autograd(lambda ctx, dy, _du, _dS: _grads(ctx, dy, dora_bwd),
                            setup_context=_setup_context)
 
 
 class _DoRAFunction(torch.autograd.Function):
-    """Eager path: the same two functions without custom-op dispatch; ``z`` is kept only
+    """Eager path: the same two functions without custom-op dispatch; ``S`` is kept only
     when ``m`` needs a gradient."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, bits):
-        y, u, z = forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
+        y, u, S = forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
                           bits)
-        keep_z = z if ctx.needs_input_grad[5] else None
+        keep_S = S if ctx.needs_input_grad[5] else None
         _save(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, bits,
-              u, keep_z)
+              u, keep_S)
         return y
 
     @staticmethod
