@@ -36,14 +36,13 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """x: [M, K], weight: [N, K] (dense, or 4-bit: ``fastlora.bases``), bias: [N] | None,
     lora_A: [r, K], lora_B: [N, r], mask_bits: [M, ceil(K/8)] uint8 | None. Returns y: [M, N] and u: [M, r] (x.dtype)."""
-    A = lora_A.to(x.dtype)
     B = lora_B.to(x.dtype)
+    # the scale (with 1/(1-p)) goes on A [r, K], in A's own precision, not on a pass over u
     if mask_bits is None:
-        u = torch.mm(x, A.t()).mul_(scaling)
+        u = torch.mm(x, (lora_A * scaling).to(x.dtype).t())
     else:
-        # the 1/(1-p) factor goes on the tiny [M, r] side, not on an [M, K] pass
         xk = x * _keep(x, mask_bits)
-        u = torch.mm(xk, A.t()).mul_(scaling * keep_scale(dropout_p))
+        u = torch.mm(xk, (lora_A * (scaling * keep_scale(dropout_p))).to(x.dtype).t())
     # low-rank part (and bias) first, then the base GEMM accumulates onto it (beta = 1):
     # y is written once by the small GEMM and once by the big one, never re-read by a pass
     y = torch.mm(u, B.t()) if bias is None else torch.addmm(bias, u, B.t())
@@ -68,13 +67,13 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx [M, K], dA [r, K], dB [N, r]); a gradient not asked for comes back empty."""
     A = lora_A.to(x.dtype)
-    B = lora_B.to(x.dtype)
     # outputs of a custom op may not alias each other: one empty tensor each
     dx, dA, dB = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dx or need_dA:
-        # g = s dy B, with 1/(1-p) folded in so the [M, K] side is a plain masked product
+        # g = s dy B, with 1/(1-p) folded in so the [M, K] side is a plain masked product; the
+        # scale goes on B [N, r] in B's own precision, not on a pass over g
         scale = scaling if mask_bits is None else scaling * keep_scale(dropout_p)
-        g = torch.mm(dy, B).mul_(scale)
+        g = torch.mm(dy, (lora_B * scale).to(dy.dtype))
         keep = None if mask_bits is None else _keep(x, mask_bits)
         if need_dx:
             # low-rank term first, then the big GEMM accumulates onto it (beta = 1)
