@@ -5,6 +5,7 @@ backend that ``fastlora.backend.resolve`` picks."""
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -92,6 +93,42 @@ def check_inputs(
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p!r}")
 
 
+# Signatures of argument sets check_inputs passed (a call with the same types, dtypes,
+# devices, shapes and hyperparameters needs no second look); bounded like a cache
+_checked: set = set()
+_CHECKED_LIMIT = 4096
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple | None:
+    """Everything ``check_inputs`` reads, or None where that is not a plain tuple of values
+    (a 4-bit weight: its quant_state is checked every call)."""
+    if type(weight) not in _PLAIN or type(lora_A) not in _PLAIN or type(lora_B) not in _PLAIN:
+        return None
+    b = None if bias is None else (type(bias), bias.dtype, bias.device, bias.shape)
+    return (
+        type(x), x.dtype, x.device, x.shape[-1:], type(weight), weight.dtype, weight.device,
+        weight.shape, b, lora_A.dtype, lora_A.device, lora_A.shape, lora_B.dtype,
+        lora_B.device, lora_B.shape, type(scaling), scaling, type(dropout_p), dropout_p,
+    )  # fmt: skip
+
+
+def _check_once(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
+    """``check_inputs``, skipped for an argument signature that already passed it: the
+    same bad input still raises the same error (failures are never remembered)."""
+    if torch.compiler.is_compiling():  # symbolic shapes: check as traced, remember nothing
+        check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        return
+    sig = _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if sig is not None and sig in _checked:
+        return
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if sig is not None:
+        if len(_checked) >= _CHECKED_LIMIT:
+            _checked.clear()
+        _checked.add(sig)
+
+
 def _autocast_cast(t: object, dtype: torch.dtype) -> object:
     """What autocast does to one argument (``at::autocast::is_eligible``): floating-point
     tensors other than float64 go to the autocast dtype; anything else is left to the checks."""
@@ -131,22 +168,37 @@ def lora_linear(
         # differentiable, so gradients return in each tensor's own dtype
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
-    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    _check_once(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if magnitude is not None:
         from fastlora import dora
 
         dora.check_magnitude(magnitude, weight_sq_norm, weight)
     p = float(dropout_p) if training else 0.0
+    backend = _backend.resolve(x)
+    if magnitude is None and backend == "triton":
+        # takes x [..., K] as it is: flattened inside its autograd function, where the
+        # reshape records no autograd view
+        return _triton_backend().apply(x, weight, bias, lora_A, lora_B, float(scaling), p)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    backend = _backend.resolve(x2d)
     if magnitude is not None:
         y2d = dora.apply(backend, x2d, weight, bias, lora_A, lora_B, magnitude, weight_sq_norm,
                          float(scaling), p)
         return y2d.view(*lead, lora_B.shape[0])
-    if backend == "triton":
-        from fastlora import triton_backend as impl
-    else:
-        from fastlora import torch_backend as impl
-    y2d = impl.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p)
+    from fastlora import torch_backend
+
+    y2d = torch_backend.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p)
     return y2d.view(*lead, lora_B.shape[0])
+
+
+_triton: ModuleType | None = None
+
+
+def _triton_backend() -> ModuleType:
+    # imported on first use: the torch path must work where Triton cannot be imported
+    global _triton
+    if _triton is None:
+        from fastlora import triton_backend
+
+        _triton = triton_backend
+    return _triton

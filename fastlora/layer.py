@@ -151,16 +151,22 @@ class FastLoRALinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = self._parameters  # one dict, not one Module.__getattr__ per tensor
+        try:
+            weight, lora_A, lora_B = params["weight"], params["lora_A"], params["lora_B"]
+        except KeyError:  # a wrapper (FSDP) that set them as plain attributes
+            weight, lora_A, lora_B = self.weight, self.lora_A, self.lora_B
+        bias = params["bias"] if "bias" in params else self.bias
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        if bases.is_4bit(self.weight):
+            return F.linear(x, weight, bias)
+        if bases.is_4bit(weight):
             return self._forward_4bit(x)
         if self.use_dora:
-            return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                               self.lora_dropout, self.training, self.lora_magnitude_vector,
-                               self._weight_sq_norm.get(self.weight))
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           self.lora_dropout, self.training)
+            return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, self.lora_dropout,
+                               self.training, self.lora_magnitude_vector,
+                               self._weight_sq_norm.get(weight))  # fmt: skip
+        return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, self.lora_dropout,
+                           self.training)  # fmt: skip
 
     def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
         # as bitsandbytes' Linear4bit: compute in compute_dtype (x's dtype when unset), bias

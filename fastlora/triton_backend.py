@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import sys
 import threading
@@ -190,28 +191,43 @@ def _eager_grads(dy, x, weight, lora_A, lora_B, u, seed, scaling, dropout_p, *ne
 
 class _LoRAFunction(torch.autograd.Function):
     """Eager path: the launchers called straight from autograd, without the custom-op
-    dispatch the registered ops cost (~100 us a call)."""
+    dispatch the registered ops cost (~100 us a call).  x: [..., K], flattened here (no
+    autograd view nodes for the reshape and the output's view); y: [..., N]."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+        flat = x.dim() != 2
+        x2d = x.reshape(-1, x.shape[-1]) if flat else x
         with _launch_lock:
-            y, u = _kernels.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
-                                         base4=_base4(weight))
-        _autograd.save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, u)
-        return y
+            y, u = _kernels.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                         seed, base4=_base4(weight))  # fmt: skip
+        _autograd.save(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, u)
+        ctx.x_shape = x.shape if flat else None
+        return y.view(*x.shape[:-1], y.shape[1]) if flat else y
 
     @staticmethod
     def backward(ctx, dy):
-        return _autograd.grads(ctx, dy, _eager_grads)
+        shape = ctx.x_shape
+        if shape is None or dy is None:
+            return _autograd.grads(ctx, dy, _eager_grads)
+        dx, *rest = _autograd.grads(ctx, dy.reshape(-1, dy.shape[-1]), _eager_grads)
+        return (None if dx is None else dx.view(shape), *rest)
+
+
+def _seed(x: Tensor, dropout_p: float) -> Tensor:
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    # never read by the kernels; empty launches nothing
+    return torch.empty(1, device=x.device, dtype=torch.int64)
 
 
 def _fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> Tensor:
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    else:  # never read by the kernels; empty launches nothing
-        seed = torch.empty(1, device=x.device, dtype=torch.int64)
+    """x: [..., K] -> y: [..., N] through the fused kernels."""
+    seed = _seed(x, dropout_p)
     if torch.compiler.is_dynamo_compiling():  # the cheapest check: a constant in eager
-        return lora_fwd_triton(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        x2d = x.reshape(-1, x.shape[-1])
+        y = lora_fwd_triton(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        return y.view(*x.shape[:-1], y.shape[1])
     return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
@@ -224,27 +240,30 @@ def apply(
     scaling: float,
     dropout_p: float,
 ) -> Tensor:
-    """x: [M, K] -> y: [M, N] in x.dtype, through the fused kernels or, where it was
+    """x: [..., K] -> y: [..., N] in x.dtype, through the fused kernels or, where it was
     measured faster for this shape bucket, the cuBLAS composition.  ``dropout_p == 0``
     means no dropout (eval passes 0)."""
-    M, K = x.shape
-    N, r = lora_B.shape[0], lora_A.shape[0]
+    K = x.shape[-1]
+    M = x.numel() // K if K else math.prod(x.shape[:-1])
     backward = torch.is_grad_enabled() and (
         x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
     )
-    base = "dense"
     if bases.is_4bit(weight):
         base4 = bases.base_of(weight).kernel_args()
         base = base4["BASE"] if _kernels.fused_4bit_ok(K, base4) else "unaligned"
+    else:
+        base = "dense"
     if base == "unaligned":
         pick = "composition"  # quantization blocks straddle rows: no fused loader for it
     else:
-        pick = strategy_for(M, K, N, r, x.dtype, dropout_p, x.device, backward=backward,
-                            base=base)
+        pick = strategy_for(M, K, lora_B.shape[0], lora_A.shape[0], x.dtype, dropout_p, x.device,
+                            backward=backward, base=base)  # fmt: skip
     if pick == "composition":
         from fastlora import torch_backend
 
-        return torch_backend.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        y = torch_backend.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, scaling,
+                                dropout_p)  # fmt: skip
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
     return _fused(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p))
 
 
@@ -252,7 +271,11 @@ def apply(
 
 _strategy_lock = threading.Lock()
 _strategy_override: str | None = None
+# FASTLORA_STRATEGY as read on first use, or after set_strategy(None) (None: not read yet)
+_strategy_env: str | None = None
 _strategy_cache: dict[tuple, str] = {}
+# strategy_for's answers by its full argument list (no bucketing, no checks on a repeat)
+_picks = _kernels._launch.CallCache()
 
 
 def _check_strategy(name: object, source: str) -> str:
@@ -265,13 +288,16 @@ def _check_strategy(name: object, source: str) -> str:
 
 def set_strategy(strategy: str | None) -> str | None:
     """Force ``"fused"`` or ``"composition"`` for every shape, or ``"auto"`` to measure per
-    shape bucket; ``None`` returns to ``FASTLORA_STRATEGY`` (default ``"auto"``).  Returns
-    the previous setting."""
-    global _strategy_override
+    shape bucket; ``None`` returns to ``FASTLORA_STRATEGY`` (default ``"auto"``), read
+    again at the next call.  Returns the previous setting."""
+    global _strategy_override, _strategy_env
     if strategy is not None:
         strategy = _check_strategy(strategy, "set_strategy(strategy)")
     with _strategy_lock:
         previous, _strategy_override = _strategy_override, strategy
+        if strategy is None:
+            _strategy_env = None
+        _picks.clear()
     return previous
 
 
@@ -279,6 +305,19 @@ def clear_strategy_cache() -> None:
     """Forget every measured pick (they are re-measured on next use)."""
     with _strategy_lock:
         _strategy_cache.clear()
+        _picks.clear()
+
+
+def _forced() -> str:
+    """The strategy set (``set_strategy``) or from ``FASTLORA_STRATEGY``: the environment is
+    read once (the launch path asks on every call), and again after ``set_strategy(None)``."""
+    global _strategy_env
+    if _strategy_override is not None:
+        return _strategy_override
+    if _strategy_env is None:
+        _strategy_env = _check_strategy(os.environ.get("FASTLORA_STRATEGY", "auto"),
+                                        "FASTLORA_STRATEGY")  # fmt: skip
+    return _strategy_env
 
 
 def strategy_for(
@@ -303,16 +342,28 @@ def strategy_for(
     While torch.compile traces, an unmeasured bucket takes ``"fused"`` (nothing can be
     timed during tracing): run one eager step first, or set the strategy, to have the
     measured pick compiled in."""
-    device = torch.device(device)
+    forced = _forced()
+    key = (M, K, N, r, dtype, dropout_p > 0.0, device, backward, base, forced,
+           _kernels.dot_precision(dtype))  # fmt: skip
+    pick = _picks.get(key)
+    if pick is None:
+        pick = _strategy(M, K, N, r, dtype, dropout_p, torch.device(device), backward, base,
+                         forced)  # fmt: skip
+        # not remembered: a traced "fused" (not measured), or "cuda" without an index (the
+        # pick is per device, and the current one may change)
+        if not torch.compiler.is_compiling() and not (device == "cuda" or (
+                isinstance(device, torch.device) and device.type == "cuda" and device.index is None)):
+            _picks.put(key, pick)
+    return pick
+
+
+def _strategy(M, K, N, r, dtype, dropout_p, device, backward, base, forced) -> str:
     cfg = _kernels._configs
     if r > cfg.MAX_R:
         return "composition"
     kind = cfg.operand_kind(dtype.itemsize, _kernels.dot_precision(dtype))
     if device.type == "cuda" and cfg.pad_rank(r) > cfg.max_r_pad(kind):
         return "composition"  # no kernel config for it (fp32 without TF32, r > 64)
-    forced = _strategy_override or _check_strategy(
-        os.environ.get("FASTLORA_STRATEGY", "auto"), "FASTLORA_STRATEGY"
-    )
     if forced != "auto":
         return forced
     if device.type != "cuda":

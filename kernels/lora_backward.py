@@ -335,9 +335,10 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, scaling, dro
     else:
         # everything the launches depend on besides the fresh outputs and workspaces
         key = (info, tma, M, K, N, R, need_dx, need_dA, need_dB, need_dm, float(scaling),
-               float(dropout_p),
-               *map(operand_key, (dy, x, weight, lora_A, lora_B, u, seed, magnitude, norm, z)),
-               base4_key(base4))  # fmt: skip
+               float(dropout_p), operand_key(dy), operand_key(x), operand_key(weight),
+               operand_key(lora_A), operand_key(lora_B), operand_key(u), operand_key(seed),
+               None if base4 is None else base4_key(base4),
+               dora and (operand_key(magnitude), operand_key(norm), operand_key(z)))  # fmt: skip
         call = _calls.get(key) or _calls.put(key, _call(*args))
     dy_spec, dx_spec, reduce_spec, dy_scalars, dx_scalars, reduce_scalars, sizes, serial = call
     ctx = context(traceable)

@@ -322,9 +322,10 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
         call = _call(*args)
     else:
         # everything the launches depend on besides y, u, z (fresh: aligned, contiguous)
-        key = (info, tma, M, K, N, R, float(scaling), float(dropout_p),
-               *map(operand_key, (x, weight, bias, lora_A, lora_B, seed, magnitude, norm)),
-               base4_key(base4))  # fmt: skip
+        key = (info, tma, M, K, N, R, float(scaling), float(dropout_p), operand_key(x),
+               operand_key(weight), operand_key(bias), operand_key(lora_A), operand_key(lora_B),
+               operand_key(seed), None if base4 is None else base4_key(base4),
+               dora and (operand_key(magnitude), operand_key(norm)))  # fmt: skip
         call = _calls.get(key) or _calls.put(key, _call(*args))
     shrink, fwd, shrink_scalars, fwd_scalars, serial = call
     q_ptrs = q_pointers(base4)

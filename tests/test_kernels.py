@@ -558,30 +558,49 @@ def test_compile_fullgraph_one_frame(dtype):
 # --------------------------------------------------------------------------- strategy
 
 
-def test_strategy_is_fused_under_the_interpreter_and_overridable(monkeypatch):
+@pytest.fixture
+def strategy_env(monkeypatch):
+    """Set FASTLORA_STRATEGY for a test: read again after ``set_strategy(None)``, and
+    forgotten at the end (the variable restored and read again)."""
+
+    def setenv(value):
+        monkeypatch.setenv("FASTLORA_STRATEGY", value)
+        triton_backend.set_strategy(None)
+
+    yield setenv
+    monkeypatch.undo()
+    triton_backend.set_strategy(None)
+
+
+def test_strategy_is_fused_under_the_interpreter_and_overridable(strategy_env, monkeypatch):
     args = (37, 40, 24, 3, torch.float32, 0.0, torch.device("cpu"))
     if DEVICE.type == "cpu":
         assert triton_backend.strategy_for(*args) == "fused"
-    monkeypatch.setenv("FASTLORA_STRATEGY", "composition")
+    strategy_env("composition")
     assert triton_backend.strategy_for(*args) == "composition"
     previous = triton_backend.set_strategy("fused")
     try:
         assert triton_backend.strategy_for(*args) == "fused"
     finally:
         triton_backend.set_strategy(previous)
+    assert triton_backend.strategy_for(*args) == "composition"  # back to the variable
     assert triton_backend.strategy_for(37, 40, 24, 129, torch.float32, 0.0, DEVICE) == (
         "composition"
     )
-    monkeypatch.setenv("FASTLORA_STRATEGY", "fastest")
-    with pytest.raises(ValueError, match="FASTLORA_STRATEGY: expected one of 'fused'"):
-        triton_backend.strategy_for(*args)
+    # read once: a change of the variable counts from set_strategy(None) on
+    monkeypatch.setenv("FASTLORA_STRATEGY", "fused")
+    assert triton_backend.strategy_for(*args) == "composition"
+    strategy_env("fastest")
+    for _ in range(2):  # a bad value is never remembered: every call raises
+        with pytest.raises(ValueError, match="FASTLORA_STRATEGY: expected one of 'fused'"):
+            triton_backend.strategy_for(*args)
     with pytest.raises(ValueError, match=r"set_strategy\(strategy\): expected one of"):
         triton_backend.set_strategy("fast")
 
 
-def test_apply_composition_pick_calls_the_torch_backend(monkeypatch):
+def test_apply_composition_pick_calls_the_torch_backend(strategy_env, monkeypatch):
     pytest.importorskip("fastlora.torch_backend")
-    monkeypatch.setenv("FASTLORA_STRATEGY", "composition")
+    strategy_env("composition")
     calls = []
     from fastlora import torch_backend
 
@@ -592,6 +611,9 @@ def test_apply_composition_pick_calls_the_torch_backend(monkeypatch):
     assert calls == [1]
     ref = lora_linear_reference(x.double(), w.double(), b.double(), A.double(), B.double(), SCALING)
     assert max_err(y, ref) < 1e-4
+    # x [..., K] is flattened for the composition and y returned as [..., N]
+    y3 = triton_backend.apply(x.view(1, 19, 40), w, b, A, B, SCALING, 0.0)
+    assert y3.shape == (1, 19, 24) and torch.equal(y3.view(19, 24), y)
 
 
 @pytest.mark.gpu
