@@ -129,6 +129,16 @@ def _check_once(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> None:
         _checked.add(sig)
 
 
+# one C call answers "no autocast anywhere" (the common case) without building x.device
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _autocast_on(x: Tensor) -> bool:
+    if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
+        return False
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def _autocast_cast(t: object, dtype: torch.dtype) -> object:
     """What autocast does to one argument (``at::autocast::is_eligible``): floating-point
     tensors other than float64 go to the autocast dtype; anything else is left to the checks."""
@@ -162,7 +172,7 @@ def lora_linear(
     ``weight_sq_norm`` [N]: ``||W_n||^2`` cached by the caller (computed when None).
     """
     _check_tensor("x", x)  # first: autocast has no state for some devices (meta)
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x):
         # as nn.Linear under autocast: cast before the dtype checks, since x and weight may
         # arrive in different dtypes (a bf16 activation into an fp32 layer); the casts are
         # differentiable, so gradients return in each tensor's own dtype

@@ -45,19 +45,23 @@ def _scratch(size: int, alignment: int, stream: Any) -> torch.Tensor:
     # Triton asks for this right before each launch of a kernel that builds tensor
     # descriptors in the kernel: one buffer per (thread, device, stream) is reused
     # (``_workspace``), except while a CUDA graph is captured
-    device = _scratch_device()
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    if not _configs.interpreting() and driver.active.utils.is_stream_capturing(stream):
+    if _configs._INTERPRETING:
+        return _workspace.buffer("tma-scratch", _CPU, stream, torch.int8, size)
+    active = driver.active
+    device = _torch_device(active.get_current_device())
+    if active.utils.is_stream_capturing(stream):
         return torch.empty(size, dtype=torch.int8, device=device)
     return _workspace.buffer("tma-scratch", device, stream, torch.int8, size)
 
 
+_CPU = torch.device("cpu")
+
+
 @functools.cache
-def _scratch_device() -> torch.device:
-    if _configs.interpreting() or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")  # the current device at allocation time
+def _torch_device(index: int) -> torch.device:
+    """The torch device of the driver's device ``index`` (CPU where torch has no CUDA: the
+    host-overhead benchmark's stub driver)."""
+    return torch.device("cuda", index) if torch.cuda.is_available() else _CPU
 
 
 def ensure_allocator() -> None:
@@ -154,7 +158,7 @@ def context(traceable: bool = False) -> Context:
     """The ``Context`` of a call's launches (asked once per call, not per launch)."""
     if traceable:
         return _TRACING_CONTEXT
-    if _configs.interpreting():
+    if _configs._INTERPRETING:  # (interpreting(), without a call)
         return _INTERPRETER_CONTEXT
     active = driver.active
     device = active.get_current_device()
@@ -199,7 +203,7 @@ def launch(
     16-byte alignment, scalar values); by default one is built from ``tensors`` and
     ``scalars``.  A launcher that passes its own vouches that the tensors it does not
     describe are fresh allocations (always aligned) whose dtypes follow from the key."""
-    if _configs.interpreting():
+    if _configs._INTERPRETING:  # (interpreting(), without a call)
         ensure_allocator()
         spec.fn[spec.grid](*tensors, *scalars, **spec.constexprs, num_warps=spec.num_warps,
                            num_stages=spec.num_stages)  # fmt: skip
@@ -223,16 +227,19 @@ def launch(
             *tensors, *scalars, grid=spec.grid, warmup=False, num_warps=spec.num_warps,
             num_stages=spec.num_stages, **spec.constexprs,
         )  # fmt: skip
-        spec.kernels[(ctx.device, key)] = (kernel.run, kernel.function,
-                                           kernel.packed_metadata, kernel)
+        # the key fixes the scalars: they are bound with the constexprs once
+        spec.kernels[(ctx.device, key)] = (
+            kernel.run, kernel.function, kernel.packed_metadata, kernel,
+            (*scalars, *spec.cvals), bool(kernel.metadata.global_scratch_size),
+        )  # fmt: skip
         return
-    run, function, packed, kernel = entry
-    if kernel.metadata.global_scratch_size:
-        ensure_allocator()
+    run, function, packed, kernel, tail, scratch = entry
+    if scratch and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)  # (ensure_allocator, inlined)
     hooks = triton.knobs.runtime
     enter = hooks.launch_enter_hook
     grid = spec.grid
-    bound = (*tensors, *scalars, *spec.cvals)
+    bound = (*tensors, *tail)
     meta = kernel.launch_metadata(grid, ctx.stream, *bound) if enter.calls else None
     run(grid[0], grid[1], grid[2], ctx.stream, function, packed, meta, enter,
         hooks.launch_exit_hook, *bound)

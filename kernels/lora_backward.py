@@ -32,7 +32,7 @@ from . import _configs
 from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_info
 from ._launch import dot_precision, launch, next_serial, operand_key, transient
 from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords, w_source
-from .lora_forward import q_pointers, use_tma, w_arguments
+from .lora_forward import _NO_Q, q_pointers, use_tma, w_arguments
 
 # per-call plans (``_backward``): launches, TMA decision, scalars and workspace sizes by key
 _calls = CallCache()
@@ -334,9 +334,13 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, scaling, dro
         call = _call(*args)
     else:
         # everything the launches depend on besides the fresh outputs and workspaces
+        # (operand_key of each operand, flattened: this runs on every call)
         key = (info, tma, M, K, N, R, need_dx, need_dA, need_dB, need_dm, float(scaling),
-               float(dropout_p), operand_key(dy), operand_key(x), operand_key(weight),
-               operand_key(lora_A), operand_key(lora_B), operand_key(u), operand_key(seed),
+               float(dropout_p), dy.dtype, dy.stride(), x.dtype, x.stride(), weight.dtype,
+               weight.stride(), lora_A.dtype, lora_A.stride(), lora_B.dtype, lora_B.stride(),
+               u.dtype, u.stride(), seed.dtype, dy.data_ptr() & 15, x.data_ptr() & 15,
+               weight.data_ptr() & 15, lora_A.data_ptr() & 15, lora_B.data_ptr() & 15,
+               u.data_ptr() & 15, seed.data_ptr() & 15,
                None if base4 is None else base4_key(base4),
                dora and (operand_key(magnitude), operand_key(norm), operand_key(z)))  # fmt: skip
         call = _calls.get(key) or _calls.put(key, _call(*args))
@@ -348,7 +352,7 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, scaling, dro
     ws_b = transient(ctx, "dB partials", dev, f32, sizes[1]) if need_dB else u
     ws_m = transient(ctx, "dm partials", dev, f32, sizes[2]) if need_dm else None
     ws_a = transient(ctx, "dA partials", dev, f32, sizes[3]) if need_dA and dx_spec else u
-    q_ptrs = q_pointers(base4)
+    q_ptrs = _NO_Q if base4 is None else q_pointers(base4)
     mag, nrm = (magnitude, norm) if dora else (None, None)  # LoRA builds never read them
     launch(dy_spec, (dy, lora_B, u, g, ws_b, z if need_dm else None, mag, nrm, ws_m),
            dy_scalars, traceable=traceable, ctx=ctx, key=serial)  # fmt: skip

@@ -322,13 +322,17 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
         call = _call(*args)
     else:
         # everything the launches depend on besides y, u, z (fresh: aligned, contiguous)
-        key = (info, tma, M, K, N, R, float(scaling), float(dropout_p), operand_key(x),
-               operand_key(weight), operand_key(bias), operand_key(lora_A), operand_key(lora_B),
-               operand_key(seed), None if base4 is None else base4_key(base4),
+        # (operand_key of each operand, flattened: this runs on every call)
+        key = (info, tma, M, K, N, R, float(scaling), float(dropout_p), x.dtype, x.stride(),
+               weight.dtype, weight.stride(), lora_A.dtype, lora_A.stride(), lora_B.dtype,
+               lora_B.stride(), seed.dtype, x.data_ptr() & 15, weight.data_ptr() & 15,
+               lora_A.data_ptr() & 15, lora_B.data_ptr() & 15, seed.data_ptr() & 15,
+               None if bias is None else operand_key(bias),
+               None if base4 is None else base4_key(base4),
                dora and (operand_key(magnitude), operand_key(norm)))  # fmt: skip
         call = _calls.get(key) or _calls.put(key, _call(*args))
     shrink, fwd, shrink_scalars, fwd_scalars, serial = call
-    q_ptrs = q_pointers(base4)
+    q_ptrs = _NO_Q if base4 is None else q_pointers(base4)
     ctx = context(traceable)
     launch(shrink, (x, lora_A, u, seed), shrink_scalars, traceable=traceable, ctx=ctx, key=serial)
     launch(
