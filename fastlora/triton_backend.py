@@ -214,16 +214,12 @@ class _LoRAFunction(torch.autograd.Function):
         return (None if dx is None else dx.view(shape), *rest)
 
 
-def _seed(x: Tensor, dropout_p: float) -> Tensor:
-    if dropout_p > 0.0:
-        return torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    # never read by the kernels; empty launches nothing
-    return torch.empty(1, device=x.device, dtype=torch.int64)
-
-
 def _fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> Tensor:
     """x: [..., K] -> y: [..., N] through the fused kernels."""
-    seed = _seed(x, dropout_p)
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    else:  # never read by the kernels; empty launches nothing
+        seed = torch.empty(1, device=x.device, dtype=torch.int64)
     if torch.compiler.is_dynamo_compiling():  # the cheapest check: a constant in eager
         x2d = x.reshape(-1, x.shape[-1])
         y = lora_fwd_triton(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
@@ -342,7 +338,7 @@ def strategy_for(
     While torch.compile traces, an unmeasured bucket takes ``"fused"`` (nothing can be
     timed during tracing): run one eager step first, or set the strategy, to have the
     measured pick compiled in."""
-    forced = _forced()
+    forced = _strategy_override or _strategy_env or _forced()
     key = (M, K, N, r, dtype, dropout_p > 0.0, device, backward, base, forced,
            _kernels.dot_precision(dtype))  # fmt: skip
     pick = _picks.get(key)

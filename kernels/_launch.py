@@ -203,6 +203,12 @@ def launch(
     16-byte alignment, scalar values); by default one is built from ``tensors`` and
     ``scalars``.  A launcher that passes its own vouches that the tensors it does not
     describe are fresh allocations (always aligned) whose dtypes follow from the key."""
+    if key is not None and ctx is not None and ctx.device is not None:
+        # a launcher's eager call (only those have a driver device): the cached kernel
+        entry = spec.kernels.get((ctx.device, key))
+        if entry is not None:
+            _run(spec, entry, tensors, ctx.stream)
+            return
     if _configs._INTERPRETING:  # (interpreting(), without a call)
         ensure_allocator()
         spec.fn[spec.grid](*tensors, *scalars, **spec.constexprs, num_warps=spec.num_warps,
@@ -233,6 +239,11 @@ def launch(
             (*scalars, *spec.cvals), bool(kernel.metadata.global_scratch_size),
         )  # fmt: skip
         return
+    _run(spec, entry, tensors, ctx.stream)
+
+
+def _run(spec: LaunchSpec, entry: tuple, tensors: Sequence, stream: Any) -> None:
+    """Launch a cached compiled kernel (``LaunchSpec.kernels`` entry) on ``stream``."""
     run, function, packed, kernel, tail, scratch = entry
     if scratch and _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(_scratch)  # (ensure_allocator, inlined)
@@ -240,6 +251,6 @@ def launch(
     enter = hooks.launch_enter_hook
     grid = spec.grid
     bound = (*tensors, *tail)
-    meta = kernel.launch_metadata(grid, ctx.stream, *bound) if enter.calls else None
-    run(grid[0], grid[1], grid[2], ctx.stream, function, packed, meta, enter,
+    meta = kernel.launch_metadata(grid, stream, *bound) if enter.calls else None
+    run(grid[0], grid[1], grid[2], stream, function, packed, meta, enter,
         hooks.launch_exit_hook, *bound)

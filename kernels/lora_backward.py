@@ -328,10 +328,9 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, scaling, dro
     if not (need_dx or need_dA or need_dB or need_dm):
         return None, None, None, None
     info = current_device_info()
-    args = (info, dy, x, weight, lora_A, lora_B, u, z, dx, dora, scaling, dropout_p, need_dx,
-            need_dA, need_dB, need_dm, traceable, tma, base4)
     if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
-        call = _call(*args)
+        call = _call(info, dy, x, weight, lora_A, lora_B, u, z, dx, dora, scaling, dropout_p,
+                     need_dx, need_dA, need_dB, need_dm, traceable, tma, base4)  # fmt: skip
     else:
         # everything the launches depend on besides the fresh outputs and workspaces
         # (operand_key of each operand, flattened: this runs on every call)
@@ -343,7 +342,9 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, scaling, dro
                u.data_ptr() & 15, seed.data_ptr() & 15,
                None if base4 is None else base4_key(base4),
                dora and (operand_key(magnitude), operand_key(norm), operand_key(z)))  # fmt: skip
-        call = _calls.get(key) or _calls.put(key, _call(*args))
+        call = _calls.get(key) or _calls.put(key, _call(
+            info, dy, x, weight, lora_A, lora_B, u, z, dx, dora, scaling, dropout_p, need_dx,
+            need_dA, need_dB, need_dm, traceable, tma, base4))  # fmt: skip
     dy_spec, dx_spec, reduce_spec, dy_scalars, dx_scalars, reduce_scalars, sizes, serial = call
     ctx = context(traceable)
     f32 = torch.float32

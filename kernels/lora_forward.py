@@ -316,10 +316,9 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
     if M == 0:
         return y, u, z
     info = current_device_info()
-    args = (info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p, traceable,
-            tma, base4)
     if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
-        call = _call(*args)
+        call = _call(info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p,
+                     traceable, tma, base4)  # fmt: skip
     else:
         # everything the launches depend on besides y, u, z (fresh: aligned, contiguous)
         # (operand_key of each operand, flattened: this runs on every call)
@@ -330,7 +329,9 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
                None if bias is None else operand_key(bias),
                None if base4 is None else base4_key(base4),
                dora and (operand_key(magnitude), operand_key(norm)))  # fmt: skip
-        call = _calls.get(key) or _calls.put(key, _call(*args))
+        call = _calls.get(key) or _calls.put(key, _call(
+            info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p, traceable,
+            tma, base4))  # fmt: skip
     shrink, fwd, shrink_scalars, fwd_scalars, serial = call
     q_ptrs = _NO_Q if base4 is None else q_pointers(base4)
     ctx = context(traceable)
