@@ -352,6 +352,19 @@ def test_launch_budget(monkeypatch, p):
     assert dA.dtype == dB.dtype == torch.float32 and dx.dtype == torch.float16
 
 
+def test_eager_backward_refuses_inputs_changed_in_place():
+    """The eager path keeps only its own u and seed outside autograd's saved tensors: x and
+    the adapters are saved, so changing one in place before backward is an error, not a
+    silently wrong gradient."""
+    x, w, b, A, B = make_inputs(37, 40, 24, 3, torch.float32, DEVICE)
+    Ag, Bg = A.requires_grad_(), B.requires_grad_()
+    y = triton_backend.apply(x, w, b, Ag, Bg, SCALING, 0.1)
+    with torch.no_grad():
+        Ag.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y, (Ag, Bg), torch.ones_like(y))
+
+
 def test_rank_outside_kernel_range_is_refused():
     with pytest.raises(ValueError, match="1 <= r <= 128"):
         kernels.pad_rank(129)
