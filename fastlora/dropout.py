@@ -85,3 +85,15 @@ def unpack_mask(packed: torch.Tensor, cols: int, dtype: torch.dtype = torch.bool
     if dtype == torch.bool:
         lanes = lanes.view(torch.bool)
     return lanes.view(rows, width)[:, :cols]
+
+
+def unpack_mask_into(packed: torch.Tensor, cols: int, buffer: torch.Tensor) -> torch.Tensor:
+    """``unpack_mask(packed, cols, buffer.dtype)`` written into ``buffer`` (flat, floating, at
+    least ``rows * 8 * ceil(cols / 8)`` elements) instead of a fresh tensor; returns the
+    [rows, cols] view of it. For callers that keep a buffer alive across calls: on the CPU a
+    fresh 0/1 mask costs its page faults on top of the write."""
+    rows, width = packed.shape[0], packed.shape[1] * _BITS
+    lanes = buffer[: rows * width].view(rows * packed.shape[1], _BITS)
+    table = _byte_table(buffer.dtype, buffer.device)
+    torch.index_select(table, 0, packed.reshape(-1).int(), out=lanes)
+    return lanes.view(rows, width)[:, :cols]

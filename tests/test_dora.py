@@ -110,6 +110,25 @@ def test_matches_float64_reference(M, K, N, r, bias, p, dtype, feed_mask):
         assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} ({dtype})"
 
 
+def test_outputs_survive_later_calls_on_the_reused_workspace(feed_mask):
+    """The CPU path keeps its [M, K] and [N, K] temporaries in per-thread buffers reused by
+    every call: later calls (the same shape, a smaller one, a larger one) must leave an
+    earlier call's output and gradients as they were (none may be a view of a buffer)."""
+    x, W, b, A, B, m = make(12, 16, 10, 3, torch.float32, True)
+    DY[0] = torch.randn(12, 10, generator=torch.Generator().manual_seed(5))
+    feed_mask(draw_keep(12, 16, P))
+    first = run_fastlora(x, W, b, A, B, m, 0.5, P)
+    kept = [t.clone() for t in first]
+    for M, K, N, p in [(12, 16, 10, P), (8, 16, 10, 0.0), (40, 24, 30, P), (40, 24, 30, 0.0)]:
+        x2, W2, b2, A2, B2, m2 = make(M, K, N, 3, torch.float32, True, seed=M + int(p > 0))
+        DY[0] = torch.randn(M, N)
+        if p:
+            feed_mask(draw_keep(M, K, p, seed=7))
+        run_fastlora(x2, W2, b2, A2, B2, m2, 0.5, p)
+    for name, t, k in zip(NAMES, first, kept):
+        assert torch.equal(t, k), name
+
+
 def test_collapses_to_column_scale_at_p0():
     """p = 0: y = (m / norm) * (x W^T + s x A^T B^T) + b, with the norm formed in full."""
     x, W, b, A, B, m = make(9, 12, 10, 3, torch.float64, True)

@@ -15,7 +15,13 @@ import torch
 
 import fastlora
 from fastlora import torch_backend
-from fastlora.dropout import draw_packed_mask, keep_scale, pack_mask, unpack_mask
+from fastlora.dropout import (
+    draw_packed_mask,
+    keep_scale,
+    pack_mask,
+    unpack_mask,
+    unpack_mask_into,
+)
 from fastlora.reference import lora_linear_reference
 from helpers import make_inputs, max_err
 
@@ -118,6 +124,20 @@ def test_pack_unpack_against_numpy(cols):
     assert torch.equal(unpack_mask(packed, cols, torch.float32), keep[:, :cols].float())
     drawn = draw_packed_mask(3, cols, 0.5, torch.device("cpu"))
     assert drawn.dtype == torch.uint8 and drawn.shape == (3, -(-cols // 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cols", [1, 7, 8, 13, 64])
+def test_unpack_into_a_buffer_is_unpack(cols, dtype):
+    """The workspace form writes the same 0/1 values into the caller's (larger, dirty)
+    buffer and returns a view of it."""
+    keep = torch.rand(5, -(-cols // 8) * 8, generator=torch.Generator().manual_seed(cols)) < 0.5
+    packed = pack_mask(keep)
+    buffer = torch.full((5 * 8 * -(-cols // 8) + 11,), 7.0, dtype=dtype)
+    out = unpack_mask_into(packed, cols, buffer)
+    assert out.shape == (5, cols) and out.dtype == dtype
+    assert out.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert torch.equal(out, keep[:, :cols].to(dtype))
 
 
 # ------------------------------------------------------------------ the layer, end to end
