@@ -195,7 +195,11 @@ class _LoRAFunction(torch.autograd.Function):
     autograd view nodes for the reshape and the output's view); y: [..., N]."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, hparams):
+        # (scaling, dropout_p) in one argument and the seed drawn here: each argument of
+        # apply costs host time
+        scaling, dropout_p = hparams
+        seed = _seed(x, dropout_p)
         flat = x.dim() != 2
         x2d = x.reshape(-1, x.shape[-1]) if flat else x
         with _launch_lock:
@@ -215,17 +219,21 @@ class _LoRAFunction(torch.autograd.Function):
         return (None if dx is None else dx.view(shape), *rest)
 
 
+def _seed(x: Tensor, dropout_p: float) -> Tensor:
+    """The dropout seed: int64 [1] from torch's generator for x's device (no host sync)."""
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    return torch.empty(1, device=x.device, dtype=torch.int64)  # never read; launches nothing
+
+
 def _fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float) -> Tensor:
     """x: [..., K] -> y: [..., N] through the fused kernels."""
-    if dropout_p > 0.0:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
-    else:  # never read by the kernels; empty launches nothing
-        seed = torch.empty(1, device=x.device, dtype=torch.int64)
     if torch.compiler.is_dynamo_compiling():  # the cheapest check: a constant in eager
         x2d = x.reshape(-1, x.shape[-1])
-        y = lora_fwd_triton(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)[0]
+        y = lora_fwd_triton(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                            _seed(x, dropout_p))[0]  # fmt: skip
         return y.view(*x.shape[:-1], y.shape[1])
-    return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, (scaling, dropout_p))
 
 
 def apply(
