@@ -356,8 +356,8 @@ def strategy_for(
                          forced)  # fmt: skip
         # not remembered: a traced "fused" (not measured), or "cuda" without an index (the
         # pick is per device, and the current one may change)
-        if not torch.compiler.is_compiling() and not (device == "cuda" or (
-                isinstance(device, torch.device) and device.type == "cuda" and device.index is None)):
+        unindexed = torch.device(device).type == "cuda" and torch.device(device).index is None
+        if not torch.compiler.is_compiling() and not unindexed:
             _picks.put(key, pick)
     return pick
 

@@ -398,7 +398,8 @@ def _call(info, dy, x, weight, lora_A, lora_B, u, z, dx, dora, scaling, dropout_
     reduce_scalars = (na, parts_a, nb, parts_b, progs_a, N if need_dm else 0, parts_m,
                       progs_a + _configs.cdiv(nb, _configs.REDUCE_BLOCK))  # fmt: skip
     sizes = (M * R, parts_b * N * R, parts_m * N, parts_a * R * K)
-    return dy_spec, dx_spec, reduce_spec, dy_scalars, dx_scalars, reduce_scalars, sizes, next_serial()
+    return (dy_spec, dx_spec, reduce_spec, dy_scalars, dx_scalars, reduce_scalars, sizes,
+            next_serial())
 
 
 @functools.lru_cache(maxsize=1024)
