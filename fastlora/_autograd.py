@@ -9,22 +9,13 @@ import torch
 from torch import Tensor
 
 
-def save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, state, u, *,
-         private: bool = False) -> None:  # fmt: skip
+def save(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, state, u) -> None:
     """Saved: x, the parameters, u [M, r] and the dropout state (bits or a seed), no more.
-
-    ``private``: u and the state are the call's own tensors, seen by no one else (not
-    outputs, so no reference cycle): kept on ctx as they are, without the saved-variable
-    packing (x and the parameters are saved, so in-place changes to them are still caught).
-    Otherwise (u an output of the op) everything is saved and no zeros are materialized for
-    u's gradient."""
+    All through ``save_for_backward``, so saved-tensor hooks (offloading, checkpointing,
+    memory accounting) see every saved byte."""
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
     ctx.has_bias = bias is not None
-    if private:
-        ctx.private = (u, state)
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
-        return
-    ctx.private = None
+    # u's gradient is never used: no zeros materialized for it (nor for an unused y)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, lora_A, lora_B, u, state)
 
@@ -46,11 +37,7 @@ def grads(ctx, dy: Tensor, lora_grads: LoRAGrads) -> tuple:
     is None when y got no gradient (grads are not materialized)."""
     if dy is None:
         return (None,) * 8
-    if ctx.private is None:
-        x, weight, lora_A, lora_B, u, state = ctx.saved_tensors
-    else:
-        x, weight, lora_A, lora_B = ctx.saved_tensors
-        u, state = ctx.private
+    x, weight, lora_A, lora_B, u, state = ctx.saved_tensors
     need_x, need_w, need_b, need_A, need_B = ctx.needs_input_grad[:5]
     dx, dA, dB = lora_grads(
         dy, x, weight, lora_A, lora_B, u, state, ctx.scaling, ctx.dropout_p, need_x, need_A, need_B

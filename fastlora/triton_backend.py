@@ -205,8 +205,7 @@ class _LoRAFunction(torch.autograd.Function):
         with _launch_lock:
             y, u = _kernels.lora_forward(x2d, weight, bias, lora_A, lora_B, scaling, dropout_p,
                                          seed, base4=_base4(weight))  # fmt: skip
-        _autograd.save(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, u,
-                       private=True)  # fmt: skip
+        _autograd.save(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, u)
         ctx.x_shape = x.shape if flat else None
         return y.view(*x.shape[:-1], y.shape[1]) if flat else y
 

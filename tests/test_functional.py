@@ -143,3 +143,19 @@ def test_non_contiguous_output_gradient(backend, device):
     truth = reference_grads(*(t.double() for t in (x, w, b, A, B)), 1.5, dy.double())
     for got, want in zip((xg.grad, Ag.grad, Bg.grad), truth[1:]):
         assert max_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_saved_tensor_hooks_see_every_saved_byte(backend, p):
+    """Beyond x and the parameters, a training call saves u [M, r] and the dropout state (the
+    torch path's packed bits, the Triton path's int64 seed), all through save_for_backward,
+    so saved-tensor hooks (offloading, checkpointing, memory accounting) see each byte."""
+    from benchmarks.memory import saved_bytes
+
+    M, K, N, r = 12, 40, 24, 4
+    layer = fastlora.FastLoRALinear(K, N, r=r, lora_alpha=8, lora_dropout=p).train()
+    x = torch.randn(M, K, requires_grad=True)
+    state = 0 if p == 0 else (M * math.ceil(K / 8) if backend == "torch" else 8)
+    if backend == "triton" and p == 0:
+        state = 8  # the unread seed placeholder is saved too: one int64
+    assert saved_bytes(layer, x)["extra"] == M * r * 4 + state
