@@ -87,8 +87,8 @@ MUTANTS: list[Mutant] = [
        "    return _LEVELS / (_LEVELS - _threshold(p))\n", "    return 1.0\n",
        "tests/test_properties.py::test_matches_reference_on_random_cases[torch-dropout]"),
     _m("u scaled by 1.5 in every dtype", "fastlora/torch_backend.py",
-       "        u = torch.mm(x, A.t()).mul_(scaling)\n",
-       "        u = torch.mm(x, A.t()).mul_(scaling * 1.5)\n",
+       "        u = torch.mm(x, (lora_A * scaling).to(x.dtype).t())\n",
+       "        u = torch.mm(x, (lora_A * (scaling * 1.5)).to(x.dtype).t())\n",
        "tests/test_compose.py::test_autocast_cpu"),
     # ---- torch backend dropout
     _m("keep_scale ignores the 2**-16 rounding", "fastlora/dropout.py",
