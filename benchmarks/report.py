@@ -19,6 +19,8 @@ from importlib import metadata
 
 import torch
 
+from benchmarks.timing import paired_ratio
+
 MODES = ("fwd", "bwd", "fwd+bwd")
 MiB = 2**20
 
@@ -223,7 +225,7 @@ def _time_ratio(case, a, b, mode="fwd+bwd"):
     ea, eb = _entry_ok(case, a), _entry_ok(case, b)
     if ea is None or eb is None or mode not in ea["ms"] or mode not in eb["ms"]:
         return None
-    return ea["ms"][mode]["median"] / eb["ms"][mode]["median"]
+    return paired_ratio(ea["ms"][mode], eb["ms"][mode])
 
 
 def goals(results: dict) -> list[dict]:

@@ -24,7 +24,7 @@ import torch
 from benchmarks import cases as C
 from benchmarks import report
 from benchmarks.memory import cuda_peak_bytes, saved_bytes
-from benchmarks.timing import cpu_interleaved, gpu_time
+from benchmarks.timing import cpu_interleaved, gpu_time, paired_ratio
 
 LLAMA_SHAPES = ["4096x4096", "4096x11008", "11008x4096", "4096x14336", "14336x4096"]
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -262,8 +262,7 @@ def run_case(spec: C.Spec, providers: list[str], args, deadline: float | None, b
     lin = entries.get("linear", {})
     for name, e in entries.items():
         if e["status"] == "ok" and lin.get("status") == "ok":
-            e["ratio"] = {mode: e["ms"][mode]["median"] / lin["ms"][mode]["median"]
-                          for mode in modes}
+            e["ratio"] = {mode: paired_ratio(e["ms"][mode], lin["ms"][mode]) for mode in modes}
     return {"M": spec.M, "K": spec.K, "N": spec.N, "r": spec.r, "p": spec.p,
             "dtype": str(spec.dtype).replace("torch.", ""), "bias": spec.bias,
             "base": spec.base, "providers": entries}
@@ -327,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         dtype=str(specs[0].dtype).replace("torch.", ""), providers=providers,
         timing=("do_bench method (warm-up, L2 flush, CUDA events), median of "
                 f"{args.rep_ms:g} ms of repeats" if dev == "cuda" else
-                f"perf_counter, providers interleaved, median of {args.reps} rounds"),
+                f"perf_counter, providers interleaved, {args.reps} rounds; a ratio is the median "
+                "over rounds of the two times taken in one round"),
         memory=("saved_tensors_hooks (distinct storages) + torch.cuda.max_memory_allocated"
                 if dev == "cuda" else "saved_tensors_hooks (distinct storages)"),
         budget_s=budget, reps=args.reps if dev != "cuda" else None,

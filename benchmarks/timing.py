@@ -67,7 +67,20 @@ def cpu_interleaved(
                     samples[key].append((t1 - t0) / 1e6)
         if deadline is not None and rnd >= warmup + 2 and time.monotonic() > deadline:
             break
-    return {key: _stats(ms) for key, ms in samples.items()}
+    # the samples in round order too: a ratio is taken within each round (``paired_ratio``)
+    return {key: {**_stats(ms), "rounds": ms} for key, ms in samples.items()}
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """time(a) / time(b) from two results of one run.  Where both carry their samples in
+    round order (``cpu_interleaved``), the median over rounds of the ratio within a round:
+    a shared machine that slows down for a while slows both alike, and the ratio cancels it,
+    where a ratio of two medians can pick them from different stretches.  Otherwise (GPU
+    timings) the ratio of the medians."""
+    ra, rb = a.get("rounds"), b.get("rounds")
+    if ra and rb and len(ra) == len(rb):
+        return statistics.median(x / y for x, y in zip(ra, rb))
+    return a["median"] / b["median"]
 
 
 # --------------------------------------------------------------------------- GPU

@@ -163,3 +163,18 @@ def test_benchmarks_default_out_is_a_fresh_directory(tmp_path, monkeypatch):
         assert (tmp_path / "benchmarks" / "runs" / r / "results_cpu.json").is_file()
     if before is not None:
         assert os.path.getmtime(committed) == before
+
+
+def test_benchmark_ratios_pair_the_rounds():
+    """A CPU ratio is the median over rounds of the two times of one round, so a stretch
+    where the shared machine is slow cancels; GPU results (no rounds) divide the medians."""
+    from benchmarks.timing import cpu_interleaved, paired_ratio
+
+    a = {"median": 4.0, "rounds": [2.0, 4.0, 6.0]}
+    b = {"median": 4.0, "rounds": [1.0, 4.0, 5.0]}
+    assert paired_ratio(a, b) == 1.2  # per round 2.0, 1.0, 1.2; the medians would say 1.0
+    assert paired_ratio({"median": 3.0}, {"median": 2.0}) == 1.5
+    ticks = iter(range(100))
+    stats = cpu_interleaved({("a", "fwd"): (lambda: None, lambda _: next(ticks))}, reps=3,
+                            warmup=0)
+    assert len(stats[("a", "fwd")]["rounds"]) == 3
