@@ -14,8 +14,6 @@ which trace; the eager path below launches the kernels directly.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -65,8 +63,8 @@ def _composition(x: Tensor, r: int) -> bool:
     kind = cfg.operand_kind(x.dtype.itemsize, _kernels.dot_precision(x.dtype))
     if x.device.type == "cuda" and (kind != "16bit" or cfg.pad_rank(r) > cfg.max_r_pad(kind)):
         return True  # fp32 inputs (TF32 or not): no DoRA tiles (see _configs), the torch path
-    forced = triton_backend._strategy_override or os.environ.get("FASTLORA_STRATEGY", "auto")
-    return forced.lower() == "composition"
+    # the same reading of set_strategy / FASTLORA_STRATEGY as LoRA's (the env read once)
+    return triton_backend._forced() == "composition"
 
 
 def apply_dora(

@@ -164,3 +164,33 @@ def test_dora_and_lora_layers_in_one_model_on_the_triton_backend():
         y = model(torch.randn(5, 16))
     y.sum().backward()
     assert model[0].lora_magnitude_vector.grad is not None
+
+
+def test_dora_reads_the_strategy_as_lora_does(monkeypatch):
+    """FASTLORA_STRATEGY=composition sends DoRA to the torch path from set_strategy(None) on
+    (the variable read once, as for LoRA), and set_strategy("fused") overrides it."""
+    from fastlora import dora_torch, triton_backend
+
+    if DEVICE.type == "cuda":
+        pytest.skip("on CUDA fp32 DoRA takes the torch path whatever the strategy")
+    calls = []
+    real = dora_torch.apply_dora
+    monkeypatch.setattr(dora_torch, "apply_dora", lambda *a: calls.append(1) or real(*a))
+    layer = fastlora.FastLoRALinear(24, 16, r=4, use_dora=True).to(DEVICE)
+    x = torch.randn(5, 24, device=DEVICE)
+    monkeypatch.setenv("FASTLORA_STRATEGY", "composition")
+    triton_backend.set_strategy(None)
+    try:
+        with fastlora.use_backend("triton"):
+            layer(x)
+            assert len(calls) == 1
+            monkeypatch.setenv("FASTLORA_STRATEGY", "fused")  # read once: not seen yet
+            layer(x)
+            assert len(calls) == 2
+            previous = triton_backend.set_strategy("fused")
+            layer(x)
+            assert len(calls) == 2
+            triton_backend.set_strategy(previous)
+    finally:
+        monkeypatch.undo()
+        triton_backend.set_strategy(None)
