@@ -185,10 +185,8 @@ def backward(
     keep = _keep(mask_bits, x.shape[1], x.dtype)
     if need_dx:
         dx.mul_(keep).addmm_(dy, weight)
-    if need_dA:
-        dA = torch.mm(g.t(), keep.mul_(x))
-    if need_dA:
-        dA = (dA.to(acc) * ks).to(lora_A.dtype)
+    if need_dA:  # ks on the [r, K] result, in fp32, not on an [M, K] pass
+        dA = (torch.mm(g.t(), keep.mul_(x)).to(acc) * ks).to(lora_A.dtype)
     return dx, dA, dB, dm
 
 
