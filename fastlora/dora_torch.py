@@ -59,22 +59,27 @@ def _scaled_rows(weight: Tensor, col: Tensor) -> Tensor:
     return torch.mul(weight, col.unsqueeze(1), out=out)
 
 
-# elements of dy * S formed at a time by _column_dot: ~1 MiB of fp32, so the product stays in
-# cache (one [M, N] temporary costs a fresh allocation, page faults included, and a re-read)
-_DOT_CHUNK = 1 << 18
+# rows of dy * S accumulated at a time by _column_dot: a [256, N] fp32 block (1 MiB at
+# N = 1024) stays in cache, and the column sum runs once over it, not once per block
+_DOT_ROWS = 256
 
 
 def _column_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """``sum_m a[m, n] * b[m, n]`` for a, b [M, N] -> [N] in ``acc``: on the CPU a block of
-    rows at a time; on a GPU (where each block would be a launch) one call."""
+    """``sum_m a[m, n] * b[m, n]`` for a, b [M, N] -> [N] in ``acc``: on the CPU, row blocks
+    multiplied and summed into one [rows, N] block in ``acc`` (workspace; every product in
+    ``acc``), then one column sum; on a GPU (where each block would be a launch) one call."""
     if a.device.type != "cpu":
         return torch.linalg.vecdot(a, b, dim=0).to(acc)
     M, N = a.shape
-    rows = max(1, _DOT_CHUNK // max(N, 1))
-    out = torch.zeros(N, dtype=acc, device=a.device)
-    for i in range(0, M, rows):
-        out += torch.linalg.vecdot(a[i : i + rows], b[i : i + rows], dim=0)
-    return out
+    if M == 0:
+        return a.new_zeros(N, dtype=acc)
+    rows = min(M, _DOT_ROWS)
+    block = _scratch("dot", rows * N, acc, a.device).view(rows, N)
+    torch.mul(a[:rows].to(acc), b[:rows], out=block)
+    for i in range(rows, M, rows):
+        n = min(rows, M - i)
+        block[:n].addcmul_(a[i : i + n], b[i : i + n])
+    return block.sum(0)
 
 
 def _minus_one(c_acc: Tensor, dtype: torch.dtype, factor: float = 1.0) -> Tensor:
@@ -118,9 +123,9 @@ def forward(
     if mask_bits is None:
         u = torch.mm(x, A.t()).mul_(scaling)
         S = torch.mm(x, weight.t())  # the GEMM writes the fresh output (its page faults hide)
-        c = c_acc.to(x.dtype)
-        y = S * c if bias is None else torch.addcmul(bias, S, c)
-        return y.addmm_(u, Bc.t()), u, S
+        # the skinny GEMM writes y fresh, then one pass adds c * S into it
+        y = torch.mm(u, Bc.t()) if bias is None else torch.addmm(bias, u, Bc.t())
+        return y.addcmul_(S, c_acc.to(x.dtype)), u, S
     ks = keep_scale(dropout_p)
     xm = _keep(mask_bits, x.shape[1], x.dtype).mul_(x)  # D(x) = ks * xm; ks goes on the
     # [N] and [M, r] factors, never on an [M, K] pass

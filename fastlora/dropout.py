@@ -4,8 +4,10 @@ The mask is drawn once from torch's generator for the tensor's device (so
 ``torch.manual_seed`` reproduces a run), packed eight elements to a byte for backward, and
 unpacked on demand. ``D(x)`` itself is never stored.
 
-Each element gets a 16-bit uniform draw (four per 64-bit word: on the CPU, the generator's
-cost is per call, so this is ~4x cheaper than one float per element). The drop rate is thus
+Each element gets a 16-bit uniform draw (four per 64-bit word). On the CPU, numpy's PCG64
+seeded by one draw from torch's generator makes the words and numpy packs them: torch's CPU
+generator (mt19937) costs ~6 ns a word and PCG64 ~2 ns, which with numpy's vectorized compare
+and ``packbits`` takes a mask from ~4 ms to ~1.7 ms at 2048 x 1024. The drop rate is thus
 ``p`` rounded to a multiple of 2**-16; ``keep_scale`` returns ``1 / (1 - p_rounded)`` so that
 ``E[D(x)] = x`` holds exactly.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 _BITS = 8
@@ -51,10 +54,32 @@ def draw_packed_mask(rows: int, cols: int, p: float, device: torch.device) -> to
     """Keep-mask ``m ~ Bernoulli(1 - p)`` for a [rows, cols] input, packed to
     [rows, ceil(cols / 8)] uint8 (bit j of byte c is element 8c + j)."""
     padded = -(-cols // _BITS) * _BITS
+    # four independent int16 lanes per 64-bit word, uniform on [-2**15, 2**15): kept if >= low
+    low = _threshold(p) - _LEVELS // 2
+    if torch.device(device).type == "cpu":
+        seed = torch.randint(0, 2**62, (1,))  # from torch's generator: manual_seed reproduces
+        # under torch.compile the numpy draw runs as an opaque op, so the mask stays eager's
+        draw = _cpu_packed_op if torch.compiler.is_compiling() else _cpu_packed
+        return draw(seed, rows, padded, low)
     words = torch.randint(-(2**63), 2**63 - 1, (rows, padded // 4), device=device, dtype=torch.int64)
-    # four independent int16 lanes per word, uniform on [-2**15, 2**15)
-    keep = words.view(torch.int16) >= _threshold(p) - _LEVELS // 2
-    return pack_mask(keep)
+    return pack_mask(words.view(torch.int16) >= low)
+
+
+def _cpu_packed(seed: torch.Tensor, rows: int, cols: int, low: int) -> torch.Tensor:
+    """The packed keep mask [rows, cols / 8] (cols % 8 == 0) of 16-bit lanes >= ``low`` from
+    numpy's PCG64 seeded with ``seed`` (one int64)."""
+    # a CPU tensor read through numpy: no device, so no sync, and no aten op either
+    words = np.random.PCG64(int(seed.numpy()[0])).random_raw(rows * cols // 4)  # 64 bits each
+    keep = words.view(np.int16).reshape(rows, cols) >= low
+    return torch.from_numpy(np.packbits(keep, axis=-1, bitorder="little"))
+
+
+_cpu_packed_op = torch.library.custom_op("fastlora::cpu_packed_mask", _cpu_packed, mutates_args=())
+
+
+@_cpu_packed_op.register_fake
+def _(seed, rows, cols, low):
+    return seed.new_empty(rows, cols // _BITS, dtype=torch.uint8)
 
 
 # Eight 0/1 bytes read as one little-endian int64 word w (byte j = element 8c + j): the
