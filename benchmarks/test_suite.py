@@ -67,3 +67,14 @@ def test_dora_rows(tmp_path):
     goals = {(g["goal"], g["provider"]) for g in run.report.goals(results)}
     assert goals == set()  # the DoRA goals read 1024x1024 M=2048 only
     assert "| fastlora_dora | peft_dora |" in (tmp_path / "table_cpu.md").read_text()
+
+
+def test_cpu_floor_prints_every_composition(capsys):
+    from benchmarks import cpu_floor
+
+    cpu_floor.main(["--shape", "64x48", "--m", "32", "--r", "4", "--rounds", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    names = [line.split("|")[1].strip() for line in rows[1:]]
+    assert names == ["frozen", "small first", "big first", "merged W + BA"]
+    assert float(rows[1].split("|")[3]) == 1.0  # the frozen GEMMs against themselves
+    assert all(float(line.split("|")[3]) > 0 for line in rows[1:])
