@@ -384,3 +384,17 @@ def test_bad_use_dora():
         fastlora.FastLoRALinear(4, 4, use_dora="yes")
     with pytest.raises(RuntimeError, match="without use_dora=True"):
         fastlora.FastLoRALinear(4, 4).reset_magnitude()
+
+
+@pytest.mark.parametrize("M", [0, 1, 255, 256, 257, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_column_dot_over_row_blocks(M, dtype):
+    """dm's ``colsum(dy * S)``, accumulated in row blocks on the CPU, against a float64 sum:
+    one block, several, and a short last block."""
+    g = torch.Generator().manual_seed(M)
+    a = torch.randn(M, 37, generator=g).to(dtype)
+    b = torch.randn(M, 37, generator=g).to(dtype)
+    got = dora_torch._column_dot(a, b, torch.float32)
+    ref = (a.double() * b.double()).sum(0)
+    assert got.dtype == torch.float32 and got.shape == (37,)
+    assert max_err(got.double(), ref) <= 1e-5 * max(1.0, M**0.5)
