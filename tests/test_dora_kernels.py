@@ -91,7 +91,8 @@ def test_tma_persistent_build_matches_reference(dtype, p):
 
 
 @pytest.mark.parametrize("need", [(False, False, False, True), (True, False, False, False),
-                                  (False, True, True, False)], ids=["dm", "dx", "dA+dB"])
+                                  (False, True, True, False), (False, True, False, True)],
+                         ids=["dm", "dx", "dA+dB", "dA+dm"])
 def test_backward_makes_only_what_is_asked(need):
     M, K, N, r = 21, 24, 40, 4
     (x, w, b, A, B, dy), m = inputs(M, K, N, r, torch.float32)
