@@ -3,9 +3,10 @@
 Times bare torch calls, no autograd and no module: the frozen layer's two GEMMs (``x W^T``,
 ``dy W``) against the same two plus LoRA's six skinny products (``x A^T``, ``u B^T``,
 ``dy B``, ``g A``, ``g^T x``, ``u^T dy``) in three orders, interleaved round by round, each
-ratio the median over rounds of the ratio within a round (``timing.paired_ratio``). No
-composition of these calls (the torch backend's included) can go below what this prints;
-the module adds its autograd and Python on top. Lower is better; a busy machine moves it.
+ratio the median over rounds of the ratio within a round (``timing.paired_ratio``). It is
+the cost of these calls alone, with nothing around them: what the torch backend's order
+("small first") can at best approach, since the module adds its autograd and Python on top.
+Lower is better; a busy machine moves it.
 """
 
 from __future__ import annotations
