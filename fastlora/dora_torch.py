@@ -26,7 +26,10 @@ class _Workspace(threading.local):
     (the unpacked mask times x, the column-scaled weight): a fresh tensor of that size costs
     its page faults on top of the write (~2.7 ms for 8 MB on a 2-core VM, as much as ~15% of
     the layer's GEMM), a reused one only the write. One flat buffer per role and dtype, grown
-    to the largest size asked for; never handed out as (part of) an output."""
+    to the largest size asked for; never handed out as (part of) an output. (The launchers'
+    ``kernels/_workspace.py`` does the same per stream, but ``fastlora.kernels`` imports
+    Triton, which this path must not need, and kernels/ stays free of fastlora imports for
+    the C build.)"""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
