@@ -37,8 +37,11 @@ PERSISTENT_MIN_WAVES = 1
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
+# the backward candidates' kernels (kernels/backward_candidates.py)
+CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "tail")
 # kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
 GEMM_KERNELS = ("forward", "dx")
+CANDIDATE_GEMM_KERNELS = ("dx_gemm",)
 R_PADS = (16, 32, 64, 128)
 
 
@@ -94,6 +97,9 @@ class TileConfig:
             "dy": ("BLOCK_M", "BLOCK_N"),
             "dx": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "reduce": (),
+            "dy_split": ("BLOCK_M", "BLOCK_N"),
+            "dx_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "tail": ("BLOCK_M", "BLOCK_K"),
         }[kernel]
         vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         return {n: vals[n] for n in names}
@@ -185,6 +191,58 @@ _CONFIGS_FP32 = {
 }
 _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
 
+# The backward candidates' kernels (kernels/backward_candidates.py):
+#   dy_split  g / dB partials  tiles BLOCK_M rows x a column split, loop over it in BLOCK_N
+#   dx_gemm   dx [M, K]        tiles BLOCK_M x BLOCK_K, loop over N in BLOCK_N (pure GEMM)
+#   tail      dA [r, K]        tiles BLOCK_K columns, loop over M in BLOCK_M (and dB's sum)
+_CANDIDATE_CONFIGS = {
+    "16bit": {
+        "dx_gemm": [
+            T(128, 64, 256, 8, 3, "cuBLAS-class tile: two consumer warpgroups of 64 x 256 "
+              "(sm_80's mma.sync accumulators spill in it)", SMALL_R, builds="tma"),
+            T(128, 64, 128, 8, 4, "large M, narrower K: more tiles, deeper pipeline",
+              builds="tma"),
+            T(64, 64, 128, 4, 4, "mid and small M: one warpgroup", builds="tma"),
+            T(128, 64, 128, 8, 3, "large M (sm_80, unaligned operands)", builds="ptr"),
+            T(64, 64, 64, 4, 3, "mid and small M", builds="ptr"),
+        ],
+        "dy_split": [
+            T(256, 64, 0, 8, 3, "large M: 256-row blocks, a quarter of the row pass's dB "
+              "partials; 16 KB x 2 boxes per stage", 32),
+            T(128, 64, 0, 8, 3, "mid M, and r_pad 64", SMALL_R),
+            T(64, 32, 0, 8, 3, "small M, and r_pad 128"),
+        ],
+        "tail": [
+            T(64, 0, 64, 4, 3, "wide K: 64-column programs walking M in 64-row steps",
+              SMALL_R),
+            T(64, 0, 32, 4, 3, "narrow K (more programs), and r_pad 128"),
+        ],
+    },
+    # tf32: pointer builds of dx_gemm only (the N-major W tile cannot feed tf32 wgmma from
+    # shared memory without a transpose through registers, as for "dx" above)
+    "tf32": {
+        "dx_gemm": [
+            T(128, 32, 64, 8, 3, "large M", SMALL_R, builds="ptr"),
+            T(64, 32, 64, 4, 3, "mid and small M, and r_pad 128", builds="ptr"),
+        ],
+        "dy_split": [
+            T(128, 32, 0, 8, 3, "large M", 32),
+            T(64, 16, 0, 8, 3, "small M, and r_pad >= 64"),
+        ],
+        "tail": [T(64, 0, 32, 4, 3, "32-column programs")],
+    },
+    "fp32": {
+        "dx_gemm": [
+            T(32, 32, 32, 4, 3, "FMA tile", builds="tma"),
+            T(32, 16, 32, 4, 3, "FMA tile", builds="ptr"),
+        ],
+        "dy_split": [T(32, 16, 0, 4, 3, "FMA tile")],
+        "tail": [T(32, 0, 32, 4, 3, "FMA tile")],
+    },
+}
+for _kind, _table in _CANDIDATE_CONFIGS.items():
+    _TABLES[_kind].update(_table)
+
 # DoRA's own tiles where its variant needs more registers than LoRA's (every other
 # (kind, kernel, variant) launches LoRA's table): with dropout the forward holds two
 # [BM, BN] accumulators (x W^T and D(x) W^T), and the dy pass holds a z tile and its
@@ -260,6 +318,9 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
         "dy": (bm * bn + bn * r_pad),
         "dx": (bm * bn + bn * bk),
         "reduce": 0,
+        "dy_split": (bm * bn + bn * r_pad),
+        "dx_gemm": (bm * bn + bn * bk),
+        "tail": (bm * bk + bm * r_pad),
     }[kernel]
     return s * loop * esize
 
@@ -320,7 +381,8 @@ def pick(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "
             f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
         )
-    col_block = {"forward": "block_n", "dx": "block_k"}.get(kernel)
+    col_block = {"forward": "block_n", "dx": "block_k", "dx_gemm": "block_k",
+                 "tail": "block_k"}.get(kernel)
 
     def tiles(c: TileConfig) -> int:
         t = -(-rows // max(c.block_m, 1))
