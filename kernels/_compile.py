@@ -19,6 +19,9 @@ from triton.backends.compiler import GPUTarget
 
 from . import _configs
 from .lora_backward import _lora_dx_kernel, _lora_dy_kernel, _lora_reduce_kernel
+from .dora_norm import _dora_norm_kernel
+from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
+from .lora_dy_pass import _lora_dy_split_kernel
 from .lora_forward import _lora_forward_kernel, _lora_shrink_kernel
 
 JIT_KERNELS = {
@@ -27,7 +30,25 @@ JIT_KERNELS = {
     "dy": _lora_dy_kernel,
     "dx": _lora_dx_kernel,
     "reduce": _lora_reduce_kernel,
+    # the backward candidates (backward_candidates.py)
+    "dy_split": _lora_dy_split_kernel,
+    "dx_gemm": _lora_dx_gemm_kernel,
+    "dx_gemm_split": _lora_dx_gemm_kernel,
+    "dx_gemm_ws": _lora_dx_gemm_kernel,
+    "tail": _lora_tail_kernel,
+    "tail_split": _lora_tail_kernel,
+    "dora_norm": _dora_norm_kernel,
 }
+# the candidates' builds: g from the row dy pass (one part in the activation dtype) or the
+# split one (fp32 parts; the most it launches compiled, _configs.MAX_G_PARTS)
+_CANDIDATE_BUILDS = {
+    "dx_gemm": {"G_PARTS": 1, "WARP_SPEC": False},
+    "dx_gemm_split": {"G_PARTS": _configs.MAX_G_PARTS, "WARP_SPEC": False},
+    "dx_gemm_ws": {"G_PARTS": 1, "WARP_SPEC": True},
+    "tail": {"G_PARTS": 1},
+    "tail_split": {"G_PARTS": _configs.MAX_G_PARTS},
+}
+_FP32_G = ("dy_split", "dx_gemm_split", "tail_split")
 
 # dtype variant -> (activation type, adapter type, dot input precision).  Adapters are
 # read in their own dtype: "bf16+fp32" is PEFT's default on a bf16 model.
@@ -63,11 +84,18 @@ _UNIT_STRIDES = {
     "dy": {"stride_dyn", "stride_br", "stride_ur", "stride_gr"},
     "dx": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
     "reduce": set(),
+    "dy_split": {"stride_dyn", "stride_br", "stride_ur"},
+    "dx_gemm": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"},
+    "tail": {"stride_xk", "stride_gr"},
 }
+for _k in ("dx_gemm_split", "dx_gemm_ws"):
+    _UNIT_STRIDES[_k] = _UNIT_STRIDES["dx_gemm"]
+_UNIT_STRIDES["tail_split"] = _UNIT_STRIDES["tail"]
+_UNIT_STRIDES["dora_norm"] = {"stride_wk", "stride_ak", "stride_br"}
 # sizes that are r (or counts) and so not known to be multiples of 16
 _NOT_DIVISIBLE = {
     "R", "NUM_PROGS", "stride_um", "stride_gm", "stride_bn", "stride_wsn", "stride_wsp",
-    "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB",
+    "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB", "stride_gs", "stride_dar", "N_PER",
 }
 # the constexpr flags compiled: every optional piece of code on
 FLAGS = {
@@ -118,6 +146,7 @@ def compile_kernel(
         **({"NEED_DM": False, "HAS_DM": False} if variant == "lora" else {}),
         **({n: None for n in _DORA_PTRS} if variant == "lora" else {}),
         **config.meta(kernel),
+        **_CANDIDATE_BUILDS.get(kernel, {}),
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -140,6 +169,9 @@ def compile_kernel(
         elif name in _UNIT_STRIDES[kernel]:
             signature[name] = "constexpr"
             constexprs[name] = 1
+        elif name == "g_ptr" and kernel in _FP32_G:
+            signature[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _SPECIAL_PTRS:
             signature[name] = _SPECIAL_PTRS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -37,11 +37,19 @@ PERSISTENT_MIN_WAVES = 1
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
-# the backward candidates' kernels (kernels/backward_candidates.py)
-CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "tail")
+# the backward candidates' kernels (kernels/backward_candidates.py): "_split" builds read
+# the split dy pass's fp32 g partials, "dx_gemm_ws" is dx_gemm warp-specialized
+CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_split", "tail", "tail_split")
+# DoRA's row norms (kernels/dora_norm.py): fp32 arithmetic whatever W's dtype, one table
+DORA_NORM = "dora_norm"
+# Triton 3.9 warp-specializes a loop only with 4 warps (and no flattening)
+WS_WARPS = 4
 # kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
 GEMM_KERNELS = ("forward", "dx")
-CANDIDATE_GEMM_KERNELS = ("dx_gemm",)
+CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_split")
+# the report (python -m fastlora.kernels.report) builds every kernel of these
+KERNELS += CANDIDATE_KERNELS + (DORA_NORM,)
+GEMM_KERNELS += CANDIDATE_GEMM_KERNELS
 R_PADS = (16, 32, 64, 128)
 
 
@@ -100,7 +108,8 @@ class TileConfig:
             "dy_split": ("BLOCK_M", "BLOCK_N"),
             "dx_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "tail": ("BLOCK_M", "BLOCK_K"),
-        }[kernel]
+            "dora_norm": ("BLOCK_N", "BLOCK_K"),
+        }[kernel.removesuffix("_split").removesuffix("_ws")]
         vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         return {n: vals[n] for n in names}
 
@@ -199,18 +208,23 @@ _CANDIDATE_CONFIGS = {
     "16bit": {
         "dx_gemm": [
             T(128, 64, 256, 8, 3, "cuBLAS-class tile: two consumer warpgroups of 64 x 256 "
-              "(sm_80's mma.sync accumulators spill in it)", SMALL_R, builds="tma"),
+              "(r_pad 32 spills; sm_80's mma.sync accumulators spill in it)", 16,
+              builds="tma"),
             T(128, 64, 128, 8, 4, "large M, narrower K: more tiles, deeper pipeline",
               builds="tma"),
-            T(64, 64, 128, 4, 4, "mid and small M: one warpgroup", builds="tma"),
-            T(128, 64, 128, 8, 3, "large M (sm_80, unaligned operands)", builds="ptr"),
-            T(64, 64, 64, 4, 3, "mid and small M", builds="ptr"),
+            T(64, 64, 128, 4, 4, "mid and small M: one warpgroup (r_pad 128 spills)", SMALL_R,
+              builds="tma"),
+            T(64, 64, 64, 4, 3, "r_pad 128 (sm_90), and mid and small M", builds="tma"),
+            T(128, 64, 128, 8, 3, "large M (sm_80, unaligned operands; r_pad 128 spills)",
+              SMALL_R, builds="ptr"),
+            T(64, 64, 64, 4, 3, "mid and small M, and r_pad 128", builds="ptr"),
         ],
         "dy_split": [
             T(256, 64, 0, 8, 3, "large M: 256-row blocks, a quarter of the row pass's dB "
-              "partials; 16 KB x 2 boxes per stage", 32),
-            T(128, 64, 0, 8, 3, "mid M, and r_pad 64", SMALL_R),
-            T(64, 32, 0, 8, 3, "small M, and r_pad 128"),
+              "partials; 32 KB boxes (the pointer build spills)", 32, builds="tma"),
+            T(128, 64, 0, 8, 3, "mid M", 32),
+            T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
+            T(64, 16, 0, 8, 3, "r_pad 128: g and the dB partial over 8 warps", min_r_pad=MAX_R),
         ],
         "tail": [
             T(64, 0, 64, 4, 3, "wide K: 64-column programs walking M in 64-row steps",
@@ -226,7 +240,7 @@ _CANDIDATE_CONFIGS = {
             T(64, 32, 64, 4, 3, "mid and small M, and r_pad 128", builds="ptr"),
         ],
         "dy_split": [
-            T(128, 32, 0, 8, 3, "large M", 32),
+            T(128, 16, 0, 8, 3, "large M", 32),
             T(64, 16, 0, 8, 3, "small M, and r_pad >= 64"),
         ],
         "tail": [T(64, 0, 32, 4, 3, "32-column programs")],
@@ -240,7 +254,30 @@ _CANDIDATE_CONFIGS = {
         "tail": [T(32, 0, 32, 4, 3, "FMA tile")],
     },
 }
+# DoRA's norm: rows of W per program (block_n) x K steps (block_k); every kind reads this
+# table (the arithmetic is fp32 for any W)
+_NORM_CONFIGS = [
+    T(0, 32, 128, 4, 3, "wide layers: 32 rows a program, 128-column steps", 32),
+    T(0, 16, 128, 4, 3, "narrow layers: twice the programs", 32),
+    T(0, 32, 64, 4, 3, "r_pad 64: A's tile [64, 64] fp32", 64, 64),
+    T(0, 32, 32, 4, 3, "r_pad 128: A's tile [128, 32] fp32", min_r_pad=MAX_R),
+]
+for _table in _CANDIDATE_CONFIGS.values():
+    _table["dora_norm"] = _NORM_CONFIGS
+# the split dy pass's readers sum up to MAX_G_PARTS fp32 g partials per tile: they are
+# launched up to SPLIT_MAX_R_PAD (larger ranks take the row pass: the "dx_gemm" candidate)
+MAX_G_PARTS = 4
+SPLIT_MAX_R_PAD = 32
 for _kind, _table in _CANDIDATE_CONFIGS.items():
+    _table["dx_gemm_split"] = _table["dx_gemm"]
+    _table["tail_split"] = _table["tail"]
+    _table["dy_split"] = [c for c in _table["dy_split"] if c.min_r_pad <= SPLIT_MAX_R_PAD]
+    # the same tiles over one warpgroup; 16-bit only (tf32/fp32 take the other candidates)
+    _table["dx_gemm_ws"] = [
+        TileConfig(c.block_m, c.block_n, c.block_k, WS_WARPS, c.num_stages,
+                   "warp-specialized: " + c.why, c.max_r_pad, c.min_r_pad, builds=c.builds)
+        for c in _table["dx_gemm"] if _kind == "16bit" and c.block_m <= 128
+    ]
     _TABLES[_kind].update(_table)
 
 # DoRA's own tiles where its variant needs more registers than LoRA's (every other
@@ -321,7 +358,8 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
         "dy_split": (bm * bn + bn * r_pad),
         "dx_gemm": (bm * bn + bn * bk),
         "tail": (bm * bk + bm * r_pad),
-    }[kernel]
+        "dora_norm": (bn * bk + r_pad * bk),
+    }[kernel.removesuffix("_split").removesuffix("_ws")]
     return s * loop * esize
 
 
@@ -352,6 +390,8 @@ def configs_for(
     if adapter == "dora_dropout" and kernel not in DROPOUT_ACC_KERNELS:
         adapter = "dora"  # dropout changes DoRA's registers in forward and dx only
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
+    if kernel in ("dy_split", "dx_gemm_split", "tail_split") and r_pad > SPLIT_MAX_R_PAD:
+        return []
     return [
         c
         for c in table
@@ -382,7 +422,8 @@ def pick(
             f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
         )
     col_block = {"forward": "block_n", "dx": "block_k", "dx_gemm": "block_k",
-                 "tail": "block_k"}.get(kernel)
+                 "dx_gemm_split": "block_k", "dx_gemm_ws": "block_k", "tail": "block_k",
+                 "tail_split": "block_k", "dora_norm": "block_n"}.get(kernel)
 
     def tiles(c: TileConfig) -> int:
         t = -(-rows // max(c.block_m, 1))

@@ -10,10 +10,11 @@ from . import _configs, _launch
 from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
 from ._launch import dot_precision
 from .dequant_4bit import dequantize_4bit
+from .dora_norm import dora_weight_norm
 from .lora_backward import dora_backward, lora_backward
 from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
 from .backward_candidates import decode_once_backward, decode_once_forward, dx_gemm_backward
-from .backward_candidates import dx_gemm_ws_backward, split_dy_backward
+from .backward_candidates import split_dy_backward
 
 # Candidates per direction, name -> launcher with lora_forward's / lora_backward's signature
 # (base4= included); the dispatcher times each per shape bucket.  Every one regenerates the
@@ -23,7 +24,6 @@ BACKWARD_CANDIDATES = {
     "fused": lora_backward,
     "dx_gemm": dx_gemm_backward,
     "split_dy": split_dy_backward,
-    "dx_gemm_ws": dx_gemm_ws_backward,
     "decode_once": decode_once_backward,
 }
 # candidates that differ from "fused" only on a 4-bit base (a dense base runs "fused")
@@ -31,7 +31,7 @@ CANDIDATES_4BIT_ONLY = frozenset({"decode_once"})
 
 __all__ = [
     "BACKWARD_CANDIDATES", "CANDIDATES_4BIT_ONLY", "FORWARD_CANDIDATES",
-    "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
+    "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_weight_norm", "dora_forward",
     "dot_precision", "fused_4bit_ok",
     "lora_backward",
     "lora_forward",

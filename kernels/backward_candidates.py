@@ -119,7 +119,7 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_d
                      need_dA, need_dB, traceable, tma, dy_pass, ws)  # fmt: skip
         if not traceable:
             _calls.put(key, call)
-    dy_spec, dx_spec, tail_spec, dy_scalars, dx_scalars, tail_scalars, sizes, serial = call
+    dy_spec, dx_spec, tail_spec, dy_scalars, dx_scalars, tail_scalars, sizes, dy_pass, serial = call
     ctx = context(traceable)
     f32 = torch.float32
     g_dtype = f32 if dy_pass == "split" else x.dtype
@@ -152,7 +152,7 @@ def _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_d
     arch, sms = info
     if tma is None:
         tma = not traceable and use_tma(arch, dy, x, *((weight, dx) if need_dx else ()))
-    dy_spec, dx_spec, tail_spec, parts_g, parts_b, n_per = _plan(
+    dy_spec, dx_spec, tail_spec, parts_g, parts_b, n_per, dy_pass = _plan(
         M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, need_dx, need_dA, need_dB,
         dropout_p > 0.0, tma, sms, dy_pass, ws)  # fmt: skip
     need_g = need_dx or need_dA
@@ -175,7 +175,7 @@ def _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_d
         tail_scalars = (M, K, R, nb, parts_b, progs_a, *x.stride(), *g_strides, K,
                         float(dropout_p))  # fmt: skip
     sizes = (parts_g * M * R, parts_b * N * R)
-    return (dy_spec, dx_spec, tail_spec, dy_scalars, dx_scalars, tail_scalars, sizes,
+    return (dy_spec, dx_spec, tail_spec, dy_scalars, dx_scalars, tail_scalars, sizes, dy_pass,
             next_serial())
 
 
@@ -184,7 +184,7 @@ def split_count(M: int, N: int, block_m: int, block_n: int, sms: int) -> int:
     whole number of BLOCK_N tiles (a function of the shape: the bits depend on it)."""
     tiles_n = _configs.cdiv(N, block_n)
     rows = _configs.cdiv(M, block_m)
-    return max(1, min(tiles_n, _configs.cdiv(2 * sms, rows)))
+    return max(1, min(tiles_n, _configs.cdiv(2 * sms, rows), _configs.MAX_G_PARTS))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -194,6 +194,8 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
     r_pad = _configs.pad_rank(R)
     kind = _configs.operand_kind(esize, prec)
     need_g = need_dx or need_dA
+    if r_pad > _configs.SPLIT_MAX_R_PAD:
+        dy_pass = "row"  # (the split pass's readers have tiles up to this rank block)
     if dy_pass == "split":
         c = _configs.pick("dy_split", kind, r_pad, M, 1, sms, tma)
         tiles_n = _configs.cdiv(N, c.block_n)
@@ -221,7 +223,8 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
     if need_dx:
         # tf32 has pointer builds only (see _configs); the TMA build needs aligned operands
         dx_tma = tma and bool(_configs.configs_for("dx_gemm", kind, r_pad, tma=True))
-        c = _configs.pick("dx_gemm", kind, r_pad, M, K, sms, dx_tma)
+        dx_kernel = "dx_gemm_split" if dy_pass == "split" else "dx_gemm"
+        c = _configs.pick(dx_kernel, kind, r_pad, M, K, sms, dx_tma)
         if ws:
             c = _configs.TileConfig(c.block_m, c.block_n, c.block_k, WS_WARPS, c.num_stages,
                                     "warp-specialized")  # fmt: skip
@@ -235,7 +238,8 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
         )  # fmt: skip
     tail_spec = None
     if need_dA or need_dB:
-        c = _configs.pick("tail", kind, r_pad, 1, K, sms, tma)
+        c = _configs.pick("tail_split" if dy_pass == "split" else "tail", kind, r_pad, 1, K,
+                          sms, tma)
         progs_a = _configs.cdiv(K, c.block_k) if need_dA else 0
         progs_b = _configs.cdiv(N * R, _configs.REDUCE_BLOCK) if need_dB else 0
         tail_spec = LaunchSpec(
@@ -245,4 +249,4 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
                  BLOCK=_configs.REDUCE_BLOCK),
             c.num_warps, c.num_stages,
         )  # fmt: skip
-    return dy_spec, dx_spec, tail_spec, parts_g, parts_b, n_per
+    return dy_spec, dx_spec, tail_spec, parts_g, parts_b, n_per, dy_pass

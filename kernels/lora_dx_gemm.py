@@ -123,7 +123,7 @@ def _lora_tail_kernel(
             inv_keep = 1.0 / (1.0 - p)
         offs_r = tl.arange(0, R_PAD)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+        acc_a = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M, BLOCK_K)
@@ -132,14 +132,14 @@ def _lora_tail_kernel(
                 x = tl.where(keep, x.to(tl.float32) * inv_keep, 0.0).to(dtype)
             g = load_g(g_ptr, offs_m, offs_r, M, R, stride_gs, stride_gm, stride_gr, G_PARTS,
                        dtype)  # fmt: skip
-            acc = tl.dot(g.T, x, acc, input_precision=DOT_PRECISION)
+            acc_a = tl.dot(g.T, x, acc_a, input_precision=DOT_PRECISION)
         tl.store(
             da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :],
-            acc.to(da_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
+            acc_a.to(da_ptr.dtype.element_ty), mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
         )  # fmt: skip
     else:
         offs = (pid - PROGS_A).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in range(0, PB):
-            acc += tl.load(wsb_ptr + i * NB + offs, mask=offs < NB, other=0.0)
-        tl.store(db_ptr + offs, acc.to(db_ptr.dtype.element_ty), mask=offs < NB)
+            acc_b += tl.load(wsb_ptr + i * NB + offs, mask=offs < NB, other=0.0)
+        tl.store(db_ptr + offs, acc_b.to(db_ptr.dtype.element_ty), mask=offs < NB)
