@@ -36,8 +36,10 @@ def _grads(ctx, dy):
     if need_w and ctx.dropout_p > 0:
         raise RuntimeError("DoRA on the triton backend: a trainable base weight with dropout "
                            "is not supported; use set_backend('torch')")
-    dW, db = dora_torch.base_grads(dy, x, weight, magnitude, norm, None, 0.0, need_w, need_b,
-                                   ctx.has_bias)
+    dW = db = None
+    if need_w or (need_b and ctx.has_bias):  # (a frozen base launches nothing here)
+        dW, db = dora_torch.base_grads(dy, x, weight, magnitude, norm, None, 0.0, need_w,
+                                       need_b, ctx.has_bias)  # fmt: skip
     return dx, dW, db, dA, dB, dm, None, None, None, None
 
 
