@@ -270,7 +270,8 @@ MAX_G_PARTS = 4
 SPLIT_MAX_R_PAD = 32
 for _kind, _table in _CANDIDATE_CONFIGS.items():
     _table["dx_gemm_split"] = _table["dx_gemm"]
-    _table["tail_split"] = _table["tail"]
+    # the 32-column tail spills summing 4 fp32 g partials (sm_90 TMA build)
+    _table["tail_split"] = [c for c in _table["tail"] if c.block_k != 32 or _kind != "16bit"]
     _table["dy_split"] = [c for c in _table["dy_split"] if c.min_r_pad <= SPLIT_MAX_R_PAD]
     # the same tiles over one warpgroup; 16-bit only (tf32/fp32 take the other candidates)
     _table["dx_gemm_ws"] = [
