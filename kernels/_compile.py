@@ -37,7 +37,6 @@ CANDIDATE_JIT_KERNELS = {
     "dy_split": _lora_dy_split_kernel,
     "dx_gemm": _lora_dx_gemm_kernel,
     "dx_gemm_split": _lora_dx_gemm_kernel,
-    "dx_gemm_ws": _lora_dx_gemm_kernel,
     "tail": _lora_tail_kernel,
     "tail_split": _lora_tail_kernel,
     "dora_norm": _dora_norm_kernel,
@@ -47,7 +46,6 @@ CANDIDATE_JIT_KERNELS = {
 _CANDIDATE_BUILDS = {
     "dx_gemm": {"G_PARTS": 1, "WARP_SPEC": False},
     "dx_gemm_split": {"G_PARTS": _configs.MAX_G_PARTS, "WARP_SPEC": False},
-    "dx_gemm_ws": {"G_PARTS": 1, "WARP_SPEC": True},
     "tail": {"G_PARTS": 1},
     "tail_split": {"G_PARTS": _configs.MAX_G_PARTS},
 }
@@ -91,8 +89,7 @@ _UNIT_STRIDES = {
     "dx_gemm": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"},
     "tail": {"stride_xk", "stride_gr"},
 }
-for _k in ("dx_gemm_split", "dx_gemm_ws"):
-    _UNIT_STRIDES[_k] = _UNIT_STRIDES["dx_gemm"]
+_UNIT_STRIDES["dx_gemm_split"] = _UNIT_STRIDES["dx_gemm"]
 _UNIT_STRIDES["tail_split"] = _UNIT_STRIDES["tail"]
 _UNIT_STRIDES["dora_norm"] = {"stride_wk", "stride_ak", "stride_br"}
 # sizes that are r (or counts) and so not known to be multiples of 16
@@ -172,7 +169,8 @@ def compile_kernel(
         elif name in _UNIT_STRIDES[kernel]:
             signature[name] = "constexpr"
             constexprs[name] = 1
-        elif name == "g_ptr" and kernel in _FP32_G:
+        elif (name == "g_ptr" and kernel in _FP32_G) or (name == "out_ptr" and
+                                                          kernel == "dora_norm"):
             signature[name] = "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _SPECIAL_PTRS:

@@ -38,12 +38,10 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
 # the backward candidates' kernels (kernels/backward_candidates.py): "_split" builds read
-# the split dy pass's fp32 g partials, "dx_gemm_ws" is dx_gemm warp-specialized
+# the split dy pass's fp32 g partials
 CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_split", "tail", "tail_split")
 # DoRA's row norms (kernels/dora_norm.py): fp32 arithmetic whatever W's dtype, one table
 DORA_NORM = "dora_norm"
-# Triton 3.9 warp-specializes a loop only with 4 warps (and no flattening)
-WS_WARPS = 4
 # kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
 GEMM_KERNELS = ("forward", "dx")
 CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_split")
@@ -109,7 +107,7 @@ class TileConfig:
             "dx_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "tail": ("BLOCK_M", "BLOCK_K"),
             "dora_norm": ("BLOCK_N", "BLOCK_K"),
-        }[kernel.removesuffix("_split").removesuffix("_ws")]
+        }[kernel.removesuffix("_split")]
         vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         return {n: vals[n] for n in names}
 
@@ -257,10 +255,10 @@ _CANDIDATE_CONFIGS = {
 # DoRA's norm: rows of W per program (block_n) x K steps (block_k); every kind reads this
 # table (the arithmetic is fp32 for any W)
 _NORM_CONFIGS = [
-    T(0, 32, 128, 4, 3, "wide layers: 32 rows a program, 128-column steps", 32),
-    T(0, 16, 128, 4, 3, "narrow layers: twice the programs", 32),
-    T(0, 32, 64, 4, 3, "r_pad 64: A's tile [64, 64] fp32", 64, 64),
-    T(0, 32, 32, 4, 3, "r_pad 128: A's tile [128, 32] fp32", min_r_pad=MAX_R),
+    T(0, 32, 128, 4, 3, "wide layers: 32 rows a program, 128-column steps", 32, builds="ptr"),
+    T(0, 16, 128, 4, 3, "narrow layers: twice the programs", 32, builds="ptr"),
+    T(0, 32, 32, 8, 3, "r_pad >= 64: A's tile [R_PAD, 32] fp32 over 8 warps (4 spill)",
+      min_r_pad=64, builds="ptr"),
 ]
 for _table in _CANDIDATE_CONFIGS.values():
     _table["dora_norm"] = _NORM_CONFIGS
@@ -273,12 +271,6 @@ for _kind, _table in _CANDIDATE_CONFIGS.items():
     # the 32-column tail spills summing 4 fp32 g partials (sm_90 TMA build)
     _table["tail_split"] = [c for c in _table["tail"] if c.block_k != 32 or _kind != "16bit"]
     _table["dy_split"] = [c for c in _table["dy_split"] if c.min_r_pad <= SPLIT_MAX_R_PAD]
-    # the same tiles over one warpgroup; 16-bit only (tf32/fp32 take the other candidates)
-    _table["dx_gemm_ws"] = [
-        TileConfig(c.block_m, c.block_n, c.block_k, WS_WARPS, c.num_stages,
-                   "warp-specialized: " + c.why, c.max_r_pad, c.min_r_pad, builds=c.builds)
-        for c in _table["dx_gemm"] if _kind == "16bit" and c.block_m <= 128
-    ]
     _TABLES[_kind].update(_table)
 
 # DoRA's own tiles where its variant needs more registers than LoRA's (every other
@@ -360,7 +352,7 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
         "dx_gemm": (bm * bn + bn * bk),
         "tail": (bm * bk + bm * r_pad),
         "dora_norm": (bn * bk + r_pad * bk),
-    }[kernel.removesuffix("_split").removesuffix("_ws")]
+    }[kernel.removesuffix("_split")]
     return s * loop * esize
 
 
@@ -423,7 +415,7 @@ def pick(
             f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
         )
     col_block = {"forward": "block_n", "dx": "block_k", "dx_gemm": "block_k",
-                 "dx_gemm_split": "block_k", "dx_gemm_ws": "block_k", "tail": "block_k",
+                 "dx_gemm_split": "block_k", "tail": "block_k",
                  "tail_split": "block_k", "dora_norm": "block_n"}.get(kernel)
 
     def tiles(c: TileConfig) -> int:

@@ -31,7 +31,8 @@ CANDIDATES_4BIT_ONLY = frozenset({"decode_once"})
 
 __all__ = [
     "BACKWARD_CANDIDATES", "CANDIDATES_4BIT_ONLY", "FORWARD_CANDIDATES",
-    "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_weight_norm", "dora_forward",
+    "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
+    "dora_weight_norm",
     "dot_precision", "fused_4bit_ok",
     "lora_backward",
     "lora_forward",

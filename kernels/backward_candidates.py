@@ -6,10 +6,15 @@
                 -> tail (dA from one skinny pass over x, dB partials summed)
     split_dy    the same with the 2-D dy pass (``_lora_dy_split_kernel``: fp32 g partials,
                 fewer dB partials) in place of the row pass
-    dx_gemm_ws  dx_gemm with Triton's warp specialization of the dx tile loop (4 warps, no
-                flattening: Triton ignores the request otherwise)
     decode_once today's fused kernels on a 4-bit base decoded once per call into a reused
                 workspace (``decode_once``): a dense main loop instead of a decode per tile
+
+Not a candidate: warp specialization of the dx tile loop (``WARP_SPEC`` of the dx GEMM
+kernel).  Triton 3.9 specializes it on sm_90 only with 4 warps, no flattening and every
+load in the loop a descriptor load (g and A too; a pointer load aborts its pass with
+"unsupported load type for producer commit"); the sm_90 PTX then differs (``setmaxnreg``,
+named barriers) but the consumer's wgmma waits with depth 0 in every config tried, and the
+pass fails outright on some tiles without dropout.  It stays off until Triton pipelines it.
 
 Every candidate regenerates the forward's dropout mask with ``_tiles.dropout_keep`` (Philox
 keyed by seed, row, column), so any forward pairs with any backward.  No atomics; partial
@@ -31,11 +36,8 @@ from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
 from .lora_dy_pass import _lora_dy_split_kernel
 from .lora_forward import lora_forward, use_tma
 
-# the dy pass of each candidate, and whether its dx tile loop is warp-specialized
-CANDIDATES = {"dx_gemm": ("row", False), "split_dy": ("split", False),
-              "dx_gemm_ws": ("row", True)}
-# warp specialization in Triton 3.9 needs num_warps 4 and an unflattened loop
-WS_WARPS = 4
+# the dy pass of each candidate ("row": ``_lora_dy_kernel``, "split": the 2-D pass)
+CANDIDATES = {"dx_gemm": "row", "split_dy": "split"}
 _calls = CallCache()
 
 
@@ -74,12 +76,12 @@ def decode_once_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, s
 
 
 def _candidate(name: str):
-    dy_pass, ws = CANDIDATES[name]
+    dy_pass = CANDIDATES[name]
 
     def backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx=True,
                  need_dA=True, need_dB=True, *, traceable=False, tma=None, base4=None):
         return _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx,
-                         need_dA, need_dB, traceable, tma, base4, dy_pass, ws)
+                         need_dA, need_dB, traceable, tma, base4, dy_pass)
 
     backward.__name__ = backward.__qualname__ = f"{name}_backward"
     backward.__doc__ = (f"The {name!r} backward candidate (module docstring), with "
@@ -89,11 +91,10 @@ def _candidate(name: str):
 
 dx_gemm_backward = _candidate("dx_gemm")
 split_dy_backward = _candidate("split_dy")
-dx_gemm_ws_backward = _candidate("dx_gemm_ws")
 
 
 def _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA,
-              need_dB, traceable, tma, base4, dy_pass, ws):
+              need_dB, traceable, tma, base4, dy_pass):
     """dy: [M, N], x: [M, K], weight: [N, K], lora_A: [r, K], lora_B: [N, r], u: [M, r]
     -> dx [M, K], dA [r, K], dB [N, r] (None where not needed)."""
     M, K = x.shape
@@ -110,16 +111,17 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_d
         weight = decoded_weight(base4, (N, K), x.dtype, traceable)
     info = current_device_info()
     key = (info, tma, traceable, M, K, N, R, need_dx, need_dA, need_dB, float(scaling),
-           float(dropout_p), dy_pass, ws, *(_operand(t) for t in (dy, x, lora_A, lora_B, u,
+           float(dropout_p), dy_pass, *(_operand(t) for t in (dy, x, lora_A, lora_B, u,
                                                                   seed)),
            _operand(weight) if need_dx else None)  # fmt: skip
     call = None if traceable else _calls.get(key)
     if call is None:
         call = _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_dx,
-                     need_dA, need_dB, traceable, tma, dy_pass, ws)  # fmt: skip
+                     need_dA, need_dB, traceable, tma, dy_pass)  # fmt: skip
         if not traceable:
             _calls.put(key, call)
-    dy_spec, dx_spec, tail_spec, dy_scalars, dx_scalars, tail_scalars, sizes, dy_pass, serial = call
+    dy_spec, dx_spec, tail_spec, dy_scalars, dx_scalars, tail_scalars = call[:6]
+    sizes, dy_pass, serial = call[6:]
     ctx = context(traceable)
     f32 = torch.float32
     g_dtype = f32 if dy_pass == "split" else x.dtype
@@ -145,7 +147,7 @@ def _operand(t: torch.Tensor) -> tuple:
 
 
 def _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_dx, need_dA,
-          need_dB, traceable, tma, dy_pass, ws):  # fmt: skip
+          need_dB, traceable, tma, dy_pass):  # fmt: skip
     """Launch specs, scalar arguments, workspace sizes (g, dB partials) and a serial."""
     M, K = x.shape
     N, R = lora_B.shape[0], lora_A.shape[0]
@@ -154,7 +156,7 @@ def _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_d
         tma = not traceable and use_tma(arch, dy, x, *((weight, dx) if need_dx else ()))
     dy_spec, dx_spec, tail_spec, parts_g, parts_b, n_per, dy_pass = _plan(
         M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, need_dx, need_dA, need_dB,
-        dropout_p > 0.0, tma, sms, dy_pass, ws)  # fmt: skip
+        dropout_p > 0.0, tma, sms, dy_pass)  # fmt: skip
     need_g = need_dx or need_dA
     # g: [parts_g, M, R] row-major (one part, in x's dtype, from the row pass)
     g_strides = (M * R, R, 1)
@@ -188,8 +190,8 @@ def split_count(M: int, N: int, block_m: int, block_n: int, sms: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, sms, dy_pass,
-          ws):  # fmt: skip
+def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, sms,
+          dy_pass):  # fmt: skip
     """(dy spec, dx spec or None, tail spec or None, g parts, dB parts, columns per split)."""
     r_pad = _configs.pad_rank(R)
     kind = _configs.operand_kind(esize, prec)
@@ -225,15 +227,12 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
         dx_tma = tma and bool(_configs.configs_for("dx_gemm", kind, r_pad, tma=True))
         dx_kernel = "dx_gemm_split" if dy_pass == "split" else "dx_gemm"
         c = _configs.pick(dx_kernel, kind, r_pad, M, K, sms, dx_tma)
-        if ws:
-            c = _configs.TileConfig(c.block_m, c.block_n, c.block_k, WS_WARPS, c.num_stages,
-                                    "warp-specialized")  # fmt: skip
         tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(K, c.block_k)
         dx_spec = LaunchSpec(
             _lora_dx_gemm_kernel, (min(tiles, sms) if dx_tma else tiles,),
             dict(G_PARTS=parts_g, HAS_DROPOUT=has_dropout, R_PAD=r_pad, DOT_PRECISION=prec,
                  USE_TMA=dx_tma, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                 GROUP_M=_configs.GROUP_M, EPI_SPLIT=2 if dx_tma else 1, WARP_SPEC=ws),
+                 GROUP_M=_configs.GROUP_M, EPI_SPLIT=2 if dx_tma else 1, WARP_SPEC=False),
             c.num_warps, c.num_stages,
         )  # fmt: skip
     tail_spec = None

@@ -24,13 +24,13 @@ from ._launch import LaunchSpec, current_device_info, launch
 
 @triton.jit
 def _dora_norm_kernel(
-    w_ptr, a_ptr, b_ptr, norm_ptr,
+    w_ptr, a_ptr, b_ptr, out_ptr,
     N, K, R,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
     R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """norm[n] = sqrt(sum_k (W[n, k] + s (B A)[n, k])^2) for rows pid*BLOCK_N .."""
+    """out[n] (fp32) = sqrt(sum_k (W[n, k] + s (B A)[n, k])^2) for rows pid*BLOCK_N .."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -54,7 +54,7 @@ def _dora_norm_kernel(
         ).to(tl.float32)  # fmt: skip
         v = w + s * tl.dot(b, a, input_precision="ieee")
         acc += tl.sum(v * v, axis=1)
-    tl.store(norm_ptr + offs_n, tl.sqrt(acc), mask=mask_n)
+    tl.store(out_ptr + offs_n, tl.sqrt(acc), mask=mask_n)
 
 
 @functools.lru_cache(maxsize=256)

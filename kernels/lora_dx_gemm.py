@@ -16,7 +16,9 @@
 g arrives as G_PARTS partial sums [G_PARTS, M, r] (the split dy pass, fp32) or as one
 [M, r] tensor in x's dtype (the row dy pass): both kernels add the parts in index order
 and cast to x's dtype, so every candidate rounds g the same way for a given dy pass.
-WARP_SPEC asks Triton for warp specialization of the persistent tile loop.
+WARP_SPEC asks Triton for warp specialization of the persistent tile loop, with g and A
+loaded through descriptors as it requires; no candidate launches it (see
+``backward_candidates``: Triton 3.9's specialized consumer waits with depth 0).
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def _lora_dx_gemm_kernel(
         dy_src = dy_ptr
         dx_dst = dx_ptr
     w_src = w_source(w_ptr, None, None, None, None, N, K, stride_wn, BASE, BLOCK_N, BLOCK_K)
+    if WARP_SPEC:
+        # Triton 3.9's warp specialization takes only descriptor loads in the loop: g and
+        # A through TMA too (zero outside [M, R] and [R, K]: the padded rank columns)
+        g_src = tl.make_tensor_descriptor(g_ptr, [M, R], [stride_gm, 1], [BLOCK_M, R_PAD])
+        a_src = tl.make_tensor_descriptor(a_ptr, [R, K], [stride_ar, 1], [R_PAD, BLOCK_K])
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
         p = tl.cast(dropout_p, tl.float32)
@@ -77,12 +84,16 @@ def _lora_dx_gemm_kernel(
         k0 = pid_k * BLOCK_K
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        g = load_g(g_ptr, offs_m, offs_r, M, R, stride_gs, stride_gm, stride_gr, G_PARTS,
-                   dtype)  # fmt: skip
-        a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-            mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0,
-        ).to(dtype)  # [R_PAD, BLOCK_K], cast in registers
+        if WARP_SPEC:
+            g = g_src.load([tl.cast(m0, tl.int32), 0]).to(dtype)
+            a = a_src.load([0, tl.cast(k0, tl.int32)]).to(dtype)
+        else:
+            g = load_g(g_ptr, offs_m, offs_r, M, R, stride_gs, stride_gm, stride_gr, G_PARTS,
+                       dtype)  # fmt: skip
+            a = tl.load(
+                a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0,
+            ).to(dtype)  # [R_PAD, BLOCK_K], cast in registers
         # the low-rank K step first: the accumulator's start, as u B^T is the forward's
         acc = tl.dot(g, a, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:

@@ -136,7 +136,7 @@ def test_split_dy_pass_splits_and_is_bitwise_reproducible():
     """The test shape runs the 2-D dy pass with 3 column splits (the readers sum 3 g
     partials), and two runs give the same bits."""
     M, K, N, r = SHAPES[0]
-    plan = bc._plan(M, N, K, r, "ieee", 4, True, True, True, True, False, 4, "split", False)
+    plan = bc._plan(M, N, K, r, "ieee", 4, True, True, True, True, False, 4, "split")
     assert plan[0].grid[:2] == (2, 3) and plan[3] == 3
     (x, w, b, A, B, dy), s, _ = setup(SHAPES[0], torch.float16, 0.25)
     _, u = api.lora_forward(x, w, b, A, B, SCALING, 0.25, s)
@@ -165,7 +165,8 @@ def _base4(shape, dtype):
     return (x, wq, dense, b, A, B, dy), bases.base_of(wq).kernel_args()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("dtype", [torch.float32,
+                                   pytest.param(torch.float16, marks=pytest.mark.slow)],
                          ids=dtype_id)
 def test_every_forward_pairs_with_every_backward_on_a_4bit_base(dtype):
     """Each (forward, backward) pair, dropout on, one seed: both directions see the test's
