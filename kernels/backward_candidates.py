@@ -28,8 +28,8 @@ import functools
 import torch
 
 from . import _configs
-from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_info
-from ._launch import dot_precision, launch, next_serial, transient
+from ._launch import CallCache, LaunchSpec, context, current_device_info, dot_precision
+from ._launch import launch, next_serial, operand_key, transient
 from .dequant_4bit import dequantize_4bit
 from .lora_backward import _lora_dy_kernel, lora_backward
 from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
@@ -110,16 +110,18 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_d
     if base4 is not None and need_dx:
         weight = decoded_weight(base4, (N, K), x.dtype, traceable)
     info = current_device_info()
-    key = (info, tma, traceable, M, K, N, R, need_dx, need_dA, need_dB, float(scaling),
-           float(dropout_p), dy_pass, *(_operand(t) for t in (dy, x, lora_A, lora_B, u,
-                                                                  seed)),
-           _operand(weight) if need_dx else None)  # fmt: skip
-    call = None if traceable else _calls.get(key)
-    if call is None:
+    if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
         call = _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_dx,
                      need_dA, need_dB, traceable, tma, dy_pass)  # fmt: skip
-        if not traceable:
-            _calls.put(key, call)
+    else:
+        # everything the launches depend on besides the fresh outputs and workspaces
+        key = (info, tma, M, K, N, R, need_dx, need_dA, need_dB, float(scaling),
+               float(dropout_p), dy_pass,
+               *(operand_key(t) for t in (dy, x, lora_A, lora_B, u, seed)),
+               operand_key(weight) if need_dx else None)  # fmt: skip
+        call = _calls.get(key) or _calls.put(key, _call(
+            info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_dx, need_dA,
+            need_dB, traceable, tma, dy_pass))  # fmt: skip
     dy_spec, dx_spec, tail_spec, dy_scalars, dx_scalars, tail_scalars = call[:6]
     sizes, dy_pass, serial = call[6:]
     ctx = context(traceable)
@@ -140,10 +142,6 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_d
         launch(tail_spec, (x, g, seed, dA if need_dA else g, ws_b, dB if need_dB else ws_b),
                tail_scalars, traceable=traceable, ctx=ctx, key=serial)  # fmt: skip
     return dx, dA, dB
-
-
-def _operand(t: torch.Tensor) -> tuple:
-    return t.dtype, t.stride(), t.data_ptr() & 15 if t.device.type != "meta" else 0
 
 
 def _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_dx, need_dA,

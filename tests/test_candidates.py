@@ -290,3 +290,15 @@ def test_dora_layer_launches_at_most_four_each_way(p, monkeypatch):
             y, (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector), dy))
     assert "_dora_norm_kernel" in fwd
     assert len(fwd) <= 4 and len(bwd) <= 4, (fwd, bwd)
+
+
+@pytest.mark.parametrize("name", BWD)
+def test_traceable_launch_path_gives_the_same_bits(name):
+    """``traceable=True`` (inside a triton_op under torch.compile): planned per call, fresh
+    buffers instead of the reused workspaces; the same kernels, so the same bits."""
+    (x, w, b, A, B, dy), s, _ = setup(SHAPES[0], torch.float32, 0.25)
+    _, u = api.lora_forward(x, w, b, A, B, SCALING, 0.25, s)
+    fn = api.BACKWARD_CANDIDATES[name]
+    eager = fn(dy, x, w, A, B, u, SCALING, 0.25, s)
+    traced = fn(dy, x, w, A, B, u, SCALING, 0.25, s, traceable=True)
+    assert all(torch.equal(a, c) for a, c in zip(eager, traced))
