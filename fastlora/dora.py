@@ -153,7 +153,10 @@ def apply(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
         from fastlora import dora_triton
 
         if dora_triton.fused(x, weight, lora_A):
-            norm = dora_triton.weight_norm(weight, lora_A, lora_B, scaling)
+            if dora_triton.norm_kernel_ok(lora_A.shape[0]):
+                norm = dora_triton.weight_norm(weight, lora_A, lora_B, scaling)
+            else:  # ranks the norm kernel has no tile for
+                norm = weight_norm(weight, lora_A, lora_B, scaling, sq_norm)
             return dora_triton.apply_dora(x, weight, bias, lora_A, lora_B, magnitude, norm,
                                           scaling, dropout_p)  # fmt: skip
     from fastlora import dora_torch

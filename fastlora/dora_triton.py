@@ -68,6 +68,11 @@ def fused(x: Tensor, weight: Tensor, lora_A: Tensor) -> bool:
             and not _composition(x, lora_A.shape[0]))
 
 
+def norm_kernel_ok(r: int) -> bool:
+    """Whether ``weight_norm``'s kernel has a tile for rank ``r``."""
+    return _kernels.norm_kernel_ok(r)
+
+
 @torch.no_grad()
 def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``||W_n + s (B A)_n||`` [N] fp32, detached, in one launch (``dora_weight_norm``)."""

@@ -255,10 +255,10 @@ _CANDIDATE_CONFIGS = {
 # DoRA's norm: rows of W per program (block_n) x K steps (block_k); every kind reads this
 # table (the arithmetic is fp32 for any W)
 _NORM_CONFIGS = [
-    T(0, 32, 128, 4, 3, "wide layers: 32 rows a program, 128-column steps", 32, builds="ptr"),
-    T(0, 16, 128, 4, 3, "narrow layers: twice the programs", 32, builds="ptr"),
-    T(0, 32, 32, 8, 3, "r_pad >= 64: A's tile [R_PAD, 32] fp32 over 8 warps (4 spill)",
-      min_r_pad=64, builds="ptr"),
+    T(0, 32, 64, 8, 3, "wide layers: 32 rows a program, 64-column steps", 32, builds="ptr"),
+    T(0, 32, 32, 8, 3, "r_pad 64: A's tile [64, 32] fp32", 64, 64, builds="ptr"),
+    T(0, 16, 32, 4, 3, "narrow layers: twice the programs (r_pad 128 spills in every tile "
+      "tried: the torch norm takes it)", SMALL_R, builds="ptr"),
 ]
 for _table in _CANDIDATE_CONFIGS.values():
     _table["dora_norm"] = _NORM_CONFIGS

@@ -10,7 +10,7 @@ from . import _configs, _launch
 from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
 from ._launch import dot_precision
 from .dequant_4bit import dequantize_4bit
-from .dora_norm import dora_weight_norm
+from .dora_norm import dora_weight_norm, norm_kernel_ok
 from .lora_backward import dora_backward, lora_backward
 from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
 from .backward_candidates import decode_once_backward, decode_once_forward, dx_gemm_backward
@@ -32,7 +32,7 @@ CANDIDATES_4BIT_ONLY = frozenset({"decode_once"})
 __all__ = [
     "BACKWARD_CANDIDATES", "CANDIDATES_4BIT_ONLY", "FORWARD_CANDIDATES",
     "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
-    "dora_weight_norm",
+    "dora_weight_norm", "norm_kernel_ok",
     "dot_precision", "fused_4bit_ok",
     "lora_backward",
     "lora_forward",

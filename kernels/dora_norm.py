@@ -65,6 +65,12 @@ def _spec(N: int, r_pad: int, sms: int) -> LaunchSpec:
                       c.num_warps, c.num_stages)  # fmt: skip
 
 
+def norm_kernel_ok(r: int) -> bool:
+    """Whether the kernel has a tile for rank ``r`` (r <= 64 on a GPU)."""
+    return r <= _configs.MAX_R and bool(_configs.configs_for("dora_norm", "16bit",
+                                                               _configs.pad_rank(r)))
+
+
 def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                      scaling: float, *, traceable: bool = False) -> torch.Tensor:  # fmt: skip
     """weight: [N, K] (fp16, bf16 or fp32), lora_A: [r, K], lora_B: [N, r] -> ``||W_n + s

@@ -210,6 +210,13 @@ def test_dora_norm_kernel_matches_float64(shape, dtype):
     assert max_err(got, ref) <= 4e-6 * ref.max().item()
 
 
+def test_dora_norm_kernel_tiles_stop_at_rank_64_on_a_gpu():
+    from fastlora.kernels import _configs
+
+    assert _configs.configs_for("dora_norm", "16bit", 64, interpreter=False)
+    assert not _configs.configs_for("dora_norm", "16bit", 128, interpreter=False)
+
+
 def test_dora_norm_has_no_cancellation():
     """W = -s B A: the norm is 0 (the cheap form's ||W||^2 - ... cancels to noise)."""
     _, _, _, A, B, _ = inputs(4, 48, 24, 4)
