@@ -37,6 +37,7 @@ CANDIDATE_JIT_KERNELS = {
     "dy_split": _lora_dy_split_kernel,
     "dx_gemm": _lora_dx_gemm_kernel,
     "dx_gemm_split": _lora_dx_gemm_kernel,
+    "dx_gemm_p0": _lora_dx_gemm_kernel,
     "tail": _lora_tail_kernel,
     "tail_split": _lora_tail_kernel,
     "dora_norm": _dora_norm_kernel,
@@ -46,6 +47,7 @@ CANDIDATE_JIT_KERNELS = {
 _CANDIDATE_BUILDS = {
     "dx_gemm": {"G_PARTS": 1, "WARP_SPEC": False},
     "dx_gemm_split": {"G_PARTS": _configs.MAX_G_PARTS, "WARP_SPEC": False},
+    "dx_gemm_p0": {"G_PARTS": 1, "WARP_SPEC": False, "HAS_DROPOUT": False},  # p = 0 only
     "tail": {"G_PARTS": 1},
     "tail_split": {"G_PARTS": _configs.MAX_G_PARTS},
 }
@@ -89,7 +91,7 @@ _UNIT_STRIDES = {
     "dx_gemm": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"},
     "tail": {"stride_xk", "stride_gr"},
 }
-_UNIT_STRIDES["dx_gemm_split"] = _UNIT_STRIDES["dx_gemm"]
+_UNIT_STRIDES["dx_gemm_split"] = _UNIT_STRIDES["dx_gemm_p0"] = _UNIT_STRIDES["dx_gemm"]
 _UNIT_STRIDES["tail_split"] = _UNIT_STRIDES["tail"]
 _UNIT_STRIDES["dora_norm"] = {"stride_wk", "stride_ak", "stride_br"}
 # sizes that are r (or counts) and so not known to be multiples of 16

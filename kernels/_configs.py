@@ -39,12 +39,12 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
 # the backward candidates' kernels (kernels/backward_candidates.py): "_split" builds read
 # the split dy pass's fp32 g partials
-CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_split", "tail", "tail_split")
+CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_p0", "dx_gemm_split", "tail", "tail_split")
 # DoRA's row norms (kernels/dora_norm.py): fp32 arithmetic whatever W's dtype, one table
 DORA_NORM = "dora_norm"
 # kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
 GEMM_KERNELS = ("forward", "dx")
-CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_split")
+CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_p0", "dx_gemm_split")
 # the report (python -m fastlora.kernels.report) builds every kernel of these
 KERNELS += CANDIDATE_KERNELS + (DORA_NORM,)
 GEMM_KERNELS += CANDIDATE_GEMM_KERNELS
@@ -107,7 +107,7 @@ class TileConfig:
             "dx_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "tail": ("BLOCK_M", "BLOCK_K"),
             "dora_norm": ("BLOCK_N", "BLOCK_K"),
-        }[kernel.removesuffix("_split")]
+        }[kernel.removesuffix("_split").removesuffix("_p0")]
         vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         return {n: vals[n] for n in names}
 
@@ -205,17 +205,21 @@ _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
 _CANDIDATE_CONFIGS = {
     "16bit": {
         "dx_gemm": [
-            T(128, 64, 256, 8, 3, "cuBLAS-class tile: two consumer warpgroups of 64 x 256 "
-              "(r_pad 32 spills; sm_80's mma.sync accumulators spill in it)", 16,
-              builds="tma"),
-            T(128, 64, 128, 8, 4, "large M, narrower K: more tiles, deeper pipeline",
-              builds="tma"),
+            T(128, 64, 128, 8, 4, "large M: two warpgroups of 64 x 128 (r_pad 128 spills)",
+              SMALL_R, builds="tma"),
             T(64, 64, 128, 4, 4, "mid and small M: one warpgroup (r_pad 128 spills)", SMALL_R,
               builds="tma"),
             T(64, 64, 64, 4, 3, "r_pad 128 (sm_90), and mid and small M", builds="tma"),
             T(128, 64, 128, 8, 3, "large M (sm_80, unaligned operands; r_pad 128 spills)",
               SMALL_R, builds="ptr"),
-            T(64, 64, 64, 4, 3, "mid and small M, and r_pad 128", builds="ptr"),
+            T(64, 64, 64, 8, 3, "mid and small M, and r_pad 128 (4 warps spill)",
+              builds="ptr"),
+        ],
+        # without dropout (no Philox tile in registers beside the accumulator): the
+        # cuBLAS-class tile, two consumer warpgroups of 64 x 256 (with the mask it spills; on
+        # sm_80 the mma.sync accumulators spill in it)
+        "dx_gemm_p0": [
+            T(128, 64, 256, 8, 3, "large M and K, p = 0", 32, builds="tma"),
         ],
         "dy_split": [
             T(256, 64, 0, 8, 3, "large M: 256-row blocks, a quarter of the row pass's dB "
@@ -268,6 +272,7 @@ MAX_G_PARTS = 4
 SPLIT_MAX_R_PAD = 32
 for _kind, _table in _CANDIDATE_CONFIGS.items():
     _table["dx_gemm_split"] = _table["dx_gemm"]
+    _table.setdefault("dx_gemm_p0", [])
     # the 32-column tail spills summing 4 fp32 g partials (sm_90 TMA build)
     _table["tail_split"] = [c for c in _table["tail"] if c.block_k != 32 or _kind != "16bit"]
     _table["dy_split"] = [c for c in _table["dy_split"] if c.min_r_pad <= SPLIT_MAX_R_PAD]
@@ -352,7 +357,7 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
         "dx_gemm": (bm * bn + bn * bk),
         "tail": (bm * bk + bm * r_pad),
         "dora_norm": (bn * bk + r_pad * bk),
-    }[kernel.removesuffix("_split")]
+    }[kernel.removesuffix("_split").removesuffix("_p0")]
     return s * loop * esize
 
 
@@ -415,7 +420,7 @@ def pick(
             f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
         )
     col_block = {"forward": "block_n", "dx": "block_k", "dx_gemm": "block_k",
-                 "dx_gemm_split": "block_k", "tail": "block_k",
+                 "dx_gemm_split": "block_k", "dx_gemm_p0": "block_k", "tail": "block_k",
                  "tail_split": "block_k", "dora_norm": "block_n"}.get(kernel)
 
     def tiles(c: TileConfig) -> int:

@@ -197,7 +197,9 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
     if r_pad > _configs.SPLIT_MAX_R_PAD:
         dy_pass = "row"  # (the split pass's readers have tiles up to this rank block)
     if dy_pass == "split":
-        c = _configs.pick("dy_split", kind, r_pad, M, 1, sms, tma)
+        # row blocks for a quarter of the SMs: the column splits (up to MAX_G_PARTS) fill it
+        c = _configs.pick("dy_split", kind, r_pad, M, 1,
+                          max(1, sms // _configs.MAX_G_PARTS), tma)  # fmt: skip
         tiles_n = _configs.cdiv(N, c.block_n)
         split = split_count(M, N, c.block_m, c.block_n, sms) if need_g else 1
         n_per = _configs.cdiv(tiles_n, split) * c.block_n
@@ -225,6 +227,11 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
         dx_tma = tma and bool(_configs.configs_for("dx_gemm", kind, r_pad, tma=True))
         dx_kernel = "dx_gemm_split" if dy_pass == "split" else "dx_gemm"
         c = _configs.pick(dx_kernel, kind, r_pad, M, K, sms, dx_tma)
+        big = [] if has_dropout or dy_pass == "split" else _configs.configs_for(
+            "dx_gemm_p0", kind, r_pad, tma=dx_tma)
+        # p = 0: the 128 x 256 tile where it still gives every SM a tile
+        if big and _configs.cdiv(M, big[0].block_m) * _configs.cdiv(K, big[0].block_k) >= sms:
+            c = big[0]
         tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(K, c.block_k)
         dx_spec = LaunchSpec(
             _lora_dx_gemm_kernel, (min(tiles, sms) if dx_tma else tiles,),

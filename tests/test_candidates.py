@@ -152,6 +152,33 @@ def test_split_count_fills_the_machine():
     assert bc.split_count(64, 64, 64, 64, 132) == 1  # one column tile
 
 
+def test_gpu_plans_use_the_big_tiles_and_fill_the_machine():
+    """The plans an H100 gets at 4096 x 4096, M = 8192, r = 16 (bf16, TMA build): p = 0 takes
+    the 128 x 256 dx tile, p > 0 the 128 x 128 one; the split dy pass runs >= 2 programs a
+    SM with 128-row blocks (half the row pass's dB partials)."""
+    from fastlora.kernels import _configs
+
+    _configs.pick.cache_clear()
+    bc._plan.cache_clear()
+    real = _configs.interpreting
+    _configs.configs_for.__globals__["interpreting"] = lambda: False
+    try:
+        p0 = bc._plan(8192, 4096, 4096, 16, "ieee", 2, True, True, True, False, True, 132, "row")
+        p1 = bc._plan(8192, 4096, 4096, 16, "ieee", 2, True, True, True, True, True, 132, "row")
+        sp = bc._plan(8192, 4096, 4096, 16, "ieee", 2, True, True, True, True, True, 132,
+                      "split")
+    finally:
+        _configs.configs_for.__globals__["interpreting"] = real
+        _configs.pick.cache_clear()
+        bc._plan.cache_clear()
+    big = p0[1].constexprs
+    assert (big["BLOCK_M"], big["BLOCK_K"], p0[1].num_warps) == (128, 256, 8)
+    assert not big["HAS_DROPOUT"] and p0[1].grid[0] == 132  # persistent
+    assert (p1[1].constexprs["BLOCK_M"], p1[1].constexprs["BLOCK_K"]) == (128, 128)
+    rows, splits = sp[0].grid[:2]
+    assert (rows, splits) == (64, 4) and sp[0].constexprs["BLOCK_M"] == 128 and sp[4] == rows
+
+
 # --------------------------------------------------------------------------- pairs, 4-bit
 
 
