@@ -2,8 +2,9 @@
 (4 on a 4-bit base: its decode first).  The dispatcher times them per shape bucket.
 
     dx_gemm     row dy pass (``_lora_dy_kernel``: g, dB partials) -> dx as a pure GEMM with
-                the low-rank step first (``_lora_dx_gemm_kernel``, 128 x 256 tiles on sm_90)
-                -> tail (dA from one skinny pass over x, dB partials summed)
+                the low-rank step first (``_lora_dx_gemm_kernel``; on sm_90 128 x 256 tiles at
+                p = 0, 128 x 128 over two warpgroups with dropout) -> tail (dA from one
+                skinny pass over x, dB partials summed)
     split_dy    the same with the 2-D dy pass (``_lora_dy_split_kernel``: fp32 g partials,
                 fewer dB partials) in place of the row pass
     decode_once today's fused kernels on a 4-bit base decoded once per call into a reused
