@@ -26,11 +26,14 @@ if os.environ.get("TRITON_INTERPRET") == "1" and not os.environ.get("FASTLORA_NO
 _expect_root = os.environ.get("FASTLORA_EXPECT_ROOT")
 if _expect_root:
     for _module in (fastlora, fastlora.kernels):
-        if not os.path.realpath(_module.__file__).startswith(os.path.realpath(_expect_root) + os.sep):
-            raise RuntimeError(
-                f"FASTLORA_EXPECT_ROOT={_expect_root}: {_module.__name__} was imported from "
-                f"{_module.__file__}"
-            )
+        # a kernels/ without __init__.py is a namespace package: no __file__, its __path__
+        _places = [_module.__file__] if getattr(_module, "__file__", None) else list(_module.__path__)
+        for _place in _places:
+            if not os.path.realpath(_place).startswith(os.path.realpath(_expect_root) + os.sep):
+                raise RuntimeError(
+                    f"FASTLORA_EXPECT_ROOT={_expect_root}: {_module.__name__} was imported from "
+                    f"{_places}"
+                )
 
 # hypothesis: "ci" (set by CI=1) is a fixed, derandomized set of examples; property tests
 # split their cases so each backend gets examples with dropout active (tests/test_properties.py)
