@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastlora  # noqa: E402  (after the interpreter switch)
-import fastlora.kernels  # noqa: E402
+import fastlora.kernels.api  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from helpers import available_backends  # noqa: E402
@@ -25,15 +25,12 @@ if os.environ.get("TRITON_INTERPRET") == "1" and not os.environ.get("FASTLORA_NO
 # copy is not what was imported (the editable install maps fastlora.kernels to the checkout)
 _expect_root = os.environ.get("FASTLORA_EXPECT_ROOT")
 if _expect_root:
-    for _module in (fastlora, fastlora.kernels):
-        # a kernels/ without __init__.py is a namespace package: no __file__, its __path__
-        _places = [_module.__file__] if getattr(_module, "__file__", None) else list(_module.__path__)
-        for _place in _places:
-            if not os.path.realpath(_place).startswith(os.path.realpath(_expect_root) + os.sep):
-                raise RuntimeError(
-                    f"FASTLORA_EXPECT_ROOT={_expect_root}: {_module.__name__} was imported from "
-                    f"{_places}"
-                )
+    for _module in (fastlora, fastlora.kernels.api):
+        if not os.path.realpath(_module.__file__).startswith(os.path.realpath(_expect_root) + os.sep):
+            raise RuntimeError(
+                f"FASTLORA_EXPECT_ROOT={_expect_root}: {_module.__name__} was imported from "
+                f"{_module.__file__}"
+            )
 
 # hypothesis: "ci" (set by CI=1) is a fixed, derandomized set of examples; property tests
 # split their cases so each backend gets examples with dropout active (tests/test_properties.py)
