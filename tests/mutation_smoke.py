@@ -369,7 +369,9 @@ def _exception_type(element: ET.Element) -> str:
         return lines[-1].rsplit(": ", 1)[1].strip()
     message = element.get("message", "")
     head = message.split(":", 1)[0].strip()
-    return head if head.isidentifier() else "AssertionError" if message.startswith("assert") else "?"
+    if head.isidentifier():
+        return head
+    return "AssertionError" if message.startswith("assert") else "?"
 
 
 def parse_junit(path: Path) -> tuple[int, list[tuple[str, str]], list[tuple[str, str]]]:

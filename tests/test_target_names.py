@@ -53,7 +53,8 @@ CASES = [
 
 
 def _peft_names(model, targets) -> list[str]:
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=targets))
+    config = peft.LoraConfig(r=2, target_modules=targets)
+    wrapped = peft.get_peft_model(copy.deepcopy(model), config)
     prefix = "base_model.model."
     return sorted(n.removeprefix(prefix) for n, m in wrapped.named_modules()
                   if isinstance(m, peft.tuners.lora.LoraLayer))

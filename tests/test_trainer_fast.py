@@ -15,7 +15,9 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import fastlora  # noqa: E402
-from fastlora.integrations import AdapterCheckpointCallback, load_checkpoint, save_checkpoint  # noqa: E402
+from fastlora.integrations import (  # noqa: E402
+    AdapterCheckpointCallback, load_checkpoint, save_checkpoint,
+)
 
 K, CLASSES = 8, 3
 
