@@ -145,15 +145,28 @@ def test_runner_is_offline_and_on_the_cpu(tmp_path):
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of ``path``."""
+    heads = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 @pytest.mark.parametrize("path", USER_DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve(path):
     broken = []
     for target in _LINK.findall(path.read_text()):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
-        if not (path.parent / target.split("#", 1)[0]).exists():
+        file, _, anchor = target.partition("#")
+        dest = path.parent / file if file else path
+        if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest)):
             broken.append(target)
-    assert not broken, f"{path.relative_to(ROOT)}: links to missing files {broken}"
+    assert not broken, f"{path.relative_to(ROOT)}: links to missing files or headings {broken}"
+
+
+def test_anchor_slugs_follow_github():
+    page = ROOT / "docs" / "api.md"
+    assert {"backends-and-the-gpu-strategy", "the-math", "torchcompile-autocast-checkpointing"} <= anchors(page)
 
 
 def test_quick_start_holds_the_two_commands_ci_runs():
@@ -171,6 +184,8 @@ _HISTORY = [
     (re.compile(r"(?<![\w/])#\d+\b"), "an issue number"),
     (re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b"), "a commit hash"),
     (re.compile(r"\bwhat was tried\b|\bwas \S+ before\b", re.I), "development history"),
+    # fastlora installs from the checkout; there is no "fastlora" on a package index
+    (re.compile(r"pip install (?:-\S+ )*fastlora"), "an install from an index, not the checkout"),
 ]
 
 
