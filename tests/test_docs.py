@@ -32,10 +32,12 @@ PRODUCES = {
     "docs/models.md": (["adapter/adapter_config.json", "adapter/adapter_model.safetensors"], []),
     "docs/qlora.md": (["qlora-adapter/adapter_model.safetensors"], []),
     # adapter-only checkpoints: the adapter beside the optimizer state, never the full model
-    "docs/trainer.md": (["out/checkpoint-2/adapter_model.safetensors", "out/checkpoint-2/optimizer.pt",
+    "docs/trainer.md": (["out/checkpoint-2/adapter_model.safetensors",
+                         "out/checkpoint-2/optimizer.pt",
                          "out/checkpoint-4/adapter_config.json",
                          "sft-out/checkpoint-4/adapter_model.safetensors"],
-                        ["out/checkpoint-2/model.safetensors", "sft-out/checkpoint-4/model.safetensors"]),
+                        ["out/checkpoint-2/model.safetensors",
+                         "sft-out/checkpoint-4/model.safetensors"]),
 }
 PAGE_TIMEOUT_S = 900
 
@@ -59,7 +61,8 @@ def blocks_of(path: Path, lang: str = "python") -> list[Block]:
         elif inside and fence == "```":
             inside = False
             if words and words[0] == lang:
-                found.append(Block(rel, start, " ".join(words[1:]), textwrap.dedent("\n".join(body))))
+                code = textwrap.dedent("\n".join(body))
+                found.append(Block(rel, start, " ".join(words[1:]), code))
         elif inside:
             body.append(line)
     assert not inside, f"{rel}: a fence opened at line {start - 1} is never closed"
@@ -78,9 +81,10 @@ for block in json.loads(sys.stdin.read()):
 
 
 def run_blocks(blocks: list[Block], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``blocks`` (one page's, in order) in a fresh CPU-only interpreter inside ``cwd``."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    """Run ``blocks`` (one page's, in order) in a fresh CPU-only interpreter inside ``cwd``,
+    importing fastlora as a user does (the installed package, not the checkout on sys.path)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
+               TOKENIZERS_PARALLELISM="false")
     payload = json.dumps([{"page": b.page, "line": b.line, "code": b.code} for b in blocks])
     return subprocess.run([sys.executable, "-c", _RUNNER], input=payload, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=PAGE_TIMEOUT_S)
@@ -98,10 +102,10 @@ def _page_params():
 def test_page_snippets_run_as_written(path, tmp_path):
     blocks = [b for b in blocks_of(path) if b.info != "gpu"]
     unknown = sorted({b.info for b in blocks} - {""})
-    assert not unknown, f"{path.name}: unknown fence words {unknown}; use ```python or ```python gpu"
+    assert not unknown, f"{path.name}: unknown fence words {unknown}; use python or python gpu"
     result = run_blocks(blocks, tmp_path)
-    assert result.returncode == 0, (
-        f"{path.relative_to(ROOT)}: a snippet failed\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}")
+    assert result.returncode == 0, (f"{path.relative_to(ROOT)}: a snippet failed\n"
+                                    f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}")
     present, absent = PRODUCES.get(path.relative_to(ROOT).as_posix(), ([], []))
     assert [f for f in present if not (tmp_path / f).is_file()] == []
     assert [f for f in absent if (tmp_path / f).exists()] == []
@@ -166,7 +170,8 @@ def test_relative_links_resolve(path):
 
 def test_anchor_slugs_follow_github():
     page = ROOT / "docs" / "api.md"
-    assert {"backends-and-the-gpu-strategy", "the-math", "torchcompile-autocast-checkpointing"} <= anchors(page)
+    expected = {"backends-and-the-gpu-strategy", "the-math", "torchcompile-autocast-checkpointing"}
+    assert expected <= anchors(page)
 
 
 def test_quick_start_holds_the_two_commands_ci_runs():
