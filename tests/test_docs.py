@@ -29,6 +29,7 @@ USER_DOCS = [*PAGES, ROOT / "examples" / "README.md", ROOT / "benchmarks" / "REA
 SLOW_PAGES = {"docs/trainer.md"}
 # what a page's blocks must leave in the scratch directory (present) and must not (absent)
 PRODUCES = {
+    "README.md": (["adapter/adapter_config.json", "adapter/adapter_model.safetensors"], []),
     "docs/models.md": (["adapter/adapter_config.json", "adapter/adapter_model.safetensors"], []),
     "docs/qlora.md": (["qlora-adapter/adapter_model.safetensors"], []),
     # adapter-only checkpoints: the adapter beside the optimizer state, never the full model
