@@ -54,12 +54,16 @@ class Block:
 def blocks_of(path: Path, lang: str = "python") -> list[Block]:
     """The fenced blocks of ``path`` whose language is ``lang`` (indented fences dedented)."""
     rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-    found, inside, start, words, body = [], False, 0, [], []
+    found, inside, start, words, body, ticks = [], False, 0, [], [], ""
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         fence = line.strip()
-        if not inside and fence.startswith("```"):
-            inside, start, words, body = True, number + 1, fence[3:].split(), []
-        elif inside and fence == "```":
+        # CommonMark: an opening fence's info string holds no backtick (else it is inline
+        # code), and the closing fence is at least as long as the opening one
+        opening = re.fullmatch(r"(`{3,})([^`]*)", fence)
+        if not inside and opening:
+            ticks, info = opening.groups()
+            inside, start, words, body = True, number + 1, info.split(), []
+        elif inside and re.fullmatch(f"{ticks}`*", fence):
             inside = False
             if words and words[0] == lang:
                 code = textwrap.dedent("\n".join(body))
@@ -130,6 +134,9 @@ def test_runner_reports_a_failing_snippet_with_its_page_and_line(tmp_path):
                     "```python\nassert x == 2, 'x is one'\n```\n")
     blocks = blocks_of(page)
     assert [(b.line, b.info) for b in blocks] == [(4, ""), (8, "gpu"), (12, "")]
+    inline = tmp_path / "inline.md"  # a line that opens with inline code is not a fence
+    inline.write_text("```` ```python gpu ```` is inline\n\n````python\ny = 1\n```\n````\n")
+    assert [(b.line, b.code) for b in blocks_of(inline)] == [(4, "y = 1\n```")]
     ok = run_blocks(blocks[:1], tmp_path)
     assert ok.returncode == 0, ok.stderr
     failed = run_blocks([blocks[0], blocks[2]], tmp_path)  # the namespace carries x over
