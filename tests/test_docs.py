@@ -196,7 +196,7 @@ _HISTORY = [
     (re.compile(r"\bissues? #?\d+", re.I), "an issue number"),
     (re.compile(r"(?<![\w/])#\d+\b"), "an issue number"),
     (re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b"), "a commit hash"),
-    (re.compile(r"\bwhat was tried\b|\bwas \S+ before\b", re.I), "development history"),
+    (re.compile(r"\bwhat was tried\b", re.I), "development history"),
     # fastlora installs from the checkout; there is no "fastlora" on a package index
     (re.compile(r"pip install (?:-\S+ )*fastlora"), "an install from an index, not the checkout"),
 ]
