@@ -10,11 +10,20 @@ from . import _configs, _launch
 from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
 from ._launch import dot_precision
 from .dequant_4bit import dequantize_4bit
+from .dropout_mask import dropout_apply
 from .lora_backward import dora_backward, lora_backward
 from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
 
+# Fused candidates per direction, timed against each other and the cuBLAS composition by
+# the backend's dispatcher (``fastlora.triton_backend``): name -> launcher with
+# ``lora_forward``'s / ``lora_backward``'s signature.  "fused" is the default kernel set.
+FORWARD_CANDIDATES = {"fused": lora_forward}
+BACKWARD_CANDIDATES = {"fused": lora_backward}
+
 __all__ = [
+    "BACKWARD_CANDIDATES", "FORWARD_CANDIDATES",
     "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
+    "dropout_apply",
     "dot_precision", "fused_4bit_ok",
     "lora_backward",
     "lora_forward",
