@@ -196,24 +196,32 @@ def ctas_per_sm(arch: int, shared: int, registers: int, num_warps: int) -> int:
     return min(limits)
 
 
-def resources(compiled, arch: int, num_warps: int, persistent: bool) -> Resources:
-    """Shared memory from the compiler's metadata; registers and spills from the ptxas
-    that Triton bundles, run with ``-v`` on the kernel's PTX; the Hopper facts from the
-    PTX itself."""
-    from triton.backends.nvidia.compiler import get_ptxas
+def cubin_usage(cubin: bytes) -> dict[str, int]:
+    """Resource usage of the one function in a cubin, as ``cuobjdump --dump-resource-usage``
+    (bundled with Triton) reads it: REG, STACK, SHARED, LOCAL, ... in registers / bytes."""
+    from triton import knobs
 
-    ptx = compiled.asm["ptx"]
-    gpu = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    wgmma, tma, depth = ptx_facts(ptx)
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    line = re.search(r"^\s*REG:.*$", out, re.M)
+    if line is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    return {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line.group(0))}
+
+
+def resources(compiled, arch: int, num_warps: int, persistent: bool) -> Resources:
+    """Shared memory from the compiler's metadata; registers and spills from the cubin
+    Triton built and caches (what a launch loads), read by the cuobjdump Triton bundles:
+    spill bytes are the function's stack frame plus local memory (a Triton kernel has no
+    calls or local arrays, so a non-empty stack is spilled registers; ``ptxas -v`` on the
+    PTX without Triton's own flags reports fewer); the Hopper facts from the PTX."""
+    usage = cubin_usage(compiled.asm["cubin"])
+    regs = usage["REG"]
+    spills = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+    wgmma, tma, depth = ptx_facts(compiled.asm["ptx"])
     shared = compiled.metadata.shared
     occupancy = ctas_per_sm(arch, shared, regs, num_warps)
     return Resources(shared, regs, spills, wgmma, tma, depth, persistent, occupancy)
