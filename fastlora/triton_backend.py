@@ -650,19 +650,29 @@ def _agree(bucket: tuple, picks: Picks | None) -> Picks:
     return Picks(*box[1])
 
 
-def _time_candidates(bucket: tuple, index: int) -> dict[str, dict[str, float]]:
-    """Median ms of ``BENCH_ROUNDS`` interleaved ``do_bench`` runs, by direction and
-    candidate, on random data of the bucket's shape (a 4-bit ``base`` is quantized by
-    bitsandbytes for it; the adapters in their own dtype; a bias only if the layer has
-    one).  "backward" is absent for a forward-only bucket."""
+def _do_bench(run: Callable[[], object]) -> float:
     import triton.testing
 
+    return triton.testing.do_bench(run, warmup=_BENCH_WARMUP_MS, rep=_BENCH_REP_MS,
+                                   return_mode="median")  # fmt: skip
+
+
+def _time_candidates(
+    bucket: tuple, index: int, *, device: torch.device | None = None,
+    bench: Callable[[Callable[[], object]], float] = _do_bench, p: float = 0.1,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Median ms of ``BENCH_ROUNDS`` interleaved ``bench`` runs (``do_bench``), by
+    direction and candidate, on random data of the bucket's shape (a 4-bit ``base`` is
+    quantized by bitsandbytes for it; the adapters in their own dtype; a bias only if the
+    layer has one; dropout rate ``p`` if the bucket has dropout).  "backward" is absent for
+    a forward-only bucket.  ``device``: default ``cuda:<index>``."""
     M, K, N, r, dtype, adapter_dtype, has_bias, has_dropout, backward, base = bucket
-    device = torch.device("cuda", index)
-    p = 0.1 if has_dropout else 0.0
+    device = torch.device("cuda", index) if device is None else device
+    p = p if has_dropout else 0.0
     # fork_rng: the timing draws random data and seeds, which must not shift the caller's
     # random stream (a seeded run gives the same masks with or without a measurement)
-    with torch.random.fork_rng(devices=[index]), torch.no_grad():
+    devices = [index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         x = torch.randn(M, K, device=device, dtype=dtype)
         weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
         if base != "dense":
@@ -685,8 +695,7 @@ def _time_candidates(bucket: tuple, index: int) -> dict[str, dict[str, float]]:
         samples: dict[tuple, list[float]] = {k: [] for k in runs}
         for _ in range(BENCH_ROUNDS):
             for k, run in runs.items():
-                samples[k].append(triton.testing.do_bench(
-                    run, warmup=_BENCH_WARMUP_MS, rep=_BENCH_REP_MS, return_mode="median"))
+                samples[k].append(bench(run))
     times: dict[str, dict[str, float]] = {}
     for (direction, name), ms in samples.items():
         times.setdefault(direction, {})[name] = statistics.median(ms)

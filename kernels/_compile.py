@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import _configs
+from . import _configs, dropout_mask
 from .lora_backward import _lora_dx_kernel, _lora_dy_kernel, _lora_reduce_kernel
 from .lora_forward import _lora_forward_kernel, _lora_shrink_kernel
 
@@ -27,6 +27,22 @@ JIT_KERNELS = {
     "dy": _lora_dy_kernel,
     "dx": _lora_dx_kernel,
     "reduce": _lora_reduce_kernel,
+    "dropout": dropout_mask._dropout_kernel,
+}
+# kernels outside the tile tables (_configs.KERNELS): their one launch config
+STANDALONE = {
+    "dropout": _configs.TileConfig(
+        dropout_mask.BLOCK_M, 0, dropout_mask.BLOCK_K, dropout_mask.NUM_WARPS, 1,
+        "the composition's dropout pass (kernels/dropout_mask.py): one fixed tile"),
+}
+# the kernels each dispatch candidate launches (fastlora.kernels.api FORWARD_CANDIDATES /
+# BACKWARD_CANDIDATES, and the composition's Triton pass): the report lists every candidate
+# with its kernels' worst resources, and fails on a candidate missing here
+CANDIDATE_KERNELS = {
+    ("forward", "fused"): ("shrink", "forward"),
+    ("backward", "fused"): ("dy", "dx", "reduce"),
+    ("forward", "composition"): ("dropout",),
+    ("backward", "composition"): ("dropout",),
 }
 
 # dtype variant -> (activation type, adapter type, dot input precision).  Adapters are
@@ -63,6 +79,7 @@ _UNIT_STRIDES = {
     "dy": {"stride_dyn", "stride_br", "stride_ur", "stride_gr"},
     "dx": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
     "reduce": set(),
+    "dropout": {"stride_tk", "stride_ok"},
 }
 # sizes that are r (or counts) and so not known to be multiples of 16
 _NOT_DIVISIBLE = {
@@ -117,7 +134,8 @@ def compile_kernel(
         **({"HAS_DROPOUT": False} if variant == "dora" else {}),
         **({"NEED_DM": False, "HAS_DM": False} if variant == "lora" else {}),
         **({n: None for n in _DORA_PTRS} if variant == "lora" else {}),
-        **config.meta(kernel),
+        **(config.meta(kernel) if kernel not in STANDALONE else
+           {"BLOCK_M": config.block_m, "BLOCK_K": config.block_k}),
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}

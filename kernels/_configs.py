@@ -208,6 +208,26 @@ _DORA_CONFIGS = {
         T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
         T(64, 16, 0, 8, 3, "r_pad 128: z and dy [64, 16] beside g", min_r_pad=MAX_R),
     ],
+    # sm_90's DoRA dx holds dy scaled by c and g [BM, r_pad] beside the accumulator (two
+    # with dropout): LoRA's 128-row tiles reach 255 registers and spill 16-144 B in the
+    # cubins (cuobjdump), so DoRA's dx runs 64-row tiles, and narrower ones at r_pad 128
+    ("16bit", "dx", "dora"): [
+        T(64, 64, 64, 8, 3, "dx tile 64 x 64 (128 x 64 spills 16-24 B on sm_90)", SMALL_R,
+          builds="tma"),
+        T(64, 64, 32, 8, 3, "r_pad 128: dx tile 64 x 32", min_r_pad=MAX_R, builds="tma"),
+        T(128, 128, 32, 8, 3, "large M: dx tile 128 x 32", SMALL_R, builds="ptr"),
+        T(64, 64, 32, 8, 3, "mid and small M, and r_pad 128 (64 x 128 steps spill 32 B "
+          "on sm_90)", builds="ptr"),
+    ],
+    ("16bit", "dx", "dora_dropout"): [
+        T(64, 64, 64, 8, 3, "two [64, 64] accumulators (128 rows spill 32-144 B)", SMALL_R,
+          builds="tma"),
+        T(64, 32, 32, 8, 3, "r_pad 128: two [64, 32] accumulators (64 x 64 spills 16 B)",
+          min_r_pad=MAX_R, builds="tma"),
+        T(64, 64, 32, 8, 3, "two [64, 32] accumulators (128 x 32 spills 40 B on sm_90)",
+          SMALL_R, builds="ptr"),
+        T(64, 32, 32, 8, 3, "r_pad 128, N steps of 32", min_r_pad=MAX_R, builds="ptr"),
+    ],
     ("tf32", "forward", "dora"): [
         T(128, 128, 32, 8, 3, "large M and N", SMALL_R),
         T(64, 128, 32, 4, 4, "mid M (r_pad 64 spills 16 B with z and the column scale)", 32),

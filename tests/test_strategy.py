@@ -315,3 +315,28 @@ def test_rank_zero_picks_are_broadcast(monkeypatch):
     sent["box"] = [(128, *bucket[1:]), ("fused", "fused")]
     with pytest.raises(RuntimeError, match="ranks must meet new shapes together"):
         tb.picks_for(*args)
+
+
+# --------------------------------------------------------------------------- GPU check table
+
+
+@pytest.mark.slow  # PEFT's import and the interpreted candidates: ~30 s
+def test_candidate_table_runs_the_dispatchers_rule(monkeypatch, tmp_path):
+    """benchmarks.candidates (gpu_check.sh's table) on a tiny case under the interpreter:
+    every candidate of each direction timed, the pick the dispatcher's rule, ratios formed."""
+    from benchmarks import candidates
+
+    monkeypatch.setattr(tb, "BENCH_ROUNDS", 1)
+    rows = candidates.main(["--device", "cpu", "--dtype", "float32", "--shapes", "40x24",
+                            "--m", "19", "--p", "0.1", "--out", str(tmp_path)])  # fmt: skip
+    (row,) = rows
+    for direction, launchers in (("forward", tb.forward_launchers()),
+                                 ("backward", tb.backward_launchers())):
+        assert set(row["times"][direction]) == set(launchers)
+        assert row["picks"][direction] == tb.choose(row["times"][direction])
+    pick_ms = sum(row["times"][d][row["picks"][d]] for d in ("forward", "backward"))
+    assert row["vs_frozen"] == pytest.approx(pick_ms / sum(row["baselines"]["frozen"].values()))
+    assert row["vs_peft"] == pytest.approx(pick_ms / sum(row["baselines"]["peft"].values()))
+    text = (tmp_path / "candidates.md").read_text()
+    assert "| 40x24 | 19 | 0.1 | **pick** |" in text and "| frozen cuBLAS |" in text
+    assert "| PEFT |" in text and "| composition |" in text
