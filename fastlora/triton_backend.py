@@ -564,6 +564,10 @@ def _strategy(M, K, N, r, dtype, adapter_dtype, has_bias, dropout_p, device, bac
     kind = cfg.operand_kind(dtype.itemsize, _kernels.dot_precision(dtype))
     if device.type == "cuda" and cfg.pad_rank(r) > cfg.max_r_pad(kind):
         return Picks("composition", "composition")  # no kernel config (fp32 without TF32)
+    four_bit_only = getattr(_kernels, "CANDIDATES_4BIT_ONLY", frozenset())
+    if base == "dense" and four_bit_only.intersection(forced):
+        # a 4-bit-only candidate on a dense base is the fused kernels it decodes for
+        forced = Picks(*("fused" if n in four_bit_only else n for n in forced))
     if "auto" not in forced:
         return forced
     if not _measurable(device):
@@ -684,14 +688,16 @@ def _time_candidates(
         seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
         dy = torch.randn(M, N, device=device, dtype=dtype)
         _, u = composition_forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
+        skip = getattr(_kernels, "CANDIDATES_4BIT_ONLY", frozenset()) if base == "dense" \
+            else frozenset()
         runs = {("forward", name): (lambda fn=fn: fn(x, weight, bias, lora_A, lora_B, 1.0, p,
                                                       seed, base4=base4))
-                for name, fn in forward_launchers().items()}  # fmt: skip
+                for name, fn in forward_launchers().items() if name not in skip}  # fmt: skip
         if backward:
             runs.update({("backward", name): (
                 lambda fn=fn: fn(dy, x, weight, lora_A, lora_B, u, 1.0, p, seed, True, True,
                                  True, base4=base4))
-                for name, fn in backward_launchers().items()})  # fmt: skip
+                for name, fn in backward_launchers().items() if name not in skip})
         samples: dict[tuple, list[float]] = {k: [] for k in runs}
         for _ in range(BENCH_ROUNDS):
             for k, run in runs.items():

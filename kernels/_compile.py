@@ -43,6 +43,11 @@ CANDIDATE_KERNELS = {
     ("backward", "fused"): ("dy", "dx", "reduce"),
     ("forward", "composition"): ("dropout",),
     ("backward", "composition"): ("dropout",),
+    # the candidates of kernels/backward_candidates.py (a 4-bit decode-once pass aside)
+    ("backward", "dx_gemm"): ("dy", "dx_gemm", "tail"),
+    ("backward", "split_dy"): ("dy_split", "dx_gemm_split", "tail_split"),
+    ("forward", "decode_once"): ("shrink", "forward"),
+    ("backward", "decode_once"): ("dy", "dx", "reduce"),
 }
 
 # dtype variant -> (activation type, adapter type, dot input precision).  Adapters are

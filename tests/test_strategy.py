@@ -340,3 +340,13 @@ def test_candidate_table_runs_the_dispatchers_rule(monkeypatch, tmp_path):
     text = (tmp_path / "candidates.md").read_text()
     assert "| 40x24 | 19 | 0.1 | **pick** |" in text and "| frozen cuBLAS |" in text
     assert "| PEFT |" in text and "| composition |" in text
+
+
+def test_a_4bit_only_candidate_is_fused_on_a_dense_base(monkeypatch):
+    monkeypatch.setitem(tb._kernels.FORWARD_CANDIDATES, "decode_x", tb._kernels.lora_forward)
+    monkeypatch.setattr(tb._kernels, "CANDIDATES_4BIT_ONLY", frozenset({"decode_x"}),
+                        raising=False)  # fmt: skip
+    args = (19, 40, 24, 3, torch.float32, 0.0, DEVICE)
+    with strategy(forward="decode_x", backward="composition"):
+        assert tb.picks_for(*args) == ("fused", "composition")
+        assert tb.picks_for(*args, base="nf4").forward == "decode_x"
