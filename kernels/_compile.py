@@ -219,15 +219,20 @@ def ctas_per_sm(arch: int, shared: int, registers: int, num_warps: int) -> int:
     return min(limits)
 
 
+def cuobjdump_path() -> str:
+    """The cuobjdump Triton bundles (triton/backends/nvidia/bin)."""
+    from triton import knobs
+
+    return knobs.nvidia.cuobjdump.path
+
+
 def cubin_usage(cubin: bytes) -> dict[str, int]:
     """Resource usage of the one function in a cubin, as ``cuobjdump --dump-resource-usage``
     (bundled with Triton) reads it: REG, STACK, SHARED, LOCAL, ... in registers / bytes."""
-    from triton import knobs
-
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+        out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", f.name],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     line = re.search(r"^\s*REG:.*$", out, re.M)
     if line is None:
