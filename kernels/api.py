@@ -13,6 +13,7 @@ from .dequant_4bit import dequantize_4bit
 from .dropout_mask import dropout_apply
 from .lora_backward import dora_backward, lora_backward
 from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
+from .lora_sgmv import sgmv_backward, sgmv_forward, stack_adapters
 
 # Fused candidates per direction, timed against each other and the cuBLAS composition by
 # the backend's dispatcher (``fastlora.triton_backend``): name -> launcher with
@@ -28,4 +29,7 @@ __all__ = [
     "lora_backward",
     "lora_forward",
     "pad_rank",
+    "sgmv_backward",
+    "sgmv_forward",
+    "stack_adapters",
 ]
