@@ -10,7 +10,20 @@ import pytest
 
 pytest.importorskip("triton")
 
-from fastlora.kernels import _compile, report  # noqa: E402
+from fastlora.kernels import _compile, _configs  # noqa: E402
+
+
+@pytest.fixture
+def report(monkeypatch):
+    """kernels.report, imported without leaking its import-time switch (it turns the
+    interpreter off for the compiles it runs) into the rest of the session."""
+    import os
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.setattr(_configs, "_INTERPRETING", _configs._INTERPRETING)
+    from fastlora.kernels import report
+
+    return report
 
 # what cuobjdump --dump-resource-usage prints for one Triton kernel that spills
 CUOBJDUMP_OUT = """
@@ -22,7 +35,7 @@ Resource usage:
 """
 
 
-def test_spills_are_read_from_the_cubin(monkeypatch):
+def test_spills_are_read_from_the_cubin(monkeypatch, report):
     calls = []
 
     def run(cmd, **kw):
@@ -50,7 +63,7 @@ def test_cuobjdump_without_usage_is_an_error(monkeypatch):
         _compile.cubin_usage(b"")
 
 
-def test_every_candidate_is_listed_with_its_worst_build(monkeypatch, capsys):
+def test_every_candidate_is_listed_with_its_worst_build(monkeypatch, capsys, report):
     from fastlora.kernels import api
 
     worst = {"shrink": [120, 0, 0], "forward": [200, 0, 0], "dy": [90, 0, 0],
