@@ -2,6 +2,10 @@
 
     python -m fastlora.kernels.report --arch 80 90      (or ``-m kernels.report`` in a checkout)
 
+Registers and spills are read from the cubins Triton builds (``cuobjdump
+--dump-resource-usage``); after the builds, every dispatch candidate is listed with its
+kernels' worst registers and spills.
+
 One row per kernel / config / dtype / rank block / arch / build (sm_90: "tma", the
 persistent tensor-descriptor build, and "ptr", its fallback for unaligned strides):
 shared memory, registers, spill bytes, whether the PTX uses wgmma and TMA
