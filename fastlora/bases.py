@@ -306,6 +306,13 @@ def module_compute_dtype(module: Any) -> Optional[torch.dtype]:
     return dtype
 
 
+def quantized_from_dtype(weight: Tensor) -> torch.dtype:
+    """The float dtype a 4-bit ``weight`` was quantized from (``quant_state.dtype``): the
+    model's own dtype; float32 when bitsandbytes did not record one it decodes into."""
+    dtype = getattr(base_of(weight).quant_state, "dtype", None)
+    return dtype if dtype in COMPUTE_DTYPES else torch.float32
+
+
 def factor_dtype(module: Any) -> torch.dtype:
     """The dtype a 4-bit layer's LoRA factors get: its compute dtype if set, else the dtype
     the weight was quantized from (what a dense weight would have had)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -195,8 +196,10 @@ class FastLoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ``scaling * B A`` into ``weight`` (float32 arithmetic at least, in place in the
-        same tensor); forward becomes the plain linear."""
+        same tensor); forward becomes the plain linear. Merging twice warns and does nothing."""
         if self.merged:
+            warnings.warn("merge: the layer is already merged (W holds W + s*B*A); "
+                          "nothing done", UserWarning, stacklevel=2)
             return
         if bases.is_4bit(self.weight):
             raise ValueError(

@@ -348,13 +348,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
     its compute dtype holding ``dequant(W) + s * B A`` (4-bit cannot hold the sum; quantizing
     it again is lossy, as PEFT warns)."""
     layers = lora_layers(model)
+    if not layers and getattr(model, "fastlora_merged", False):
+        warnings.warn("merge_lora: the model is already merged (its adapter is in the base "
+                      "weights); returned as it is", UserWarning, stacklevel=2)
+        return model
     if not layers:
         raise ValueError("merge_lora: the model has no FastLoRALinear layers")
     for name, layer in layers.items():
         if bases.is_4bit(layer.weight):
             linear = _merged_4bit(layer)
         else:
-            layer.merge()
+            if not layer.merged:  # layer.merge() called before: its weight holds the sum
+                layer.merge()
             linear = nn.Linear(
                 layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
             )
@@ -364,14 +369,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, linear)
     if hasattr(model, "fastlora_config"):
         del model.fastlora_config
+    model.fastlora_merged = True
     return model
 
 
 @torch.no_grad()
 def _merged_4bit(layer: FastLoRALinear) -> nn.Linear:
-    """A dense ``nn.Linear`` in the layer's compute dtype (else the dtype the weight was
-    quantized from) holding ``dequant(W) + s B A``, summed in float32; bias cast to it."""
-    dtype = getattr(layer, "compute_dtype", None) or bases.base_of(layer.weight).quant_state.dtype
+    """A dense ``nn.Linear`` holding ``dequant(W) + s B A`` (summed in float32) in the dtype
+    the weight was quantized from, the model's own dtype: the dtype its activations arrive in,
+    whatever ``bnb_4bit_compute_dtype`` the 4-bit layer computed in (a bf16 weight in an fp32
+    model would fail on fp32 inputs). Bias cast to it."""
+    dtype = bases.quantized_from_dtype(layer.weight)
     merged = bases.base_of(layer.weight).dense(torch.float32) + layer.delta_weight().float()
     if layer.use_dora:  # PEFT's merge: (m / ||W + s B A||) * (W + s B A), row by row
         merged.mul_((layer.lora_magnitude_vector.detach().float() / merged.norm(dim=1)).unsqueeze(1))
