@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             from benchmarks.plots import write_plots
         except ImportError as exc:  # e.g. a GPU image without matplotlib: JSON and table stand
-            print(f"no plots: {exc}", file=sys.stderr)
+            print(f'no plots: {exc} (pip install -e ".[bench]")', file=sys.stderr)
         else:
             write_plots(results, args.out)
     print(table)

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             import peft  # noqa: F401
         except ImportError:
-            print("PEFT is not installed: skipping the comparison")
+            print('PEFT is not installed (pip install -e ".[peft]"): skipping the comparison')
         else:
             models["peft"] = build("peft", args)
     before = evaluate(model, test_data)

@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             import peft  # noqa: F401
         except ImportError:
-            print("PEFT is not installed: skipping the comparison")
+            print('PEFT is not installed (pip install -e ".[peft]"): skipping the comparison')
         else:
             models["peft"] = build("peft", args)
     before = accuracy(model, test_split)

@@ -160,8 +160,13 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
         ) from err
 
 
+# how many keys or names a load/save error lists before "... (N in all)"
+MAX_LISTED = 5
+
+
 def _short(names: list[str]) -> str:
-    return ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else "")
 
 
 def read_adapter_config(path: PathLike) -> dict:
@@ -237,14 +242,20 @@ def _check_tensors(
             f"'{KEY_PREFIX}<module>.lora_A.weight'/'.lora_B.weight' of the target layers, "
             f"and '.{MAGNITUDE_KEY}' when the config has use_dora: true)"
         )
+    bad = []
     for key in sorted(set(expected) & set(tensors)):
         t = tensors[key]
         if tuple(t.shape) != expected[key]:
-            problems.append(f"{key}: expected shape {list(expected[key])}, got {list(t.shape)}")
+            bad.append(f"{key}: expected shape {list(expected[key])}, got {list(t.shape)}")
         elif not t.dtype.is_floating_point:
-            problems.append(f"{key}: expected a floating-point tensor, got {t.dtype}")
+            bad.append(f"{key}: expected a floating-point tensor, got {t.dtype}")
+    problems += bad[:MAX_LISTED]
+    if len(bad) > MAX_LISTED:
+        problems.append(f"... ({len(bad)} tensors of the wrong shape or dtype in all)")
     if problems:
-        raise ValueError(f"load_adapter: {where} does not fit the model: " + "; ".join(problems))
+        raise ValueError(
+            f"load_adapter: {where} does not fit the model:\n  " + ";\n  ".join(problems)
+        )
 
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   verdict, p={p}: " + verdict(ratios(times, fast, peft_name),
                                                    "FastLoRALinear", "PEFT's LoRA"))
         else:
-            print(f"   verdict, p={p}: PEFT is not installed, no comparison")
+            print(f"   verdict, p={p}: PEFT is not installed (pip install -e \".[peft]\"), no comparison")
     lo, mid, hi = quantiles(ratios(times, "FastLoRALinear p=0.0", FLOOR))
     print(f"   verdict, p=0.0: FastLoRALinear costs {mid:.2f}x the frozen nn.Linear "
           f"(rounds {lo:.2f}-{hi:.2f}x); the LoRA work it adds is {100 * (mid - 1):.0f}% here"

@@ -509,7 +509,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
     except ImportError as err:  # pragma: no cover - peft is a test dependency
         raise ImportError(
-            "fastlora.from_peft needs peft installed (pip install fastlora[peft])"
+            "fastlora.from_peft needs peft installed: pip install -e \".[peft]\" in a fastlora "
+            "checkout (pip install \"fastlora[peft]\" from a package index)"
         ) from err
     lora_linear_types: tuple = (PeftLoraLinear,)
     try:  # PEFT's LoRA over a bitsandbytes Linear4bit (QLoRA)

@@ -223,7 +223,7 @@ LOAD_ERRORS = {
         _drop_key,
         ValueError,
         (
-            r"does not fit the model: missing keys "
+            r"does not fit the model:\s+missing keys "
             r"base_model.model.encoder.layer.1.attention.self.value"
             r".lora_B.weight"
         ),
