@@ -30,7 +30,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from fastlora import inits
+from fastlora import bases, inits
 from fastlora.dora import MAGNITUDE_KEY
 from fastlora.model import (
     FastLoRAConfig,
@@ -319,6 +319,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         names = find_target_modules(model, config.target_modules, config.exclude_modules)
         _check_tensors(tensors, _expected_shapes(model, names, config.r, config.use_dora), where)
         apply_mode = mode if inits.is_decomposition(mode) else True
+        bases.keep_training_layout(model, "load_adapter")  # its warnings name load_adapter
         apply_lora(
             model,
             config.target_modules,

@@ -141,7 +141,8 @@ class FastLoRALinear(nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         dtype = linear.weight.dtype
         if bases.is_4bit(linear.weight):
-            bases.restore_standard_packing(linear)
+            if bases.restore_standard_packing(linear):
+                bases.warn_repacked(["linear"], "FastLoRALinear.from_linear")
             bases.base_of(linear.weight, "linear.weight")
             dtype = bases.factor_dtype(linear)
             layer.compute_dtype = bases.module_compute_dtype(linear)

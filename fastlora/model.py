@@ -645,7 +645,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             UserWarning,
             stacklevel=2,
         )
-    bases.keep_training_layout(model)
+    bases.keep_training_layout(model, "from_peft")
     for name, m in found.items():
         base = m.get_base_layer()
         # init False: random factors that are replaced at once by PEFT's parameters
