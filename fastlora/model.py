@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from fastlora import bases, inits
+from fastlora import bases, heads, inits
 from fastlora.layer import FastLoRALinear, _check_hparams, _check_use_dora
 
 TargetModules = Union[str, Iterable[str]]
@@ -39,6 +39,8 @@ class FastLoRAConfig:
     ``target_modules`` is kept as given (a regex string, or a sorted list of names/suffixes),
     except ``"all-linear"``, which is stored resolved to the sorted list of adapted names so a
     saved adapter targets exactly the same layers wherever it is loaded.
+    ``modules_to_save`` (PEFT's): modules trained whole and saved with the adapter, as
+    given (see ``fastlora.heads``).
     ``initial_factors`` holds the ``(lora_A, lora_B)`` of a PiSSA/OLoRA start, per module
     name, for ``save_adapter(..., convert_to_lora=True)``; it is not part of any state dict.
     """
@@ -52,6 +54,7 @@ class FastLoRAConfig:
     exclude_modules: str | list | None = None
     base_model_name_or_path: str | None = None
     use_dora: bool = False
+    modules_to_save: list | None = None
     initial_factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -264,6 +267,7 @@ def apply_lora(
     exclude_modules: TargetModules | None = None,
     autocast_adapter_dtype: bool = True,
     use_dora: bool = False,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``target_modules`` with a
     ``FastLoRALinear`` sharing its weight and bias, freeze every other parameter, record the
@@ -276,6 +280,8 @@ def apply_lora(
     (PEFT's default): the LoRA factors of float16/bfloat16 layers are kept in float32, so
     the optimizer updates them in full precision; the matmuls still run in the input's dtype.
     ``use_dora`` (PEFT's DoRA): each layer also learns a magnitude ``lora_magnitude_vector``.
+    ``modules_to_save`` (PEFT's): modules trained whole beside the adapter and saved in the
+    adapter file, e.g. ``["classifier"]`` (a name ending with an entry; see ``fastlora.heads``).
     Everything is checked before the model is touched.
     """
     _check_hparams(r, lora_alpha, lora_dropout)
@@ -283,6 +289,8 @@ def apply_lora(
     mode = inits.check_mode(init_lora_weights)
     _check_untouched(model, "apply_lora")
     names = find_target_modules(model, target_modules, exclude_modules)
+    modules_to_save = heads.normalise(modules_to_save)
+    head_names = heads.find(model, modules_to_save, names)
     if inits.is_decomposition(mode):
         _check_decomposable(model, names, mode, r)
 
@@ -299,9 +307,11 @@ def apply_lora(
         exclude_modules=_normalise_names(exclude_modules, "exclude_modules", allow_none=True),
         base_model_name_or_path=_name_or_path(model),
         use_dora=use_dora,
+        modules_to_save=modules_to_save,
     )
     for p in model.parameters():
         p.requires_grad_(False)
+    heads.mark_trainable(model, head_names)
     bases.keep_training_layout(model)  # a 4-bit model's other Linear4bit layers stay trainable
     for name in names:
         linear = model.get_submodule(name)
@@ -420,7 +430,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
 # fastlora does not represent
 _PEFT_UNSUPPORTED_FIELDS = {
     "lora_bias": "a bias on lora_B (lora_bias=True)",
-    "modules_to_save": "fully trained extra modules (modules_to_save)",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "layer_replication": "layer replication",
     "use_qalora": "QALoRA",
@@ -485,6 +494,7 @@ def config_from_peft(config: Any, base_model_name_or_path: str | None = None) ->
         exclude_modules=exclude if isinstance(exclude, str) or exclude is None else sorted(exclude),
         base_model_name_or_path=get("base_model_name_or_path") or base_model_name_or_path,
         use_dora=bool(get("use_dora", False)),
+        modules_to_save=heads.with_task_defaults(get("modules_to_save"), get("task_type")),
     )
 
 
@@ -519,10 +529,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         lora_linear_types += (PeftLoraLinear4bit,)
     except ImportError:  # bitsandbytes not installed
         pass
+    from peft.utils.other import ModulesToSaveWrapper
+
     try:
         from peft.utils.other import AuxiliaryTrainingWrapper as _Wrapper
     except ImportError:  # older PEFT
-        from peft.utils.other import ModulesToSaveWrapper as _Wrapper
+        _Wrapper = ModulesToSaveWrapper
 
     configs: dict = {}
     model = peft_model
@@ -540,9 +552,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     problems: list[str] = []
     found: dict[str, Any] = {}
+    head_names = []
     for name, module in model.named_modules():
-        if isinstance(module, _Wrapper):
-            problems.append(f"{name}: {type(module).__name__} (modules_to_save / trainable tokens)")
+        if isinstance(module, ModulesToSaveWrapper):  # a head: its trained copy is kept
+            head_names.append(name)
+            problems += heads.peft_wrapper_problems(name, module, None)
+        elif isinstance(module, _Wrapper):
+            problems.append(f"{name}: {type(module).__name__} (trainable tokens)")
         elif isinstance(module, BaseTunerLayer) and type(module) not in lora_linear_types:
             problems.append(
                 f"{name}: {type(module).__name__} "
@@ -627,6 +643,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             target_modules=sorted(found),
             base_model_name_or_path=_name_or_path(model),
             use_dora=use_dora,
+            modules_to_save=sorted(head_names) or None,
         )
     (adapter,) = adapter_names
     frozen = sorted(
@@ -660,5 +677,6 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             layer.lora_magnitude_vector = m.lora_magnitude_vector[adapter].weight
         layer.train(m.training)
         _set_submodule(model, name, layer)
+    heads.unwrap_peft(model, ModulesToSaveWrapper, adapter)
     model.fastlora_config = config
     return model
