@@ -56,6 +56,9 @@ class Config:
     rounds: int = 12
 
 
+# the demo's size (python -m fastlora.demo, check 4): a few seconds a round on 2 cores
+DEMO = Config(hidden=512, intermediate=1408, layers=2, heads=8, vocab=512, batch=2, seq=128,
+              r=16, rounds=5)
 QUICK = Config(hidden=128, intermediate=352, layers=2, heads=4, vocab=128, batch=2, seq=32, r=4,
                rounds=3)
 
