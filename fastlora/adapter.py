@@ -348,9 +348,10 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             if config.use_dora:
                 layer.lora_magnitude_vector.copy_(tensors[_magnitude_key(name)])
     heads.load(model, head_names, tensors)
-    if head_names and model.fastlora_config.modules_to_save != config.modules_to_save:
-        ours = model.fastlora_config.modules_to_save or []
-        model.fastlora_config.modules_to_save = sorted(set(ours) | set(config.modules_to_save))
+    recorded = getattr(model, "fastlora_config", None)
+    if head_names and recorded is not None:  # the heads now travel with this adapter too
+        ours = recorded.modules_to_save or []
+        recorded.modules_to_save = sorted(set(ours) | set(config.modules_to_save))
     return model
 
 
