@@ -509,7 +509,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Refused with a ``ValueError``/``TypeError`` that names the layer and the feature: several
     adapters, LoRA variants other than DoRA, lora_bias, merged or disabled adapters, Conv1D
-    (fan_in_fan_out) and non-Linear LoRA layers, modules_to_save and other PEFT wrappers,
+    (fan_in_fan_out) and non-Linear LoRA layers, trainable-token wrappers (a modules_to_save
+    head converts: its trained copy replaces the wrapper, see ``fastlora.heads``),
     per-layer rank/alpha patterns, base-mutating inits other than PiSSA/OLoRA. A ``UserWarning``
     when the LoRA factors are frozen (an adapter loaded for inference: ``PeftModel.from_pretrained``
     without ``is_trainable=True``), since the converted model would then train nothing.
