@@ -92,6 +92,8 @@ mkdir -p "$OUT/qlora"
 grep -v -e 'case/s' -e '^benchmarks:' "$OUT/qlora/bench.log" | tail -n 40 || true
 step "QLoRA rows and 4-bit MiniLM memory ($(( $(date +%s) - start )) s so far)" "$rc"
 
+rc=0; timeout -k 10 120 python -m benchmarks.model_step --device cuda > "$OUT/model_step.log" 2>&1 || rc=$?; tail -n 9 "$OUT/model_step.log"; step "whole-model step, benchmarks.model_step ($(( $(date +%s) - start )) s so far)" "$rc"
+
 rc=0
 wait "$aot_pid" || rc=$?
 if [ "$rc" -eq 0 ]; then

@@ -7,6 +7,9 @@
   CUDA, the peak allocated during fwd+bwd), per provider, at each panel's largest M.
 
 Panels use one rank (16 when measured, else the first); other ranks are in the JSON/tables.
+Every figure has the same size (``FIGSIZE`` at ``DPI``) whatever the number of panels or of
+skipped cases, with the legend in a column of its own on the right, outside every panel, and
+one colour per provider.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.report import MiB, _providers, machine_line  # noqa: E402
 
-STYLE = {  # provider -> (color, marker)
+STYLE = {  # provider -> (color, marker); one colour each (tests/test_plots.py)
     "linear": ("black", "s"),
     "fastlora_triton": ("tab:red", "o"),
     "fastlora_fused": ("tab:pink", "v"),
@@ -29,7 +32,13 @@ STYLE = {  # provider -> (color, marker)
     "peft": ("tab:blue", "^"),
     "peft_compiled": ("tab:cyan", "<"),
     "unsloth_style": ("tab:green", ">"),
+    "fastlora_dora": ("tab:purple", "P"),
+    "peft_dora": ("tab:brown", "X"),
 }
+FIGSIZE = (12.0, 7.5)  # inches, every figure: 1320 x 825 px at DPI
+DPI = 110
+LEGEND_WIDTH = 0.16  # the right-hand fraction of the figure that holds the legend
+TITLE_HEIGHT = 0.06  # the top fraction that holds the title and the machine line
 
 
 def _rank(results: dict) -> int:
@@ -51,14 +60,26 @@ def _panels(results: dict) -> tuple[int, list[str], list[float], dict]:
 
 
 def _grid(n_rows: int, n_cols: int, sharey: bool):
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols + 1, 3.0 * n_rows + 1.2),
-                             squeeze=False, sharey=sharey)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=FIGSIZE, squeeze=False, sharey=sharey)
     return fig, axes
+
+
+def _finish(fig, axes, path: str) -> None:
+    """The legend (every provider drawn in any panel, once) in its own column on the right,
+    the panels laid out in the rest, saved at the fixed size (no tight bbox: it would crop)."""
+    handles: dict = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="center left", fontsize=8,
+               bbox_to_anchor=(1 - LEGEND_WIDTH + 0.01, 0.5), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - LEGEND_WIDTH, 1 - TITLE_HEIGHT))
+    fig.savefig(path, dpi=DPI)
 
 
 def _title(fig, title: str, meta: dict) -> None:
     text = title + "\n" + "\n".join(textwrap.wrap(machine_line(meta), 110))
-    fig.suptitle(text, fontsize=8)
+    fig.suptitle(text, fontsize=8, y=0.99, va="top")
 
 
 def _lines(results: dict, value, ylabel: str, title: str, path: str, floor_line: bool,
@@ -94,11 +115,8 @@ def _lines(results: dict, value, ylabel: str, title: str, path: str, floor_line:
             if j == 0:
                 ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     _title(fig, title, results["meta"])
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    _finish(fig, axes, path)
     plt.close(fig)
 
 
@@ -124,8 +142,7 @@ def memory_plot(results: dict, path: str) -> None:
     if cuda:
         metrics.append(("peak allocated during fwd+bwd (MiB)",
                         lambda e: (e.get("peak_bytes") or 0) / MiB))
-    size = (max(6, 1.7 * len(groups)), 4.0 * len(metrics) + 0.6)
-    fig, axes = plt.subplots(len(metrics), 1, figsize=size, squeeze=False)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=FIGSIZE, squeeze=False)
     width = 0.8 / max(1, len(providers))
     for ax, (ylabel, get) in zip(axes[:, 0], metrics):
         for k, prov in enumerate(providers):
@@ -142,10 +159,8 @@ def memory_plot(results: dict, path: str) -> None:
         ax.set_xticklabels([f"{s}\nM={c['M']} p={p:g}" for s, p, c in groups], fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
     _title(fig, f"memory, r={r}", results["meta"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, axes, path)
     plt.close(fig)
 
 

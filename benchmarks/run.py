@@ -333,14 +333,21 @@ def main(argv: list[str] | None = None) -> dict:
         budget_s=budget, reps=args.reps if dev != "cuda" else None,
     )
     results = {"meta": meta, "cases": [], "skipped": []}
+    busy = busy_warning()
+    meta["busy_at_start"] = busy
+    if busy:
+        print(busy, file=sys.stderr)
     start = time.monotonic()
     deadline = None if budget is None else start + budget
     hard_deadline = None if budget is None else deadline + 20
+    # every case counts once, measured or skipped; the postfix says how many were skipped
     with tqdm(total=len(specs), desc="benchmarks", unit="case", file=sys.stderr,
               mininterval=0.1 if sys.stderr.isatty() else 15) as bar:
         for spec in specs:
             if deadline is not None and time.monotonic() > deadline:
                 results["skipped"].append(spec.label())
+                bar.set_postfix_str(f"budget reached: {len(results['skipped'])} skipped",
+                                    refresh=False)
                 bar.update(1)
                 continue
             results["cases"].append(run_case(spec, providers, args, hard_deadline, bar))
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             from benchmarks.plots import write_plots
         except ImportError as exc:  # e.g. a GPU image without matplotlib: JSON and table stand
-            print(f"no plots: {exc}", file=sys.stderr)
+            print(f'no plots: {exc} (pip install -e ".[bench]")', file=sys.stderr)
         else:
             write_plots(results, args.out)
     print(table)
@@ -372,8 +379,23 @@ def main(argv: list[str] | None = None) -> dict:
            if e["status"] == "error" or (e["status"] == "ok" and not e["check"]["ok"])]
     for line in bad:
         print("problem:", line)
+    busy = busy or busy_warning()
+    if busy:
+        print(busy)
     print(f"wrote {args.out} in {meta['elapsed_s']:.0f} s")
     return results
+
+
+def busy_warning() -> str | None:
+    """The demo's warning (``fastlora.demo.machine_load``) when the load average exceeds the
+    cores: ratios from such a run are unreliable."""
+    from fastlora.demo import machine_load
+
+    load = machine_load()
+    if load is None or load[0] <= load[1]:
+        return None
+    return (f"WARNING: the machine is busy (load average {load[0]:.1f} on {load[1]} cores): "
+            "these figures are unreliable; quote figures from a quiet machine")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from fastlora import inits
+from fastlora import bases, heads, inits
 from fastlora.dora import MAGNITUDE_KEY
 from fastlora.model import (
     FastLoRAConfig,
@@ -77,7 +77,7 @@ def _peft_config_dict(config: FastLoRAConfig, r: int, lora_alpha: float, init: A
         "fan_in_fan_out": False,
         "use_dora": config.use_dora,
         "lora_bias": False,
-        "modules_to_save": None,
+        "modules_to_save": config.modules_to_save,
         "rank_pattern": {},
         "alpha_pattern": {},
         "layers_to_transform": None,
@@ -144,6 +144,7 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
         # the magnitude is unchanged by convert_to_lora: W + s' B' A' is the same weight
         for name, layer in layers.items():
             tensors[_magnitude_key(name)] = layer.lora_magnitude_vector.detach()
+    tensors.update(heads.state(model, heads.resolved(model)))
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
     config_text = json.dumps(_peft_config_dict(config, r, alpha, init), indent=2, sort_keys=True)
     try:
@@ -160,8 +161,13 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
         ) from err
 
 
+# how many keys or names a load/save error lists before "... (N in all)"
+MAX_LISTED = 5
+
+
 def _short(names: list[str]) -> str:
-    return ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else "")
 
 
 def read_adapter_config(path: PathLike) -> dict:
@@ -224,8 +230,10 @@ def _expected_shapes(
 
 
 def _check_tensors(
-    tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str
+    tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: str,
+    any_dtype: frozenset = frozenset(),
 ) -> None:
+    """``any_dtype``: keys whose tensors may be of any dtype (a head's integer buffers)."""
     problems = []
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -235,16 +243,23 @@ def _check_tensors(
         problems.append(
             f"unexpected keys {_short(unexpected)} (fastlora reads only "
             f"'{KEY_PREFIX}<module>.lora_A.weight'/'.lora_B.weight' of the target layers, "
-            f"and '.{MAGNITUDE_KEY}' when the config has use_dora: true)"
+            f"'.{MAGNITUDE_KEY}' when the config has use_dora: true, and the state of the "
+            "modules_to_save modules)"
         )
+    bad = []
     for key in sorted(set(expected) & set(tensors)):
         t = tensors[key]
         if tuple(t.shape) != expected[key]:
-            problems.append(f"{key}: expected shape {list(expected[key])}, got {list(t.shape)}")
-        elif not t.dtype.is_floating_point:
-            problems.append(f"{key}: expected a floating-point tensor, got {t.dtype}")
+            bad.append(f"{key}: expected shape {list(expected[key])}, got {list(t.shape)}")
+        elif not t.dtype.is_floating_point and key not in any_dtype:
+            bad.append(f"{key}: expected a floating-point tensor, got {t.dtype}")
+    problems += bad[:MAX_LISTED]
+    if len(bad) > MAX_LISTED:
+        problems.append(f"... ({len(bad)} tensors of the wrong shape or dtype in all)")
     if problems:
-        raise ValueError(f"load_adapter: {where} does not fit the model: " + "; ".join(problems))
+        raise ValueError(
+            f"load_adapter: {where} does not fit the model:\n  " + ";\n  ".join(problems)
+        )
 
 
 def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
@@ -256,7 +271,8 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     factors are replaced, which needs the same layers, ``r``, scaling and init family.
     Every name and shape is checked against the file before the model is touched; a problem
     raises ``ValueError`` saying what does not fit and leaves the model unchanged. The loaded
-    factors are trainable, cast to each layer's dtype.
+    factors are trainable, cast to each layer's dtype; so are the ``modules_to_save`` modules
+    (a classifier head) whose state the file holds under PEFT's keys.
     """
     path = os.fspath(path)
     raw = read_adapter_config(path)
@@ -300,14 +316,15 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
                 f"load_adapter: {path} does not fit the model's LoRA layers: "
                 + "; ".join(problems[:10])
             )
-        _check_tensors(
-            tensors, _expected_shapes(model, sorted(layers), config.r, config.use_dora), where
-        )
+        head_names = heads.find(model, config.modules_to_save, layers, strict=False)
+        _check_adapter_tensors(model, tensors, sorted(layers), head_names, config, where)
     else:
         mode = config.init_lora_weights
         names = find_target_modules(model, config.target_modules, config.exclude_modules)
-        _check_tensors(tensors, _expected_shapes(model, names, config.r, config.use_dora), where)
+        head_names = heads.find(model, config.modules_to_save, names, strict=False)
+        _check_adapter_tensors(model, tensors, names, head_names, config, where)
         apply_mode = mode if inits.is_decomposition(mode) else True
+        bases.keep_training_layout(model, "load_adapter")  # its warnings name load_adapter
         apply_lora(
             model,
             config.target_modules,
@@ -318,6 +335,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             init_lora_weights=apply_mode,
             exclude_modules=config.exclude_modules,
             use_dora=config.use_dora,
+            modules_to_save=config.modules_to_save if head_names else None,
         )
         model.fastlora_config.init_lora_weights = mode
         if config.base_model_name_or_path:
@@ -329,4 +347,17 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             layer.lora_B.copy_(tensors[_key(name, "lora_B")])
             if config.use_dora:
                 layer.lora_magnitude_vector.copy_(tensors[_magnitude_key(name)])
+    heads.load(model, head_names, tensors)
+    recorded = getattr(model, "fastlora_config", None)
+    if head_names and recorded is not None:  # the heads now travel with this adapter too
+        ours = recorded.modules_to_save or []
+        recorded.modules_to_save = sorted(set(ours) | set(config.modules_to_save))
     return model
+
+
+def _check_adapter_tensors(model: nn.Module, tensors: dict, names: list[str],
+                           head_names: list[str], config: FastLoRAConfig, where: str) -> None:
+    """The file holds exactly the factors of ``names`` and the state of ``head_names``."""
+    expected = _expected_shapes(model, names, config.r, config.use_dora)
+    head_shapes = heads.expected_shapes(model, head_names)
+    _check_tensors(tensors, {**expected, **head_shapes}, where, frozenset(head_shapes))

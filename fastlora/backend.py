@@ -37,9 +37,19 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> str:
-    """Select the backend for every later call; returns the previous name."""
+    """Select the backend for every later call; returns the previous name. ``"triton"`` on a
+    machine where Triton cannot run (no usable GPU, and no ``TRITON_INTERPRET=1`` for CPU
+    tensors) raises ``RuntimeError`` here, naming the reason."""
     global _current
     name = _check_name(name, "set_backend(name)")
+    if name == "triton":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ok, reason = _triton_status(device)
+        if not ok:
+            raise RuntimeError(
+                f"set_backend('triton'): the Triton kernels cannot run here ({device.type}): "
+                f"{reason}; use 'auto' or 'torch'"
+            )
     with _lock:
         previous, _current = _current, name
     return previous

@@ -17,6 +17,7 @@ A 4-bit base computes in ``x``'s dtype (float16, bfloat16 or float32), as bitsan
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -271,10 +272,12 @@ def is_linear4bit(module: object) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def restore_standard_packing(module: Any) -> None:
+def restore_standard_packing(module: Any) -> bool:
     """Undo bitsandbytes' CPU inference repacking of a ``Linear4bit`` weight in place (it
     repacks when the layer runs under no_grad in eval mode on an AVX512-BF16 CPU), so the
-    weight is in the layout every 4-bit path reads; bitsandbytes does the same on save."""
+    weight is in the layout every 4-bit path reads; bitsandbytes does the same on save.
+    True when the weight was repacked (its scales were rounded to bf16 then: see
+    ``warn_repacked``)."""
     qs = getattr(module.weight, "quant_state", None)
     if qs is not None and getattr(qs, "packing_format_for_cpu", False):
         import bitsandbytes.functional as bnbF
@@ -283,17 +286,41 @@ def restore_standard_packing(module: Any) -> None:
             module.weight.data, qs
         )
         module.quant_state = module.weight.quant_state
+        return True
+    return False
 
 
-def keep_training_layout(model: Any) -> None:
+def warn_repacked(names: list[str], where: str, stacklevel: int = 3) -> None:
+    """The warning for 4-bit weights that bitsandbytes had repacked for CPU inference: the
+    repacking rounds each block's scale (absmax) to bfloat16, so the base no longer holds the
+    weights it was quantized to, and undoing the layout cannot bring them back."""
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+    warnings.warn(
+        f"{where}: the 4-bit base weights of {shown} lost precision: bitsandbytes repacked them "
+        "for its AVX512-BF16 CPU inference path (the first eval-mode forward under no_grad), "
+        "rounding their scales to bfloat16. fastlora restored the standard layout, but not the "
+        "rounded scales. To keep the base exact, apply the adapter (apply_lora, load_adapter, "
+        "from_peft) before any eval forward, or set `module.support_avx512bf16_for_cpu = False` "
+        "on every bitsandbytes Linear4bit right after loading the model (or reload it)",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def keep_training_layout(model: Any, where: str = "apply_lora") -> None:
     """Turn off bitsandbytes' eval-mode CPU shortcut on every ``Linear4bit`` of ``model``: on
     AVX512-BF16 CPUs it repacks a weight in place the first time the layer runs under
     no_grad in eval mode, and a later training step through that layer fails (bitsandbytes
-    0.50: an in-place bias add on a leaf view). GPU runs are unaffected."""
-    for module in model.modules():
+    0.50: an in-place bias add on a leaf view). GPU runs are unaffected. Weights repacked
+    already are restored, with a warning (``warn_repacked``) naming them for ``where``."""
+    repacked = []
+    for name, module in model.named_modules():
         if getattr(module, "support_avx512bf16_for_cpu", False) and is_4bit(module.weight):
-            restore_standard_packing(module)
+            if restore_standard_packing(module):
+                repacked.append(name)
             module.support_avx512bf16_for_cpu = False
+    if repacked:
+        warn_repacked(repacked, where, stacklevel=4)
 
 
 def module_compute_dtype(module: Any) -> Optional[torch.dtype]:
@@ -304,6 +331,13 @@ def module_compute_dtype(module: Any) -> Optional[torch.dtype]:
             f"compute_dtype: expected one of float16, bfloat16, float32, got {dtype}"
         )
     return dtype
+
+
+def quantized_from_dtype(weight: Tensor) -> torch.dtype:
+    """The float dtype a 4-bit ``weight`` was quantized from (``quant_state.dtype``): the
+    model's own dtype; float32 when bitsandbytes did not record one it decodes into."""
+    dtype = getattr(base_of(weight).quant_state, "dtype", None)
+    return dtype if dtype in COMPUTE_DTYPES else torch.float32
 
 
 def factor_dtype(module: Any) -> torch.dtype:

@@ -2,7 +2,9 @@
 
 Three checks, each with a verdict: (1) a FastLoRALinear against the unfused float64
 reference, (2) a few training steps that must cut the loss tenfold, (3) fwd+bwd time against
-the frozen nn.Linear and PEFT's LoRA layer on the same machine. Timing: every implementation
+the frozen nn.Linear and PEFT's LoRA layer on the same machine; then (4) one training step of
+a small Llama-shaped model against PEFT and the frozen model (``benchmarks.model_step``'s
+measurement at a demo size; the full size is ``python -m benchmarks.model_step``). Timing: every implementation
 runs once per round, the rounds interleave them (so all see the same load), and every ratio
 is taken within a round; the table shows the median ratio and the 20-80% range over rounds.
 Lower is better everywhere. A speed verdict says "faster"/"slower" only when at least 80% of
@@ -164,6 +166,25 @@ def verdict(rs: list[float], what: str, against: str) -> str:
             "cannot tell which is faster")
 
 
+def model_step_figure() -> None:
+    """Check 4: ``benchmarks.model_step`` at the demo size (needs a checkout, transformers and
+    PEFT), its last line printed as it is."""
+    try:
+        from benchmarks import model_step
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        print(f"4. whole-model step: skipped ({exc}; run from a checkout with "
+              'pip install -e ".[peft]")')
+        return
+    cfg = model_step.DEMO
+    print(f"4. one training step of a Llama-shaped model (hidden {cfg.hidden}, intermediate "
+          f"{cfg.intermediate}, {cfg.layers} layers, batch {cfg.batch} x {cfg.seq}, LoRA r={cfg.r} "
+          f"on all 7 projections), {cfg.rounds} interleaved rounds; per-round ratios, median:")
+    print("   " + model_step.last_line(model_step.run(cfg, progress=False)["ratios"]))
+    print("   (full size, hidden 1024 x 256 tokens x 4: python -m benchmarks.model_step)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastlora.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15, help="rounds at least (default 15)")
-    ap.add_argument("--max-seconds", type=float, default=60,
+    ap.add_argument("--max-seconds", type=float, default=45,
                     help="keep adding rounds while the ratios are unstable, up to this long")
+    ap.add_argument("--model-step", action=argparse.BooleanOptionalAction, default=True,
+                    help="4. time one training step of a small Llama-shaped model (default on)")
     args = ap.parse_args(argv)
 
     print(f"fastlora {fastlora.__version__}, torch {torch.__version__}, "
@@ -218,12 +241,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   verdict, p={p}: " + verdict(ratios(times, fast, peft_name),
                                                    "FastLoRALinear", "PEFT's LoRA"))
         else:
-            print(f"   verdict, p={p}: PEFT is not installed, no comparison")
+            print(f"   verdict, p={p}: PEFT is not installed (pip install -e \".[peft]\"), no comparison")
     lo, mid, hi = quantiles(ratios(times, "FastLoRALinear p=0.0", FLOOR))
     print(f"   verdict, p=0.0: FastLoRALinear costs {mid:.2f}x the frozen nn.Linear "
           f"(rounds {lo:.2f}-{hi:.2f}x); the LoRA work it adds is {100 * (mid - 1):.0f}% here"
           + ("" if hi - lo <= STABLE_SPREAD * mid else
              "; the range is wide: the machine was too noisy for a precise figure"))
+    if args.model_step:
+        model_step_figure()
     if failed:
         print("FAILED: see the checks above")
         return 1

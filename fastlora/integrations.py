@@ -14,9 +14,11 @@ With it, every checkpoint (and ``trainer.save_model()``) holds the adapter in PE
 ``fastlora.load_adapter`` read it), beside the Trainer's own optimizer, scheduler, RNG and state
 files; ``trainer.train(resume_from_checkpoint=...)`` restores the adapter, then the Trainer
 restores the optimizer and scheduler as usual; ``load_best_model_at_end`` reloads the best
-adapter. Trainable parameters outside the adapter (a classification head left trainable) are
-saved beside it in ``trainable_extra.safetensors`` and restored on resume (PEFT ignores that
-file).
+adapter. A module left trainable whole (a classification head) is saved in the adapter file
+as PEFT's ``modules_to_save`` (``fastlora.heads``), so ``load_adapter`` and
+``PeftModel.from_pretrained`` restore it; other trainable parameters outside the adapter (part
+of a module) are saved beside it in ``trainable_extra.safetensors`` and restored on resume
+(PEFT ignores that file).
 
 How: when the Trainer announces itself (``on_init_end``) the callback finds that Trainer and
 overrides, on that instance only, its ``_save``, ``_load_from_checkpoint`` and
@@ -35,7 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastlora.adapter import CONFIG_NAME, SAFETENSORS_NAME, load_adapter, save_adapter
+from fastlora import heads
+from fastlora.adapter import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from fastlora.model import lora_layers
 
 EXTRA_NAME = "trainable_extra.safetensors"
@@ -54,8 +63,8 @@ except ImportError:  # pragma: no cover - transformers is a test/peft extra
 
 
 def _lora_param_ids(model: nn.Module) -> set[int]:
-    """The parameters ``save_adapter`` writes: the factors and, for DoRA, the magnitude."""
-    ids = set()
+    """The parameters ``save_adapter`` writes: the factors, DoRA's magnitude, the heads."""
+    ids = heads.param_ids(model)
     for layer in lora_layers(model).values():
         for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
             p = getattr(layer, name, None)
@@ -91,6 +100,7 @@ def save_checkpoint(model: nn.Module, output_dir: str) -> None:
     """The adapter (PEFT's format) and any other trainable parameters into ``output_dir``."""
     from safetensors.torch import save_file
 
+    heads.adopt_trainable(model)  # a head trained whole goes in the adapter file
     save_adapter(model, output_dir)
     extra = extra_trainable(model)
     if extra:
@@ -113,6 +123,17 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     unchanged on a mismatch) and the extra trainable parameters (names must match exactly)."""
     from safetensors.torch import load_file
 
+    heads.adopt_trainable(model)  # as save_checkpoint did
+    config = read_adapter_config(path)
+    saved_heads = heads.find(model, heads.with_task_defaults(
+        config.get("modules_to_save"), config.get("task_type")), strict=False)
+    if set(saved_heads) != set(heads.resolved(model)):
+        raise ValueError(
+            f"resume from {path}: the checkpoint trains {sorted(saved_heads) or 'no modules'} "
+            f"whole beside the adapter (modules_to_save), the model "
+            f"{sorted(heads.resolved(model)) or 'none'}; build the model the same way (same "
+            "trainable modules) before resuming"
+        )
     extra_file = os.path.join(path, EXTRA_NAME)
     extra_now = extra_trainable(model)
     saved = load_file(extra_file, device="cpu") if os.path.isfile(extra_file) else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +141,8 @@ class FastLoRALinear(nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         dtype = linear.weight.dtype
         if bases.is_4bit(linear.weight):
-            bases.restore_standard_packing(linear)
+            if bases.restore_standard_packing(linear):
+                bases.warn_repacked(["linear"], "FastLoRALinear.from_linear")
             bases.base_of(linear.weight, "linear.weight")
             dtype = bases.factor_dtype(linear)
             layer.compute_dtype = bases.module_compute_dtype(linear)
@@ -195,8 +197,10 @@ class FastLoRALinear(nn.Linear):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ``scaling * B A`` into ``weight`` (float32 arithmetic at least, in place in the
-        same tensor); forward becomes the plain linear."""
+        same tensor); forward becomes the plain linear. Merging twice warns and does nothing."""
         if self.merged:
+            warnings.warn("merge: the layer is already merged (W holds W + s*B*A); "
+                          "nothing done", UserWarning, stacklevel=2)
             return
         if bases.is_4bit(self.weight):
             raise ValueError(

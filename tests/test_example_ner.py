@@ -74,7 +74,8 @@ def test_smoke_run(tmp_path, capsys):
     assert out["fastlora_ms_per_step"] > 0 and out["peft_ms_per_step"] > 0
     assert out["adapter_bytes"] < out["full_model_bytes"] / 100
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    assert (tmp_path / "head.safetensors").is_file()
+    assert "reloaded: a fresh model + the saved adapter" in text
+    assert out["reloaded"] == out["after"]  # the head came back with the adapter
 
 
 @pytest.mark.slow

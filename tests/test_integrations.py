@@ -101,24 +101,29 @@ def test_trainer_checkpoint_is_a_peft_adapter(minilm_run):
         ckpt = out / f"checkpoint-{step}"
         files = set(os.listdir(ckpt))
         assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
-                "trainer_state.json", EXTRA_NAME} <= files
+                "trainer_state.json"} <= files
+        assert EXTRA_NAME not in files  # the head is in the adapter file (modules_to_save)
         assert not files & set(FULL_WEIGHTS), files
-    # PEFT itself reads the last checkpoint onto a fresh base: same adapter as the trained model
+    # PEFT itself reads the last checkpoint onto a fresh base, head included (its
+    # modules_to_save): the trained model's logits
     from transformers import AutoModelForSequenceClassification
 
     transformers.logging.set_verbosity_error()
+    torch.manual_seed(7)  # another random head: the checkpoint must overwrite it
     base = AutoModelForSequenceClassification.from_pretrained(_minilm_path(), num_labels=2)
-    with torch.no_grad():  # the head is not PEFT's business: copy it over
-        base.classifier.weight.copy_(model.classifier.weight)
-        base.classifier.bias.copy_(model.classifier.bias)
     loaded = peft.PeftModel.from_pretrained(base, str(out / "checkpoint-4")).eval()
+    torch.manual_seed(8)
+    fresh = AutoModelForSequenceClassification.from_pretrained(_minilm_path(), num_labels=2)
+    ours_loaded = fastlora.load_adapter(fresh, str(out / "checkpoint-4")).eval()
     model.eval()
     batch = {k: torch.tensor([r[k] for r in minilm_run["rows"][:4]])
              for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
         ours, theirs = model(**batch).logits, loaded(**batch).logits
+        again = ours_loaded(**batch).logits
     # float32, a 6-layer encoder: PEFT adds B(Ax) after the base GEMM, fastlora before it
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, ours, rtol=0, atol=0)  # same ops, same weights
     # and the adapter is not the untrained one: training moved the outputs
     lora_B = [n for n in minilm_run["final"] if n.endswith("lora_B")]
     assert lora_B and any(minilm_run["final"][n].abs().max() > 0 for n in lora_B)
@@ -326,7 +331,7 @@ def test_resume_refuses_a_checkpoint_with_other_trainable_modules(tmp_path):
     save_checkpoint(model, str(tmp_path))
     other = _tiny_llama(tokenizer, seed=3)
     before = _trainable(other)
-    with pytest.raises(ValueError, match=r"outside the adapter \['lm_head.weight'\].*none"):
+    with pytest.raises(ValueError, match=r"trains \['lm_head'\] whole .*the model none"):
         load_checkpoint(other, str(tmp_path))
     _assert_same(_trainable(other), before)  # untouched
 

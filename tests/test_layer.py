@@ -104,7 +104,10 @@ def test_merge_unmerge_round_trip():
     layer.merge()
     assert layer.merged
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
-    layer.merge()  # idempotent
+    w_merged = layer.weight.clone()
+    with pytest.warns(UserWarning, match="already merged"):
+        layer.merge()
+    assert torch.equal(layer.weight, w_merged)  # a second merge adds nothing
     layer.unmerge()
     assert not layer.merged
     torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)

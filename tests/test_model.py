@@ -346,8 +346,8 @@ def test_merge_lora_same_outputs(init):
         assert type(layer) is nn.Linear and not layer.weight.requires_grad
     tol = TOL[torch.float64]
     torch.testing.assert_close(hidden(model, ids), before, atol=tol, rtol=tol)
-    with pytest.raises(ValueError, match="no FastLoRALinear layers"):
-        fm.merge_lora(model)
+    with pytest.warns(UserWarning, match="already merged"):
+        fm.merge_lora(model)  # a second merge: a warning, the model as it is
 
 
 def test_merge_lora_of_merged_layer():
@@ -442,14 +442,11 @@ def _merged():
 
 REFUSALS = {
     "two-adapters": (_two_adapters, r"several adapters \['default', 'other'\]"),
-    "seq-cls-head": (
-        lambda: peft_model(
-            tiny_bert(cls=transformers.BertForSequenceClassification),
-            r=2,
-            target_modules=["query"],
-            task_type="SEQ_CLS",
-        ),
-        "classifier: ModulesToSaveWrapper",
+    # a SEQ_CLS head (modules_to_save) converts: tests/test_heads.py
+    "trainable-tokens": (
+        lambda: peft_model(tiny_bert(), r=2, target_modules=["query"],
+                           trainable_token_indices=[1, 2]),
+        r"word_embeddings: TrainableTokensWrapper",
     ),
     "conv1d": (
         lambda: peft_model(tiny_gpt2(), r=2, target_modules=["c_attn"], fan_in_fan_out=True),
