@@ -147,7 +147,7 @@ def apply(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
           dropout_p: float) -> Tensor:
     """x: [M, K] -> y: [M, N]: the norm (detached, cheap form), then the backend's op."""
     norm = weight_norm(weight, lora_A, lora_B, scaling, sq_norm)
-    if backend == "triton" and not bases.is_4bit(weight):  # a 4-bit base: the torch path
+    if backend == "triton" and not bases.is_quantized(weight):  # 4-bit/FP8: the torch path
         from fastlora import dora_triton as impl
     else:
         from fastlora import dora_torch as impl

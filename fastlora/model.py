@@ -245,7 +245,7 @@ def _check_decomposable(model: nn.Module, names: list[str], mode: str, r: int) -
             problems.append(
                 f"{name}.weight is shared with {shared} (tied weights would change there too)"
             )
-        if not w.dtype.is_floating_point:
+        if not w.dtype.is_floating_point or bases.is_fp8(w):
             problems.append(f"{name}.weight has dtype {w.dtype} (needs a float weight)")
         if r > min(w.shape):
             problems.append(f"{name}: r={r} exceeds min(out, in)={min(w.shape)}")
@@ -344,14 +344,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
     tensor; the bias is the same
     parameter), drop ``model.fastlora_config`` and return ``model``. The merged weights keep
     ``requires_grad=False``. A PiSSA/OLoRA layer merges to ``W_res + s * B A``, the trained
-    weight in the original basis. A layer over a 4-bit base becomes a dense ``nn.Linear`` in
+    weight in the original basis. A layer over a 4-bit or FP8 base becomes a dense ``nn.Linear`` in
     its compute dtype holding ``dequant(W) + s * B A`` (4-bit cannot hold the sum; quantizing
     it again is lossy, as PEFT warns)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("merge_lora: the model has no FastLoRALinear layers")
     for name, layer in layers.items():
-        if bases.is_4bit(layer.weight):
+        if bases.is_quantized(layer.weight):
             linear = _merged_4bit(layer)
         else:
             layer.merge()
@@ -370,8 +370,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _merged_4bit(layer: FastLoRALinear) -> nn.Linear:
     """A dense ``nn.Linear`` in the layer's compute dtype (else the dtype the weight was
-    quantized from) holding ``dequant(W) + s B A``, summed in float32; bias cast to it."""
-    dtype = getattr(layer, "compute_dtype", None) or bases.base_of(layer.weight).quant_state.dtype
+    quantized from; 4-bit or FP8) holding ``dequant(W) + s B A``, summed in float32; bias cast to it."""
+    dtype = getattr(layer, "compute_dtype", None) or getattr(layer, "fp8_dtype", None)
+    dtype = dtype or bases.base_of(layer.weight).quant_state.dtype
     merged = bases.base_of(layer.weight).dense(torch.float32) + layer.delta_weight().float()
     if layer.use_dora:  # PEFT's merge: (m / ||W + s B A||) * (W + s B A), row by row
         merged.mul_((layer.lora_magnitude_vector.detach().float() / merged.norm(dim=1)).unsqueeze(1))
