@@ -13,9 +13,9 @@
 (round to nearest, ties to even). ``|w| / scale <= 448`` in every block, so no code
 saturates: the block's largest weight maps to +-448 exactly.
 
-Dequantization (``dequantize``) writes ``W`` in a compute dtype: the e4m3 bits are moved into
-float16 bits (an exact re-encoding of ``code * 2**-8``) and multiplied by ``256 * scale`` in
-fp32 (fp64 for a float64 output), one rounding to the output dtype. The layers never keep
+Dequantization (``dequantize``) writes ``W`` in a compute dtype: each code's value (exact in
+every float dtype from float16 up) times its block scale, the product in fp32 (fp64 for a
+float64 output), rounded once to the output dtype. The layers never keep
 the result: ``transient`` writes it into a per-thread buffer reused by every layer (CPU), or
 a fresh tensor the caching allocator recycles (GPU).
 """
@@ -32,11 +32,6 @@ from torch import Tensor, nn
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK_SIZE = (128, 128)
-# e4m3 bits << 7 are the float16 bits of code * 2**-8 (exponent bias 15 vs 7, 10 vs 3
-# mantissa bits; subnormals map to subnormals): the scale takes the 2**8 back
-_FP16_SHIFT = 7
-_FP16_RESCALE = 256.0
-_SIGN_SPILL = ~0x4000  # int8 -> int16 sign extension leaves bit 14 set on negative codes
 
 BlockSize = Union[int, Sequence[int]]
 
@@ -84,8 +79,18 @@ def quantize(weight: Tensor, block_size: BlockSize | None = None) -> tuple[Tenso
     return codes, scale
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_TABLES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def code_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The 256 e4m3 values [256] in ``dtype`` (exact in every float dtype from float16 up;
+    NaN at 0x7F and 0xFF), built once per dtype and device."""
+    key = (dtype, torch.device(device))
+    table = _TABLES.get(key)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.uint8).view(E4M3)
+        table = _TABLES[key] = codes.to(torch.float32).to(dtype=dtype, device=device)
+    return table
 
 
 def dequantize(
@@ -94,37 +99,37 @@ def dequantize(
     block_size: BlockSize | None = None,
     dtype: torch.dtype = torch.float32,
     out: Tensor | None = None,
-    bits: Tensor | None = None,
+    index: Tensor | None = None,
 ) -> Tensor:
     """``W`` [N, K] in ``dtype``: each (bn, bk) block of e4m3 ``codes`` [N, K] times its
     ``scale_inv``, the product in fp32 (fp64 for float64) and rounded once. ``out``: a
-    contiguous [N, K] ``dtype`` buffer to write into; ``bits``: an int16 [N*K] scratch."""
+    contiguous [N, K] ``dtype`` buffer to write into; ``index``: an int32 [N*K] scratch.
+
+    Three passes: the codes widened to int32, a gather from the 256-value table (every code
+    exact in ``dtype``), the block scales multiplied in place (few passes matter more than
+    cheap ones on a CPU whose cores are shared: each pass is a parallel region)."""
     bn, bk = block_size_of(block_size)
     N, K = codes.shape
     if out is None:
         out = torch.empty(N, K, dtype=dtype, device=codes.device)
-    if bits is None:
-        bits = torch.empty(N * K, dtype=torch.int16, device=codes.device)
-    h = bits[: N * K].view(N, K)
-    h.copy_(codes.view(torch.int8))  # sign-extended
-    h.bitwise_left_shift_(_FP16_SHIFT).bitwise_and_(_SIGN_SPILL)
-    half = h.view(torch.float16)
-    acc = _compute_dtype(dtype)
-    rows = (scale_inv.to(acc) * _FP16_RESCALE).repeat_interleave(bk, dim=1)[:, :K]  # [sn, K]
+    if index is None:
+        index = torch.empty(N * K, dtype=torch.int32, device=codes.device)
+    index = index[: N * K]
+    index.copy_(codes.reshape(-1).view(torch.uint8))
+    torch.index_select(code_table(dtype, codes.device), 0, index, out=out.view(-1))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = scale_inv.to(acc).repeat_interleave(bk, dim=1)[:, :K]  # [ceil(N/bn), K], small
     full = N // bn
     if full:
-        torch.mul(half[: full * bn].view(full, bn, K), rows[:full, None, :],
-                  out=out[: full * bn].view(full, bn, K))  # fmt: skip
+        out[: full * bn].view(full, bn, K).mul_(rows[:full, None, :])
     if full * bn < N:
-        torch.mul(half[full * bn :], rows[full], out=out[full * bn :])
-    # NaN codes (0x7F, 0xFF) re-encode as finite float16: restore them
-    out.masked_fill_(codes.view(torch.uint8).bitwise_and(0x7F) == 0x7F, float("nan"))
+        out[full * bn :].mul_(rows[full])
     return out
 
 
 class _Workspace(threading.local):
     """Per-thread CPU buffers for the transient ``W``: one flat buffer per dtype (and the
-    int16 bits), grown to the largest layer asked for and reused by every layer, so a
+    int32 code indices), grown to the largest layer asked for and reused by every layer, so a
     decode costs its writes and no page faults; never handed out beyond one call."""
 
     def __init__(self) -> None:
@@ -150,7 +155,7 @@ def transient(codes: Tensor, scale_inv: Tensor, block_size: BlockSize | None,
     numel = codes.numel()
     out = _scratch(numel, dtype, codes.device).view(codes.shape)
     return dequantize(codes, scale_inv, block_size, dtype, out,
-                      _scratch(numel, torch.int16, codes.device))  # fmt: skip
+                      _scratch(numel, torch.int32, codes.device))  # fmt: skip
 
 
 def attach(weight: Tensor, scale_inv: Tensor, block_size: BlockSize | None = None) -> Tensor:
