@@ -195,10 +195,15 @@ class BlockFp8:
         return fp8.dequantize(self.codes, self.scales(), self.block_size, dtype)
 
     def kernel_args(self) -> dict:
-        """What the Triton FP8 tile loader reads: the codes as uint8 [N, K], the fp32 scales
-        [ceil(N/bn), ceil(K/bk)], the block sizes and ``BASE`` "e4m3"."""
-        return dict(codes=self.codes.view(torch.uint8), scale=self.scales(),
-                    block_n=self.block_size[0], block_k=self.block_size[1], BASE="e4m3")
+        """What the Triton FP8 tile loader reads, in the 4-bit loader's keys (the launchers
+        pass both the same way): the codes as uint8 [N, K] (``codes``: what the GEMMs read
+        W through), the fp32 scales [ceil(N/bn), ceil(K/bk)] as ``absmax`` (the other
+        pointers alias it, unread), ``blocksize`` = bn, ``nested_blocksize`` = bk and
+        ``BASE`` "e4m3"."""
+        scale = self.scales().contiguous()
+        return dict(codes=self.codes.view(torch.uint8), absmax=scale, code2=scale,
+                    absmax2=scale, offset=scale, blocksize=self.block_size[0],
+                    nested_blocksize=self.block_size[1], BASE="e4m3")  # fmt: skip
 
 
 Base = Union[Dense, Packed4bit, BlockFp8]
