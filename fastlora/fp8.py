@@ -105,9 +105,9 @@ def dequantize(
     ``scale_inv``, the product in fp32 (fp64 for float64) and rounded once. ``out``: a
     contiguous [N, K] ``dtype`` buffer to write into; ``index``: an int32 [N*K] scratch.
 
-    Three passes: the codes widened to int32, a gather from the 256-value table (every code
-    exact in ``dtype``), the block scales multiplied in place (few passes matter more than
-    cheap ones on a CPU whose cores are shared: each pass is a parallel region)."""
+    Few passes (each is a parallel region, costly on a CPU whose cores are shared): with
+    whole blocks, a gather from a per-block table of the 256 scaled values; otherwise the
+    codes widened, a gather from the 256 values (exact in ``dtype``), the scales in place."""
     bn, bk = block_size_of(block_size)
     N, K = codes.shape
     if out is None:
@@ -115,9 +115,18 @@ def dequantize(
     if index is None:
         index = torch.empty(N * K, dtype=torch.int32, device=codes.device)
     index = index[: N * K]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if N % bn == 0 and K % bk == 0 and codes.is_contiguous():
+        # whole blocks (real models): one table of 256 scaled values per block, and the
+        # index code + 256 * block formed as the codes are widened: two passes
+        sn, sk = N // bn, K // bk
+        table = (code_table(acc, codes.device) * scale_inv.to(acc).reshape(-1, 1)).to(dtype)
+        base = torch.arange(0, sn * sk * 256, 256, dtype=torch.int32, device=codes.device)
+        torch.add(codes.view(torch.uint8).view(sn, bn, sk, bk), base.view(sn, 1, sk, 1),
+                  out=index.view(sn, bn, sk, bk))  # fmt: skip
+        return torch.index_select(table.reshape(-1), 0, index, out=out.view(-1)).view(N, K)
     index.copy_(codes.reshape(-1).view(torch.uint8))
     torch.index_select(code_table(dtype, codes.device), 0, index, out=out.view(-1))
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
     rows = scale_inv.to(acc).repeat_interleave(bk, dim=1)[:, :K]  # [ceil(N/bn), K], small
     full = N // bn
     if full:

@@ -10,8 +10,8 @@ Layout: codes uint8 [N, K] (float8_e4m3fn bits, row-major), scales fp32
 The codes are decoded with integer operations (no fp8 type needed, so the interpreter runs
 the same code): e4m3fn is 1 sign, 4 exponent (bias 7), 3 mantissa bits with subnormals;
 ``(code & 0x7F) << 7`` is the float16 bit pattern of ``|value| * 2**-8`` (bias 15, 10
-mantissa bits, subnormals onto subnormals), so ``fp16(bits) * 256 * scale`` is exact up to
-the one fp32 rounding of the product. 0x7F/0xFF are NaN (e4m3fn has no infinities).
+mantissa bits, subnormals onto subnormals), so ``fp16(bits) * (256 * scale)`` is exact up
+to the one fp32 rounding of the product. 0x7F/0xFF are NaN (e4m3fn has no infinities).
 ``BASE`` (a constexpr string, as in ``_tiles.load_w``): "e4m3" (pointer loads) or
 "e4m3_tma" (the codes through a tensor descriptor: 1-byte TMA loads on sm_90).
 """
@@ -33,12 +33,14 @@ TMA_ALIGN_CODES = 16
 
 
 @triton.jit
-def e4m3_value(code):
-    """fp32 value of e4m3fn codes (an int32 tensor of bytes 0..255)."""
+def e4m3_half(byte):
+    """float16 of ``value * 2**-8`` for e4m3fn bytes (uint8, any shape): integer operations
+    on 16 bits, NaN (0x7F, 0xFF) re-encoded as float16 NaN 0x7E00 without a select."""
+    code = byte.to(tl.int16) & 0xFF
     mag = code & 0x7F
-    bits = ((mag << 7) | ((code & 0x80) << 8)).to(tl.int16)
-    value = bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-    return tl.where(mag == 0x7F, float("nan"), value)
+    bits = (mag << 7) + ((mag + 1) >> 7) * 0x3E80  # 0x7F << 7 = 0x3F80 -> 0x7E00
+    bits = bits | ((code & 0x80) << 8)  # the sign to bit 15
+    return bits.to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -61,15 +63,17 @@ def load_fp8_tile(
         byte = w_src.load([tl.cast(n0, tl.int32), tl.cast(k0, tl.int32)])  # zero-filled edges
     else:
         byte = tl.load(w_src + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0)
-    value = e4m3_value(byte.to(tl.int32) & 0xFF)
+    value = e4m3_half(byte).to(tl.float32)
     scale_cols = tl.cdiv(K, QBK)
+    # the 2**8 the float16 re-encoding took off goes onto the scale; masked-off codes are 0
+    # (and TMA zero-fills), so the tile is 0 outside W without a select
     if QBK % BLOCK_K == 0:
         scale = tl.load(scale_ptr + (offs_n // QBN) * scale_cols + k0 // QBK, mask=mask_n,
                         other=0.0)[:, None]  # fmt: skip
     else:
         scale = tl.load(scale_ptr + (offs_n // QBN)[:, None] * scale_cols + (offs_k // QBK)[None, :],
                         mask=mask, other=0.0)  # fmt: skip
-    return tl.where(mask, value * scale, 0.0)
+    return value * (scale * 256.0)
 
 
 @triton.jit
