@@ -6,6 +6,8 @@ One interleaved run (``timing.cpu_interleaved``) of fwd+bwd (x requires grad) fo
   decoded into the workspace in forward and again in backward),
 - ``peft``: PEFT's LoRA layer over an nn.Linear holding the dequantized FP8 weight (the same
   values fastlora computes with, kept dense),
+- ``fastlora_dense``: fastlora's torch path over that dense weight (what the decode adds is
+  the difference to ``fastlora_fp8``),
 at dropout p = 0 and p = 0.1. Printed: each ratio as the median over rounds of the ratio
 within a round (``timing.paired_ratio``); lower is better. A shared machine moves them.
 """
@@ -28,6 +30,8 @@ from fastlora import fp8
 
 # the goals: fwd+bwd of fastlora_fp8 over the frozen linear at p = 0, and over PEFT at 0.1
 GOALS = {("fastlora_fp8", 0.0, "linear"): 1.25, ("fastlora_fp8", 0.1, "peft"): 0.90}
+# context, no goal: the decode's share
+CONTEXT = {("fastlora_fp8", 0.0, "fastlora_dense"), ("fastlora_dense", 0.0, "linear")}
 
 
 def _setups(spec: C.Spec) -> dict:
@@ -46,6 +50,7 @@ def _setups(spec: C.Spec) -> dict:
         "fastlora_fp8": (C.Case("fastlora_fp8", C._WithBackend(layer, "torch"),
                                 [layer.lora_A, layer.lora_B]), inp),
         "peft": (C.setup_peft(peft_inp), peft_inp),
+        "fastlora_dense": (C.setup_fastlora_torch(peft_inp), peft_inp),
     }  # fmt: skip
     return {name: timing_jobs(case, i)[1]["fwd+bwd"] for name, (case, i) in cases.items()}
 
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
         ratio = paired_ratio(res[(name, p)], res[(base, p)])
         out["ratios"][f"{name}/{base} p={p}"] = {"ratio": round(ratio, 3), "goal": goal,
                                                  "met": ratio <= goal}  # fmt: skip
+    for name, p, base in sorted(CONTEXT):
+        ratio = paired_ratio(res[(name, p)], res[(base, p)])
+        out["ratios"][f"{name}/{base} p={p}"] = {"ratio": round(ratio, 3)}
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as f:

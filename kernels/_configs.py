@@ -235,6 +235,14 @@ _DORA_CONFIGS = {
     ],
 }
 
+# bases decoded in registers (4-bit, FP8): the decoded W tile is the MMA's register operand;
+# on sm_80 (mma.sync) the forward's 64- and 128-row pointer tiles then spill (python -m
+# fastlora.kernels.report --base e4m3 nf4_dq), so their pointer forward keeps the small tile
+_DECODED_PTR_FORWARD = {
+    "16bit": [T(32, 64, 128, 4, 4, "decoded W: many CTAs along N, long K steps (the only "
+                "pointer tile that fits registers on sm_80)", builds="ptr")],
+}
+
 # adapter variants a kernel build can be: LoRA, DoRA, DoRA with dropout (forward and dx then
 # carry two accumulators)
 ADAPTERS = ("lora", "dora", "dora_dropout")
@@ -273,11 +281,12 @@ def operand_kind(esize: int, precision: str) -> str:
 
 def configs_for(
     kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None, tma: bool = False,
-    adapter: str = "lora",
+    adapter: str = "lora", base: str = "dense",
 ) -> list[TileConfig]:
     """Every config the dispatcher may launch for this kernel, operand kind
-    (``operand_kind``), rank block, build (``tma``) and adapter variant (``ADAPTERS``);
-    ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
+    (``operand_kind``), rank block, build (``tma``), adapter variant (``ADAPTERS``) and
+    base kind (``base``: "dense", or a kind decoded in registers); ``interpreter`` defaults
+    to ``TRITON_INTERPRET=1``."""
     if interpreting() if interpreter is None else interpreter:
         return [_INTERPRET_CONFIG]
     esize = 2 if kind == "16bit" else 4
@@ -291,6 +300,8 @@ def configs_for(
     if adapter == "dora_dropout" and kernel not in DROPOUT_ACC_KERNELS:
         adapter = "dora"  # dropout changes DoRA's registers in forward and dx only
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
+    if base != "dense" and kernel == "forward" and not tma and kind in _DECODED_PTR_FORWARD:
+        table = _DECODED_PTR_FORWARD[kind]
     return [
         c
         for c in table
@@ -308,13 +319,14 @@ def m_bucket(m: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def pick(
     kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False,
-    *, interpreter: bool | None = None, adapter: str = "lora",
+    *, interpreter: bool | None = None, adapter: str = "lora", base: str = "dense",
 ) -> TileConfig:
     """The config launched for a ``rows x cols`` output (cols 1 for row-tiled kernels):
     the largest tile (table order) that still gives every one of ``sms`` SMs a tile,
     else the config with the most tiles.  A function of the shape alone.  ``interpreter``
     as in ``configs_for`` (False: the GPU tables even under ``TRITON_INTERPRET=1``)."""
-    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter, adapter=adapter)
+    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter, adapter=adapter,
+                        base=base)  # fmt: skip
     if not cands:
         raise ValueError(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "

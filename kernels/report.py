@@ -51,20 +51,20 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adap
                         continue
                     if adapter == "dora_dropout" and kernel not in _configs.DROPOUT_ACC_KERNELS:
                         continue  # the same build as "dora"
-                    seen = {}
-                    for r_pad in _configs.R_PADS:
-                        for cfg in _configs.configs_for(
-                            kernel, kind, r_pad, interpreter=False, tma=build == "tma",
-                            adapter=adapter,
-                        ):  # fmt: skip
-                            seen.setdefault(cfg, []).append(r_pad)
                     kinds = bases if kernel in _compile.BASE_KERNELS and adapter == "lora" \
                         else ("dense",)
-                    for cfg, pads in seen.items():
-                        for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
-                            if r_pads is None and r_pad != max(pads):
-                                continue
-                            for base in kinds:
+                    for base in kinds:  # a decoded base may launch its own tiles
+                        seen = {}
+                        for r_pad in _configs.R_PADS:
+                            for cfg in _configs.configs_for(
+                                kernel, kind, r_pad, interpreter=False, tma=build == "tma",
+                                adapter=adapter, base=base,
+                            ):  # fmt: skip
+                                seen.setdefault(cfg, []).append(r_pad)
+                        for cfg, pads in seen.items():
+                            for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
+                                if r_pads is None and r_pad != max(pads):
+                                    continue
                                 yield arch, dtype, r_pad, kernel, cfg, build, base, adapter
 
 
