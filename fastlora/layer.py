@@ -219,8 +219,9 @@ class FastLoRALinear(nn.Linear):
         if self.merged:
             return
         if bases.is_quantized(self.weight):
+            kind = "an FP8" if bases.is_fp8(self.weight) else "a 4-bit"
             raise ValueError(
-                "merge: a 4-bit or FP8 weight cannot hold W + s*B*A in place; fastlora.merge_lora(model) "
+                f"merge: {kind} weight cannot hold W + s*B*A in place; fastlora.merge_lora(model) "
                 "returns a dense nn.Linear in the compute dtype instead (re-quantizing it is lossy)"
             )
         delta = self.delta_weight()
