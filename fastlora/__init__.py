@@ -10,6 +10,7 @@ _kernel_path.register()
 
 from fastlora.adapter import load_adapter, save_adapter
 from fastlora.backend import get_backend, set_backend, use_backend
+from fastlora.fp8 import quantize_fp8
 from fastlora.functional import lora_linear
 from fastlora.layer import FastLoRALinear
 from fastlora.model import (
@@ -28,6 +29,7 @@ __all__ = [
     "lora_linear",
     "apply_lora",
     "merge_lora",
+    "quantize_fp8",
     "from_peft",
     "save_adapter",
     "load_adapter",

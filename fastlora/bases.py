@@ -5,13 +5,16 @@
             [N, K] weight, the high nibble first), one fp32 ``absmax`` per ``blocksize``
             codes (itself 8-bit quantized with a second absmax per 256 and an offset
             under double quantization), NF4 or FP4 code table; ``quant_state`` holds it all
+    fp8     float8_e4m3fn codes [N, K] with one fp32 scale per (bn, bk) block (128x128 as
+            FP8 checkpoints ship), attached to the weight as ``fp8_scale_inv`` and
+            ``fp8_block_size`` (``fastlora.fp8``)
 
 ``base_of(weight)`` checks a weight and returns its kind; the backends ask the kind, never
 the type: ``dense(dtype)`` gives a transient dense ``W`` in the compute dtype (the weight
 itself for a dense base; bitsandbytes' own dequantization for a 4-bit one, which nothing
 keeps: backward dequantizes again), ``kernel_args()`` what the Triton tile loaders read.
 
-A 4-bit base computes in ``x``'s dtype (float16, bfloat16 or float32), as bitsandbytes'
+A 4-bit or FP8 base computes in ``x``'s dtype (float16, bfloat16 or float32), as bitsandbytes'
 ``matmul_4bit`` does: ``W`` is decoded straight into it, whatever dtype it was quantized from.
 """
 
@@ -24,17 +27,33 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from fastlora import fp8
+
 QUANT_TYPES = ("nf4", "fp4")
 # the blocksizes bitsandbytes.functional.quantize_4bit accepts
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # the dtypes a 4-bit weight is decoded into (bitsandbytes' dequantize_4bit supports these)
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# an FP8 weight also decodes exactly into float64 (the torch path)
+FP8_COMPUTE_DTYPES = COMPUTE_DTYPES + (torch.float64,)
 
 
 def is_4bit(weight: object) -> bool:
     """A bitsandbytes ``Params4bit``, or any tensor carrying a ``quant_state`` (how
     bitsandbytes and transformers mark a 4-bit weight)."""
     return type(weight).__name__ == "Params4bit" or getattr(weight, "quant_state", None) is not None
+
+
+def is_fp8(weight: object) -> bool:
+    """An e4m3 weight, or any tensor marked with FP8 block scales (``fastlora.fp8.attach``)."""
+    return isinstance(weight, Tensor) and (
+        weight.dtype == fp8.E4M3 or getattr(weight, "fp8_scale_inv", None) is not None
+    )
+
+
+def is_quantized(weight: object) -> bool:
+    """A 4-bit or FP8 base: decoded per call, never held dense."""
+    return is_4bit(weight) or is_fp8(weight)
 
 
 @dataclass(frozen=True)
@@ -142,7 +161,53 @@ class Packed4bit:
         )  # fmt: skip
 
 
-Base = Union[Dense, Packed4bit]
+@dataclass(frozen=True)
+class BlockFp8:
+    """An FP8 weight: ``codes`` float8_e4m3fn [N, K], ``scale_inv`` [ceil(N/bn), ceil(K/bk)]
+    (fp32, or transformers' ue8m0 exponents, read as fp32)."""
+
+    codes: Tensor
+    scale_inv: Tensor
+    block_size: tuple[int, int]
+
+    kind = "fp8"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def compute_dtype_for(self, x: Tensor) -> torch.dtype:
+        return x.dtype
+
+    def scales(self) -> Tensor:
+        return self.scale_inv if self.scale_inv.dtype == torch.float32 else self.scale_inv.float()
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        """A transient ``W`` [N, K] in ``dtype`` in a reused workspace (``fastlora.fp8.
+        transient``): valid until the next decode on this thread; backward decodes again."""
+        return fp8.transient(self.codes, self.scales(), self.block_size, dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor:
+        """``W`` [N, K] in ``dtype`` in a fresh tensor (for a merge)."""
+        return fp8.dequantize(self.codes, self.scales(), self.block_size, dtype)
+
+    def kernel_args(self) -> dict:
+        """What the Triton FP8 tile loader reads, in the 4-bit loader's keys (the launchers
+        pass both the same way): the codes as uint8 [N, K] (``codes``: what the GEMMs read
+        W through), the fp32 scales [ceil(N/bn), ceil(K/bk)] as ``absmax`` (the other
+        pointers alias it, unread), ``blocksize`` = bn, ``nested_blocksize`` = bk and
+        ``BASE`` "e4m3"."""
+        scale = self.scales().contiguous()
+        return dict(codes=self.codes.view(torch.uint8), absmax=scale, code2=scale,
+                    absmax2=scale, offset=scale, blocksize=self.block_size[0],
+                    nested_blocksize=self.block_size[1], BASE="e4m3")  # fmt: skip
+
+
+Base = Union[Dense, Packed4bit, BlockFp8]
 
 
 def _describe(t: object) -> str:
@@ -212,9 +277,43 @@ def _check_4bit(weight: Tensor, name: str) -> Packed4bit:
     return Packed4bit(weight, packed, qs, quant_type, int(blocksize), (N, K))
 
 
+def _check_fp8(weight: Tensor, name: str) -> BlockFp8:
+    scale = getattr(weight, "fp8_scale_inv", None)
+    if weight.dtype != fp8.E4M3:
+        raise TypeError(
+            f"{name}: an FP8 weight (it carries fp8_scale_inv) must hold float8_e4m3fn codes, "
+            f"got {_describe(weight)} (a dtype cast such as model.to(torch.bfloat16) converts "
+            "FP8 codes too: move FP8 models with .to(device) only)"
+        )
+    if scale is None:
+        raise ValueError(
+            f"{name}: a float8_e4m3fn weight needs its block scales, got {_describe(weight)} "
+            "without fp8_scale_inv (wrap the FP8Linear with FastLoRALinear.from_linear, or "
+            "mark the weight with fastlora.fp8.attach(weight, weight_scale_inv))"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: expected FP8 codes [out_features, in_features], got {_describe(weight)}")
+    block = fp8.block_size_of(getattr(weight, "fp8_block_size", None), f"{name}.fp8_block_size")
+    want = fp8.scale_shape(weight.shape, block)
+    if not isinstance(scale, Tensor) or not scale.is_floating_point():
+        raise TypeError(f"{name}.fp8_scale_inv: expected a float tensor, got {_describe(scale)}")
+    if scale.numel() == 1 and want == (1, 1):
+        scale = scale.reshape(1, 1)
+    if tuple(scale.shape) != want:
+        raise ValueError(
+            f"{name}.fp8_scale_inv: expected shape {list(want)} (one scale per {block[0]}x"
+            f"{block[1]} block of the {list(weight.shape)} weight), got {list(scale.shape)}"
+        )
+    if scale.device != weight.device:
+        raise ValueError(f"{name}.fp8_scale_inv: is on {scale.device}, the weight on {weight.device}")
+    return BlockFp8(weight.detach(), scale.detach(), block)
+
+
 def base_of(weight: object, name: str = "weight") -> Base:
     """The base kind of ``weight``, checked: ``TypeError``/``ValueError`` naming ``name``,
     what was expected and what came."""
+    if is_fp8(weight):
+        return _check_fp8(weight, name)
     if isinstance(weight, Tensor) and is_4bit(weight):
         return _check_4bit(weight, name)
     if isinstance(weight, Tensor) and weight.dtype == torch.uint8:
@@ -227,8 +326,14 @@ def base_of(weight: object, name: str = "weight") -> Base:
 
 
 def check_compute_dtype(base: Base, x: Tensor, name: str = "x") -> None:
-    """A 4-bit base decodes into ``x``'s dtype: it must be one bitsandbytes decodes into."""
-    if base.kind != "dense" and x.dtype not in COMPUTE_DTYPES:
+    """A 4-bit base decodes into ``x``'s dtype: it must be one bitsandbytes decodes into;
+    an FP8 base decodes into float16, bfloat16, float32 or float64."""
+    if base.kind == "fp8" and x.dtype not in FP8_COMPUTE_DTYPES:
+        raise TypeError(
+            f"{name}: an FP8 weight computes in x's dtype (the compute dtype), expected one "
+            f"of float16, bfloat16, float32, float64, got {x.dtype}"
+        )
+    if base.kind == "4bit" and x.dtype not in COMPUTE_DTYPES:
         raise TypeError(
             f"{name}: a 4-bit weight computes in x's dtype (the compute dtype), expected one "
             f"of float16, bfloat16, float32, got {x.dtype}"
@@ -237,8 +342,9 @@ def check_compute_dtype(base: Base, x: Tensor, name: str = "x") -> None:
 
 def dense_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """``W`` [N, K] in ``dtype`` for the torch path: the weight itself when dense, a fresh
-    transient decode when 4-bit (call again in backward; keep nothing)."""
-    if not is_4bit(weight):
+    transient decode when 4-bit, a decode into the reused workspace when FP8 (call again
+    in backward; keep nothing)."""
+    if not is_quantized(weight):
         return weight
     return base_of(weight).dense(dtype)
 
@@ -347,3 +453,12 @@ def factor_dtype(module: Any) -> torch.dtype:
     if dtype is None:
         dtype = base_of(module.weight).quant_state.dtype
     return dtype if dtype in COMPUTE_DTYPES else torch.float32
+
+
+def fp8_factor_dtype(module: Any) -> torch.dtype:
+    """The dtype an FP8 layer's LoRA factors (and its merge) get: the dtype its weight was
+    quantized from (``Fp8Linear.orig_dtype``), else its bias's, else float32."""
+    dtype = getattr(module, "orig_dtype", None)
+    if dtype is None and getattr(module, "bias", None) is not None:
+        dtype = module.bias.dtype
+    return dtype if dtype in FP8_COMPUTE_DTYPES else torch.float32

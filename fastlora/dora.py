@@ -149,7 +149,7 @@ def apply(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
     kernels run (``dora_triton.fused``), the norm is their one-launch direct form
     (``kernels/dora_norm.py``: reads W once in its dtype, no fp32 copy, no cached
     ``||W_n||^2`` needed); elsewhere the cheap form above with the cached ``sq_norm``."""
-    if backend == "triton" and not bases.is_4bit(weight):  # a 4-bit base: the torch path
+    if backend == "triton" and not bases.is_quantized(weight):  # 4-bit/FP8: the torch path
         from fastlora import dora_triton
 
         if dora_triton.fused(x, weight, lora_A):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlora import bases, dora, inits
+from fastlora import bases, dora, fp8, inits
 from fastlora.functional import lora_linear
 
 
@@ -125,7 +125,12 @@ class FastLoRALinear(nn.Linear):
         ``linear`` may be a bitsandbytes ``Linear4bit`` (QLoRA): its packed ``Params4bit``
         weight and ``quant_state`` are kept as they are (memory stays 4-bit), its
         ``compute_dtype`` too (x is cast to it and the output back, as ``Linear4bit`` does);
-        the factors take the compute dtype, or the dtype the weight was quantized from."""
+        the factors take the compute dtype, or the dtype the weight was quantized from.
+
+        ``linear`` may be an FP8 layer (``fastlora.fp8.Fp8Linear``, transformers'
+        ``FP8Linear``): its e4m3 ``weight`` and ``weight_scale_inv`` are kept as they are (same
+        names in the state dict), x's dtype is the compute dtype; the factors take the dtype
+        the weight was quantized from (else the bias's, else float32)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"linear: expected a torch.nn.Linear, got {type(linear).__name__} "
@@ -146,6 +151,13 @@ class FastLoRALinear(nn.Linear):
             bases.base_of(linear.weight, "linear.weight")
             dtype = bases.factor_dtype(linear)
             layer.compute_dtype = bases.module_compute_dtype(linear)
+        elif fp8.is_fp8_linear(linear):
+            layer.weight_scale_inv = linear.weight_scale_inv
+            layer.weight_scale_inv.requires_grad_(False)
+            fp8.attach(linear.weight, linear.weight_scale_inv, fp8.module_block_size(linear))
+            bases.base_of(linear.weight, "linear.weight")
+            dtype = bases.fp8_factor_dtype(linear)
+            layer.fp8_dtype = dtype  # what merge_lora returns
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
@@ -161,7 +173,9 @@ class FastLoRALinear(nn.Linear):
         bias = params["bias"] if "bias" in params else self.bias
         if self.merged:
             return F.linear(x, weight, bias)
-        if bases.is_4bit(weight):
+        if bases.is_quantized(weight):
+            if "weight_scale_inv" in params:  # FP8: the scales a state-dict load put there
+                self._attach_fp8(weight, params["weight_scale_inv"])
             return self._forward_4bit(x)
         if self.use_dora:
             return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, self.lora_dropout,
@@ -170,9 +184,15 @@ class FastLoRALinear(nn.Linear):
         return lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, self.lora_dropout,
                            self.training)  # fmt: skip
 
+    def _attach_fp8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        # a load_state_dict(assign=True) replaces the parameters: the codes must name the
+        # layer's current scales
+        if getattr(weight, "fp8_scale_inv", None) is not scale:
+            fp8.attach(weight, scale, getattr(weight, "fp8_block_size", None))
+
     def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
-        # as bitsandbytes' Linear4bit: compute in compute_dtype (x's dtype when unset), bias
-        # cast to it, output back in x's dtype
+        # as bitsandbytes' Linear4bit (and FP8Linear, compute_dtype unset): compute in
+        # compute_dtype (x's dtype when unset), bias cast to it, output back in x's dtype
         compute = getattr(self, "compute_dtype", None) or x.dtype
         bias = None if self.bias is None else self.bias.to(compute)
         dora_args = ()
@@ -191,7 +211,7 @@ class FastLoRALinear(nn.Linear):
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` [out, in] in float32 at least (float64 for a float64 weight)."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).mul_(self.scaling)
 
     @torch.no_grad()
@@ -202,9 +222,10 @@ class FastLoRALinear(nn.Linear):
             warnings.warn("merge: the layer is already merged (W holds W + s*B*A); "
                           "nothing done", UserWarning, stacklevel=2)
             return
-        if bases.is_4bit(self.weight):
+        if bases.is_quantized(self.weight):
+            kind = "an FP8" if bases.is_fp8(self.weight) else "a 4-bit"
             raise ValueError(
-                "merge: a 4-bit weight cannot hold W + s*B*A in place; fastlora.merge_lora(model) "
+                f"merge: {kind} weight cannot hold W + s*B*A in place; fastlora.merge_lora(model) "
                 "returns a dense nn.Linear in the compute dtype instead (re-quantizing it is lossy)"
             )
         delta = self.delta_weight()

@@ -248,7 +248,7 @@ def _check_decomposable(model: nn.Module, names: list[str], mode: str, r: int) -
             problems.append(
                 f"{name}.weight is shared with {shared} (tied weights would change there too)"
             )
-        if not w.dtype.is_floating_point:
+        if not w.dtype.is_floating_point or bases.is_fp8(w):
             problems.append(f"{name}.weight has dtype {w.dtype} (needs a float weight)")
         if r > min(w.shape):
             problems.append(f"{name}: r={r} exceeds min(out, in)={min(w.shape)}")
@@ -354,7 +354,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     tensor; the bias is the same
     parameter), drop ``model.fastlora_config`` and return ``model``. The merged weights keep
     ``requires_grad=False``. A PiSSA/OLoRA layer merges to ``W_res + s * B A``, the trained
-    weight in the original basis. A layer over a 4-bit base becomes a dense ``nn.Linear`` in
+    weight in the original basis. A layer over a 4-bit or FP8 base becomes a dense ``nn.Linear`` in
     its compute dtype holding ``dequant(W) + s * B A`` (4-bit cannot hold the sum; quantizing
     it again is lossy, as PEFT warns)."""
     layers = lora_layers(model)
@@ -365,7 +365,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("merge_lora: the model has no FastLoRALinear layers")
     for name, layer in layers.items():
-        if bases.is_4bit(layer.weight):
+        if bases.is_quantized(layer.weight):
             linear = _merged_4bit(layer)
         else:
             if not layer.merged:  # layer.merge() called before: its weight holds the sum
@@ -386,10 +386,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _merged_4bit(layer: FastLoRALinear) -> nn.Linear:
     """A dense ``nn.Linear`` holding ``dequant(W) + s B A`` (summed in float32) in the dtype
-    the weight was quantized from, the model's own dtype: the dtype its activations arrive in,
-    whatever ``bnb_4bit_compute_dtype`` the 4-bit layer computed in (a bf16 weight in an fp32
-    model would fail on fp32 inputs). Bias cast to it."""
-    dtype = bases.quantized_from_dtype(layer.weight)
+    the weight was quantized from (4-bit or FP8), the model's own dtype: the dtype its
+    activations arrive in, whatever compute dtype the quantized layer computed in (a bf16
+    weight in an fp32 model would fail on fp32 inputs). Bias cast to it."""
+    dtype = getattr(layer, "fp8_dtype", None) or bases.quantized_from_dtype(layer.weight)
     merged = bases.base_of(layer.weight).dense(torch.float32) + layer.delta_weight().float()
     if layer.use_dora:  # PEFT's merge: (m / ||W + s B A||) * (W + s B A), row by row
         merged.mul_((layer.lora_magnitude_vector.detach().float() / merged.norm(dim=1)).unsqueeze(1))

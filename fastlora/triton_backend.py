@@ -382,6 +382,8 @@ def apply(
     if bases.is_4bit(weight):
         base4 = bases.base_of(weight).kernel_args()
         base = base4["BASE"] if _kernels.fused_4bit_ok(K, base4) else "unaligned"
+    elif bases.is_fp8(weight):
+        base = "unaligned"  # FP8: the composition (W decoded once per call) until timed
     else:
         base = "dense"
     plan = None

@@ -18,6 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import _configs, dropout_mask
+from .dequant_fp8 import BASES_FP8
 from .lora_backward import _lora_dx_kernel, _lora_dy_kernel, _lora_reduce_kernel
 from .dora_norm import _dora_norm_kernel
 from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
@@ -99,6 +100,8 @@ _Q_ARGS = {
 }
 # the blocksizes compiled for a 4-bit build: QLoRA's default (bitsandbytes' 64, nested 256)
 Q_BLOCKSIZES = {"Q_BLOCKSIZE": 64, "Q_NESTED_BLOCKSIZE": 256}
+# the FP8 base (kernels/dequant_fp8.py): the checkpoints' 128x128 scale blocks
+FP8_BLOCKSIZES = {"Q_BLOCKSIZE": 128, "Q_NESTED_BLOCKSIZE": 128}
 # kernels with a W mainloop, built for each base kind the report is asked for
 BASE_KERNELS = ("forward", "dx")
 # last-dimension strides of contiguous tensors: Triton specialises a stride of 1 to a constant
@@ -142,13 +145,22 @@ def operand_kind(dtype: str) -> str:
     return _configs.operand_kind(_ESIZE[act], precision)
 
 
+def _base_constexpr(base: str, tma: bool) -> str:
+    """The ``BASE`` a launcher passes: dense and FP8 take their TMA loader in a TMA build."""
+    if base == "dense":
+        return "dense_tma" if tma else "dense"
+    if base in BASES_FP8:
+        return "e4m3_tma" if tma else "e4m3"
+    return base
+
+
 def compile_kernel(
     kernel: str, dtype: str, config: _configs.TileConfig, arch: int, r_pad: int,
     build: str = "ptr", base: str = "dense", variant: str = "lora",
 ):  # fmt: skip
     """``triton.compile`` of one kernel for ``sm_<arch>``; ``build`` "tma" (tensor
-    descriptors, persistent) or "ptr"; ``base`` "dense" or a bitsandbytes 4-bit kind of
-    ``BASES_4BIT`` (the forward and dx GEMMs decode W in their K loop); ``variant`` one of
+    descriptors, persistent) or "ptr"; ``base`` "dense", a bitsandbytes 4-bit kind of
+    ``BASES_4BIT`` or "e4m3" (FP8; the forward and dx GEMMs decode W in their K loop); ``variant`` one of
     ``ADAPTERS`` ("dora": DoRA's epilogues, "dora_dropout": also its second accumulators).
     Returns the CompiledKernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
     fn = JIT_KERNELS.get(kernel) or CANDIDATE_JIT_KERNELS[kernel]
@@ -160,7 +172,7 @@ def compile_kernel(
         "DOT_PRECISION": precision,
         "GROUP_M": _configs.GROUP_M,
         "USE_TMA": tma,
-        "BASE": base if four_bit else ("dense_tma" if tma else "dense"),
+        "BASE": _base_constexpr(base, tma),
         "FLATTEN": tma and config.flatten,
         "EPI_SPLIT": 2 if tma else 1,
         "BLOCK": _configs.REDUCE_BLOCK,
@@ -176,7 +188,8 @@ def compile_kernel(
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     if four_bit:
-        constexprs.update({n: v for n, v in Q_BLOCKSIZES.items() if n in fn.arg_names})
+        sizes = FP8_BLOCKSIZES if base in BASES_FP8 else Q_BLOCKSIZES
+        constexprs.update({n: v for n, v in sizes.items() if n in fn.arg_names})
     else:  # the 4-bit loader's arguments: None, so dense cubins keep their params
         constexprs.update({n: None for n in fn.arg_names if n.lower().startswith("q_")})
     nested = base.endswith("_dq")
@@ -189,7 +202,7 @@ def compile_kernel(
             if name.endswith("_ptr"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "w_ptr" and four_bit:
-            signature[name] = "*u8"  # packed codes, two per byte
+            signature[name] = "*u8"  # packed codes, two per byte (4-bit) or one (FP8)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _UNIT_STRIDES[kernel]:
             signature[name] = "constexpr"

@@ -366,6 +366,12 @@ _4BIT_CONFIGS = {
         T(32, 64, 64, 4, 3, "small M: many CTAs along N (32 x 64 x 128 spills 24 B on "
           "sm_90)", builds="ptr"),
     ],
+# bases decoded in registers (4-bit, FP8): the decoded W tile is the MMA's register operand;
+# on sm_80 (mma.sync) the forward's 64- and 128-row pointer tiles then spill (python -m
+# fastlora.kernels.report --base e4m3 nf4_dq), so their pointer forward keeps the small tile
+_DECODED_PTR_FORWARD = {
+    "16bit": [T(32, 64, 128, 4, 4, "decoded W: many CTAs along N, long K steps (the only "
+                "pointer tile that fits registers on sm_80)", builds="ptr")],
 }
 
 # adapter variants a kernel build can be: LoRA, DoRA, DoRA with dropout (forward and dx then
@@ -414,7 +420,8 @@ def configs_for(
 ) -> list[TileConfig]:
     """Every config the dispatcher may launch for this kernel, operand kind
     (``operand_kind``), rank block, build (``tma``), adapter variant (``ADAPTERS``) and
-    base kind ("dense" or a 4-bit kind); ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
+    base kind (``base``: "dense", or a kind decoded in registers); ``interpreter`` defaults
+    to ``TRITON_INTERPRET=1``."""
     if interpreting() if interpreter is None else interpreter:
         return [_INTERPRET_CONFIG]
     esize = 2 if kind == "16bit" else 4
@@ -431,7 +438,11 @@ def configs_for(
     if kernel in ("dy_split", "dx_gemm_split", "tail_split") and r_pad > SPLIT_MAX_R_PAD:
         return []
     if base not in ("dense", "dense_tma") and adapter == "lora":
-        table = _4BIT_CONFIGS.get((kind, kernel), table)
+        if base.startswith("e4m3"):  # FP8: the dense tables, a small pointer forward
+            if kernel == "forward" and not tma and kind in _DECODED_PTR_FORWARD:
+                table = _DECODED_PTR_FORWARD[kind]
+        else:
+            table = _4BIT_CONFIGS.get((kind, kernel), table)
     return [
         c
         for c in table

@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.language.random import philox, uint_to_uniform_float
 
 from .dequant_4bit import load_4bit_tile
+from .dequant_fp8 import load_fp8_tile
 
 # Philox4x32 gives four 32-bit draws per counter: one call serves 4 adjacent columns.
 RNG_COLS_PER_DRAW = 4
@@ -48,9 +49,15 @@ def load_w(
     "nf4"/"fp4" (+ "_dq" under double quantization): ``w_src`` is the tuple ``w_source``
     builds, and the bitsandbytes 4-bit codes are decoded in registers (fp32; the caller
     casts to the compute dtype), half a byte read per element; ``Q_BLOCKSIZE`` and
-    ``Q_NESTED_BLOCKSIZE`` are its quantization blocksizes."""
+    ``Q_NESTED_BLOCKSIZE`` are its quantization blocksizes;
+    "e4m3"/"e4m3_tma": ``w_src`` is (codes pointer or descriptor, scale pointer), the FP8
+    codes decoded in registers (fp32, ``dequant_fp8.py``), one byte read per element;
+    ``Q_BLOCKSIZE`` and ``Q_NESTED_BLOCKSIZE`` are the scale block's rows and columns."""
     if BASE == "dense_tma":
         w = w_src.load([tl.cast(n0, tl.int32), tl.cast(k0, tl.int32)])  # TMA coordinates are 32-bit
+    elif BASE == "e4m3" or BASE == "e4m3_tma":
+        w = load_fp8_tile(w_src[0], w_src[1], n0, k0, N, K, BASE, BLOCK_N, BLOCK_K,
+                          Q_BLOCKSIZE, Q_NESTED_BLOCKSIZE)  # fmt: skip
     elif BASE != "dense":
         w = load_4bit_tile(
             w_src[0], w_src[1], w_src[2], w_src[3], w_src[4], n0, k0, N, K,
@@ -73,11 +80,16 @@ def w_source(
     BASE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """What ``load_w`` reads W from: a tensor descriptor ("dense_tma"), W's pointer
-    ("dense"), or for a 4-bit base the tuple (packed codes, absmax, nested code table,
+    ("dense"), for an FP8 base (codes, scales), or for a 4-bit base the tuple (packed codes, absmax, nested code table,
     nested absmax, offset); the ``q_`` pointers are None for the dense kinds (constexpr:
     the dense kernels keep their parameter list)."""
     if BASE == "dense_tma":
         src = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K])
+    elif BASE == "e4m3_tma":  # 1-byte codes through TMA (K % 16 == 0: 16-byte row stride)
+        src = (tl.make_tensor_descriptor(w_ptr, [N, K], [stride_wn, 1], [BLOCK_N, BLOCK_K]),
+               q_absmax_ptr)  # fmt: skip
+    elif BASE == "e4m3":
+        src = (w_ptr, q_absmax_ptr)
     elif BASE == "dense":
         src = w_ptr
     else:

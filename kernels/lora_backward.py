@@ -32,7 +32,7 @@ from . import _configs
 from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_info
 from ._launch import dot_precision, launch, next_serial, operand_key, transient
 from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords, w_source
-from .lora_forward import _NO_Q, q_pointers, use_tma, w_arguments
+from .lora_forward import _NO_Q, fp8_codes, q_pointers, use_tma, w_arguments
 
 # per-call plans (``_backward``): launches, TMA decision, scalars and workspace sizes by key
 _calls = CallCache()
@@ -276,6 +276,7 @@ def lora_backward(
     (from ``lora_forward``), seed: the forward's int64 [1].  Returns dx [M, K] in x.dtype,
     dA [r, K] in lora_A.dtype, dB [N, r] in lora_B.dtype (contiguous); None for what is
     not needed.  ``traceable``/``tma``/``base4`` as in ``lora_forward``."""
+    weight = fp8_codes(weight, base4)
     dx, dA, dB, _ = _backward(dy, x, weight, lora_A, lora_B, None, None, u, None, scaling,
                               dropout_p, seed, need_dx, need_dA, need_dB, False, traceable, tma,
                               base4)

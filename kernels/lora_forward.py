@@ -39,6 +39,7 @@ from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_i
 from ._launch import dot_precision, launch, next_serial, operand_key
 from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, load_w
 from ._tiles import store_rows, tile_coords, w_source
+from .dequant_fp8 import BASES_FP8, TMA_ALIGN_CODES
 
 __all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "lora_forward", "use_tma"]
 
@@ -224,7 +225,10 @@ def w_arguments(weight: torch.Tensor, base4: dict | None, K: int, tma: bool):
     4-bit base (``base4`` = ``fastlora.bases.Packed4bit.kernel_args()``)."""
     if base4 is None:
         return "dense", _NO_Q, (weight.stride(0), weight.stride(1)), (None, None)
-    return base4["BASE"], q_pointers(base4), (K, 1), (base4["blocksize"], base4["nested_blocksize"])
+    base = base4["BASE"]
+    if base == "e4m3" and tma and K % TMA_ALIGN_CODES == 0:
+        base = "e4m3_tma"  # FP8 codes through 1-byte TMA loads
+    return base, q_pointers(base4), (K, 1), (base4["blocksize"], base4["nested_blocksize"])
 
 
 def q_pointers(base4: dict | None) -> tuple:
@@ -237,9 +241,17 @@ def q_pointers(base4: dict | None) -> tuple:
 _NO_Q = (None,) * 4
 
 
+def fp8_codes(weight: torch.Tensor, base4: dict | None) -> torch.Tensor:
+    """The tensor the GEMMs read W through: an FP8 base's codes as uint8 (``base4`` from
+    ``fastlora.bases.BlockFp8.kernel_args``), else ``weight``."""
+    return base4["codes"] if base4 is not None and "codes" in base4 else weight
+
+
 def fused_4bit_ok(K: int, base4: dict) -> bool:
     """The GEMMs' 4-bit tile loader reads whole quantization blocks per row: K must be a
     multiple of the blocksize (true of real models); other shapes take the composition."""
+    if base4["BASE"] in BASES_FP8:  # the FP8 loader masks any K
+        return True
     return K % base4["blocksize"] == 0
 
 
@@ -275,6 +287,7 @@ def lora_forward(
     both in x.dtype; u = s * D(x) A^T is what the backward needs for dB.  Computes in
     x.dtype with fp32 accumulation.  ``traceable``: launch through wrap_triton (inside a
     triton_op); ``tma``: force the TMA build on or off (default: sm_90 and aligned)."""
+    weight = fp8_codes(weight, base4)
     y, u, _ = _forward(x, weight, bias, lora_A, lora_B, None, None, scaling, dropout_p, seed,
                        traceable, tma, base4)
     return y, u

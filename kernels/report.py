@@ -12,7 +12,8 @@ shared memory, registers, spill bytes, whether the PTX uses wgmma and TMA
 (``cp.async.bulk.tensor``), the deepest ``wgmma.wait_group``, persistent or not, and
 resident CTAs per SM.  Exit status 1 when a build fails to compile, needs more shared
 memory than the arch has, spills, is an sm_90 TMA build that uses wgmma without TMA, or
-is a GEMM main loop (forward, dx) on sm_90 whose wgmma waits only with depth 0.  Every
+is a GEMM main loop (forward, dx) on sm_90 whose wgmma waits only with depth 0, or an
+sm_90 TMA build of an FP8 main loop whose PTX has no TMA load.  Every
 kernel the launchers can start is built (``_configs.configs_for``), through
 ``triton.compile`` (so Triton's cache holds each build's PTX).  No GPU is needed.
 """
@@ -88,6 +89,8 @@ def problems_of(job, res) -> list[str]:
         problems.append(f"spills {res.spill_bytes} B")
     if arch >= 90 and build == "tma" and res.wgmma and not res.tma:
         problems.append("wgmma without TMA")
+    if arch >= 90 and build == "tma" and job[6] == "e4m3" and not res.tma:
+        problems.append("FP8 codes not loaded through TMA")
     if arch >= 90 and kernel in _configs.GEMM_KERNELS and res.wgmma and res.wait_depth < 1:
         problems.append(f"main loop waits with depth {res.wait_depth}")
     return problems
@@ -118,10 +121,11 @@ def main(argv=None) -> int:
     kernels = [*_configs.KERNELS, *_compile.STANDALONE]
     ap.add_argument("--kernel", nargs="+", default=kernels, choices=kernels)
     ap.add_argument("--base", nargs="+", default=["dense"],
-                    choices=["dense", *_BASES_4BIT],
+                    choices=["dense", *_BASES_4BIT, "e4m3"],
                     help="base kinds of the forward/dx main loops (default: dense; nf4_dq is "
                          "QLoRA's default 4-bit base; FP4 and non-nested differ only in the "
-                         "decode's constants and one load)")  # fmt: skip
+                         "decode's constants and one load; e4m3: FP8 codes with 128x128 "
+                         "block scales)")  # fmt: skip
     ap.add_argument("--adapter", nargs="+", default=list(_compile.ADAPTERS),
                     choices=_compile.ADAPTERS)  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
