@@ -366,6 +366,8 @@ _4BIT_CONFIGS = {
         T(32, 64, 64, 4, 3, "small M: many CTAs along N (32 x 64 x 128 spills 24 B on "
           "sm_90)", builds="ptr"),
     ],
+}
+
 # bases decoded in registers (4-bit, FP8): the decoded W tile is the MMA's register operand;
 # on sm_80 (mma.sync) the forward's 64- and 128-row pointer tiles then spill (python -m
 # fastlora.kernels.report --base e4m3 nf4_dq), so their pointer forward keeps the small tile
