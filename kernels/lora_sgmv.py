@@ -65,7 +65,7 @@ def _tile_adapters(sidx_ptr, order_ptr, j0, M, NUM_ADAPTERS, BLOCK_M: tl.constex
 def _sgmv_shrink_kernel(
     src_ptr, order_ptr, sidx_ptr, rhs_ptr, table_ptr, seed_ptr, out_ptr,
     M, C, R, NUM_ADAPTERS,
-    stride_sm, stride_sc, stride_ra, stride_rr, stride_rc, stride_om,
+    stride_sm, stride_sc, stride_ra, stride_rr, stride_rc, stride_um,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -78,31 +78,33 @@ def _sgmv_shrink_kernel(
     offs_r = tl.arange(0, R_PAD)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    out = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for a in range(a_lo, a_hi + 1):
+    # one accumulator for every adapter: a row's other-adapter steps load zeros
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # (adapter, column step) pairs in one flat loop: one pipelined main loop (nested loops
+    # kept an extra stage of operands live and spilled on sm_80)
+    steps = tl.cdiv(C, BLOCK_C)
+    for it in range(0, (a_hi - a_lo + 1) * steps):
+        a = a_lo + it // steps
+        c0 = (it % steps) * BLOCK_C
         in_a = mask_j & (adp == a)
-        s = tl.load(table_ptr + 2 * a)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        src = tl.load(
+            src_ptr + rows[:, None] * stride_sm + offs_c[None, :] * stride_sc,
+            mask=in_a[:, None] & mask_c[None, :], other=0.0,
+        )  # fmt: skip
         if HAS_DROPOUT:
-            p = tl.load(table_ptr + 2 * a + 1)
-        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            src = tl.load(
-                src_ptr + rows[:, None] * stride_sm + offs_c[None, :] * stride_sc,
-                mask=in_a[:, None] & mask_c[None, :], other=0.0,
-            )  # fmt: skip
-            if HAS_DROPOUT:
-                src = apply_dropout(src, seed + a, rows, c0, p, BLOCK_C)
-            rhs_t = tl.load(
-                rhs_ptr + a * stride_ra + offs_c[:, None] * stride_rc + offs_r[None, :] * stride_rr,
-                mask=mask_c[:, None] & (offs_r[None, :] < R), other=0.0,
-            ).to(dtype)  # [BLOCK_C, R_PAD]: rhs_a^T in src's dtype, cast in registers
-            acc = tl.dot(src, rhs_t, acc, input_precision=DOT_PRECISION)
-        out += acc * s  # rows of other adapters loaded as zeros: they add nothing
+            src = apply_dropout(src, seed + a, rows, c0, tl.load(table_ptr + 2 * a + 1), BLOCK_C)
+        rhs_t = tl.load(
+            rhs_ptr + a * stride_ra + offs_c[:, None] * stride_rc + offs_r[None, :] * stride_rr,
+            mask=mask_c[:, None] & (offs_r[None, :] < R), other=0.0,
+        ).to(dtype)  # [BLOCK_C, R_PAD]: rhs_a^T in src's dtype, cast in registers
+        acc = tl.dot(src, rhs_t, acc, input_precision=DOT_PRECISION)
+    s = tl.load(table_ptr + 2 * adp, mask=adp >= 0, other=0.0)  # each row's s_a
     tl.store(
-        out_ptr + offs_j[:, None] * stride_om + offs_r[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=mask_j[:, None] & (offs_r[None, :] < R),
+        out_ptr + offs_j[:, None] * stride_um + offs_r[None, :],
+        (acc * s[:, None]).to(out_ptr.dtype.element_ty),
+        mask=mask_j[:, None] & (offs_r[None, :] < R),
     )  # fmt: skip
 
 
@@ -129,8 +131,6 @@ def _sgmv_expand_kernel(
             lhs_ptr + offs_j[:, None] * stride_lm + offs_r[None, :],
             mask=mask_j[:, None] & (offs_r[None, :] < R), other=0.0,
         )  # fmt: skip
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for a in range(a_lo, a_hi + 1):
             in_a = mask_j & (adp == a)
@@ -138,14 +138,16 @@ def _sgmv_expand_kernel(
                 rhs_ptr + a * stride_ra + offs_r[:, None] * stride_rr + offs_c[None, :] * stride_rc,
                 mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0,
             ).to(dtype)  # fmt: skip
-            part = tl.dot(tl.where(in_a[:, None], lhs, tl.zeros_like(lhs)), rhs,
-                          input_precision=DOT_PRECISION)  # fmt: skip
-            if HAS_DROPOUT:
-                p = tl.load(table_ptr + 2 * a + 1)
-                keep = dropout_keep(seed + a, rows, c0, p, BLOCK_C)
-                part = tl.where(keep, part * (1.0 / (1.0 - p)), 0.0)
-            acc += part
-        live = (mask_j & (adp >= 0))[:, None] & mask_c[None, :]
+            acc = tl.dot(tl.where(in_a[:, None], lhs, tl.zeros_like(lhs)), rhs, acc,
+                         input_precision=DOT_PRECISION)  # fmt: skip
+        based = mask_j & (adp >= 0)
+        if HAS_DROPOUT:
+            # each row's own adapter stream, drawn once after the loop: key seed + a per
+            # row (the same bits as a scalar key), rate p_a per row
+            p = tl.load(table_ptr + 2 * adp + 1, mask=based, other=0.0)
+            keep = dropout_keep(tl.load(seed_ptr) + adp[:, None], rows, c0, p[:, None], BLOCK_C)
+            acc = tl.where(keep, acc * (1.0 / (1.0 - p))[:, None], 0.0)
+        live = based[:, None] & mask_c[None, :]
         ptrs = out_ptr + rows[:, None] * stride_om + offs_c[None, :] * stride_oc
         prev = tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
         tl.store(ptrs, (prev + acc).to(out_ptr.dtype.element_ty), mask=live)
