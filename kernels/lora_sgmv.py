@@ -26,10 +26,19 @@ uniform fast path.  Over all tiles the loop runs at most tiles + n - 1 times.
                                          launch, no atomics, no partials: bitwise
                                          reproducible
 
-Launches: forward sort + stack + 3, backward searchsorted + 4.  Dropout: adapter i's keep
-mask is Philox keyed by (seed + i; row, column) with the original row, so it does not
-depend on tiling or sorting, adapter 0 draws exactly the single-adapter kernels' mask for
-the same seed, and D_i(x) is never stored (the forward's seed regenerates it).
+Launches per call: forward the sort, the stacking (none for one adapter, one copy per
+stack for equal ranks) and 3; backward 4 and a searchsorted for the segment bounds.  The
+single-adapter path has 2 and 3.
+
+The shrink walks (adapter, column step) pairs in one flat loop, so the tile's main loop is
+one pipelined loop with one accumulator (rows of other adapters load as zeros and add
+nothing; each row's s_a is applied at the store).  The expand accumulates every adapter's
+step into one tile and, with dropout, draws each row's mask once after the loop.
+
+Dropout: adapter i's keep mask is Philox keyed by (seed + i; row, column) with the
+original row, so it does not depend on tiling or sorting, adapter 0 draws exactly the
+single-adapter kernels' mask for the same seed, and D_i(x) is never stored (the forward's
+seed regenerates it in the dx expand and the dA segment pass).
 """
 
 from __future__ import annotations
@@ -51,13 +60,15 @@ __all__ = ["segments", "sgmv_backward", "sgmv_forward", "stack_adapters"]
 def _tile_adapters(sidx_ptr, order_ptr, j0, M, NUM_ADAPTERS, BLOCK_M: tl.constexpr):
     """Sorted positions j0 .. j0+BLOCK_M: positions, in-range mask, original rows, adapter
     of each row (-1 outside), and the adapter range [a_lo, a_hi] the tile spans (empty when
-    it holds base rows only).  Indices past the table are clamped: memory-safe, never read."""
+    it holds base rows only).  An index outside [-1, NUM_ADAPTERS) reads as -1: memory-safe
+    (the Python layer rejects such indices where it can check them without a sync)."""
     offs_j = j0 + tl.arange(0, BLOCK_M)
     mask_j = offs_j < M
     adp = tl.load(sidx_ptr + offs_j, mask=mask_j, other=-1)
+    adp = tl.where((adp >= 0) & (adp < NUM_ADAPTERS), adp, -1)
     rows = tl.load(order_ptr + offs_j, mask=mask_j, other=0)
-    a_lo = tl.maximum(tl.min(tl.where(adp >= 0, adp, NUM_ADAPTERS), axis=0), 0)
-    a_hi = tl.minimum(tl.max(adp, axis=0), NUM_ADAPTERS - 1)
+    a_lo = tl.min(tl.where(adp >= 0, adp, NUM_ADAPTERS), axis=0)
+    a_hi = tl.max(adp, axis=0)
     return offs_j, mask_j, rows, adp, a_lo, a_hi
 
 

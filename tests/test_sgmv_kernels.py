@@ -361,3 +361,19 @@ def test_rank_above_limit_is_named():
     Bs = (torch.zeros(W.shape[0], 129), *Bs[1:])
     with pytest.raises(ValueError, match=r"lora_As\[0\]: rank must be in 1..128, got 129"):
         multi_triton.apply(x, W, b, As, Bs, tuple(s), (0.0,) * 3, idx)
+
+
+def test_launcher_reads_out_of_range_indices_as_base_rows():
+    """The launchers cannot check indices without a host sync: an index outside [-1, n)
+    reads as the base (memory-safe), never another adapter's or a stray table entry."""
+    x, W, b, As, Bs, s, _, dy = case_inputs("sample-runs", torch.float32)
+    M = x.shape[0]
+    idx = torch.tensor([3, 7, -5, 0] * (M // 4) + [1] * (M % 4), device=DEVICE)
+    A, B = kernels.stack_adapters(As, Bs)
+    table = torch.tensor([[si, 0.3] for si in s], device=DEVICE)
+    seed = torch.tensor([1], device=DEVICE)
+    y, u, sidx, order = kernels.sgmv_forward(x, W, b, A, B, table, idx, seed, True)
+    _, dA, dB = kernels.sgmv_backward(dy, x, W, A, B, table, u, sidx, order, seed, True)
+    bad = (idx < -1) | (idx >= len(As))
+    assert torch.equal(y[bad], torch.addmm(b, x, W.t())[bad])
+    assert not dA[2].any() and not dB[2].any()  # adapter 2 has no valid rows
