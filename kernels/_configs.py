@@ -355,7 +355,8 @@ _SGMV_CONFIGS = {
             _S(64, 128, 0, 8, 1, "large M: [64, 128] output tiles over 8 warps", SMALL_R),
             _S(16, 64, 0, 4, 1, "small M (128 columns spill with unaligned fp32 B on sm_80)",
                SMALL_R),
-            _S(64, 64, 0, 8, 1, "r_pad 128", min_r_pad=MAX_R),
+            _S(32, 64, 0, 8, 1, "r_pad 128 ([64, 64] spills with fp32 A on sm_80)",
+               min_r_pad=MAX_R),
         ],
         "sgmv_segment": [
             _S(64, 64, 0, 4, 3, "dA/dB tile [r_pad, 64], 64 rows a step", SMALL_R),
@@ -381,7 +382,7 @@ _SGMV_CONFIGS = {
     # IEEE fp32: FMA dots with register operands, small tiles (as _CONFIGS_FP32)
     "fp32": {
         "sgmv_shrink": [_S(32, 32, 0, 4, 3, "FMA tile")],
-        "sgmv_expand": [_S(32, 32, 0, 4, 1, "FMA tile")],
+        "sgmv_expand": [_S(32, 32, 0, 8, 1, "FMA tile over 8 warps (4 spill on sm_80)")],
         "sgmv_segment": [_S(16, 32, 0, 4, 3, "FMA tile")],
     },
 }

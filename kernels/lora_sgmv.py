@@ -328,7 +328,10 @@ def sgmv_forward(
     [-1, n), seed: int64 [1] (read with has_dropout).  Returns y [M, N] in x.dtype (rows in
     the caller's order), u [M, R] (sorted order), sidx and order (``segments``)."""
     sidx, order = segments(row_index)
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    if bias is None:
+        y = torch.mm(x, weight.t())
+    else:
+        y = torch.addmm(bias.to(x.dtype), x, weight.t())
     u = shrink(x, sidx, order, A, table, seed, has_dropout, traceable=traceable)
     expand(y, u, sidx, order, B.transpose(1, 2), table, seed, False, traceable=traceable)
     return y, u, sidx, order
