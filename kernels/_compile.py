@@ -19,6 +19,9 @@ from triton.backends.compiler import GPUTarget
 
 from . import _configs
 from .lora_backward import _lora_dx_kernel, _lora_dy_kernel, _lora_reduce_kernel
+from .dora_norm import _dora_norm_kernel
+from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
+from .lora_dy_pass import _lora_dy_split_kernel
 from .lora_forward import _lora_forward_kernel, _lora_shrink_kernel
 from .lora_sgmv import _sgmv_expand_kernel, _sgmv_segment_kernel, _sgmv_shrink_kernel
 
@@ -32,6 +35,27 @@ JIT_KERNELS = {
     "sgmv_expand": _sgmv_expand_kernel,
     "sgmv_segment": _sgmv_segment_kernel,
 }
+# the backward candidates (backward_candidates.py) and DoRA's norm: built by the report, not
+# (yet) by the ahead-of-time C build, which reads JIT_KERNELS
+CANDIDATE_JIT_KERNELS = {
+    "dy_split": _lora_dy_split_kernel,
+    "dx_gemm": _lora_dx_gemm_kernel,
+    "dx_gemm_split": _lora_dx_gemm_kernel,
+    "dx_gemm_p0": _lora_dx_gemm_kernel,
+    "tail": _lora_tail_kernel,
+    "tail_split": _lora_tail_kernel,
+    "dora_norm": _dora_norm_kernel,
+}
+# the candidates' builds: g from the row dy pass (one part in the activation dtype) or the
+# split one (fp32 parts; the most it launches compiled, _configs.MAX_G_PARTS)
+_CANDIDATE_BUILDS = {
+    "dx_gemm": {"G_PARTS": 1, "WARP_SPEC": False},
+    "dx_gemm_split": {"G_PARTS": _configs.MAX_G_PARTS, "WARP_SPEC": False},
+    "dx_gemm_p0": {"G_PARTS": 1, "WARP_SPEC": False, "HAS_DROPOUT": False},  # p = 0 only
+    "tail": {"G_PARTS": 1},
+    "tail_split": {"G_PARTS": _configs.MAX_G_PARTS},
+}
+_FP32_G = ("dy_split", "dx_gemm_split", "tail_split")
 
 # dtype variant -> (activation type, adapter type, dot input precision).  Adapters are
 # read in their own dtype: "bf16+fp32" is PEFT's default on a bf16 model.
@@ -77,13 +101,18 @@ _UNIT_STRIDES = {
     ("sgmv_shrink", "B"): {"stride_sc", "stride_rr"},
     ("sgmv_expand", "B"): {"stride_rr", "stride_oc"},
     "sgmv_segment": {"stride_xk", "stride_dak", "stride_dyn", "stride_dbr"},
+    "dy_split": {"stride_dyn", "stride_br", "stride_ur"},
+    "dx_gemm": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"},
+    "tail": {"stride_xk", "stride_gr"},
 }
+_UNIT_STRIDES["dx_gemm_split"] = _UNIT_STRIDES["dx_gemm_p0"] = _UNIT_STRIDES["dx_gemm"]
+_UNIT_STRIDES["tail_split"] = _UNIT_STRIDES["tail"]
+_UNIT_STRIDES["dora_norm"] = {"stride_wk", "stride_ak", "stride_br"}
 # sizes that are r (or counts) and so not known to be multiples of 16
 _NOT_DIVISIBLE = {
     "R", "NUM_PROGS", "stride_um", "stride_gm", "stride_bn", "stride_wsn", "stride_wsp",
-    "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB",
-    "NUM_ADAPTERS", "TILES_K", "stride_lm", "stride_rc",
-    "stride_daa", "stride_dba", "stride_dbn",
+    "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB", "stride_gs", "stride_dar", "N_PER",
+    "NUM_ADAPTERS", "TILES_K", "stride_lm", "stride_rc", "stride_daa", "stride_dba", "stride_dbn",
 }
 # the constexpr flags compiled: every optional piece of code on
 FLAGS = {
@@ -115,7 +144,7 @@ def compile_kernel(
     ``BASES_4BIT`` (the forward and dx GEMMs decode W in their K loop); ``variant`` one of
     ``ADAPTERS`` ("dora": DoRA's epilogues, "dora_dropout": also its second accumulators).
     Returns the CompiledKernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
-    fn = JIT_KERNELS[kernel]
+    fn = JIT_KERNELS.get(kernel) or CANDIDATE_JIT_KERNELS[kernel]
     act, adapter, precision = DTYPES[dtype]
     tma = build == "tma"
     four_bit = base != "dense"
@@ -135,6 +164,7 @@ def compile_kernel(
         **({"NEED_DM": False, "HAS_DM": False} if variant == "lora" else {}),
         **({n: None for n in _DORA_PTRS} if variant == "lora" else {}),
         **config.meta(kernel),
+        **_CANDIDATE_BUILDS.get(kernel, {}),
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -157,6 +187,10 @@ def compile_kernel(
         elif name in _UNIT_STRIDES.get((kernel, variant), _UNIT_STRIDES[kernel]):
             signature[name] = "constexpr"
             constexprs[name] = 1
+        elif (name == "g_ptr" and kernel in _FP32_G) or (name == "out_ptr" and
+                                                          kernel == "dora_norm"):
+            signature[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _SPECIAL_PTRS:
             signature[name] = _SPECIAL_PTRS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]

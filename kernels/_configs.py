@@ -37,8 +37,17 @@ PERSISTENT_MIN_WAVES = 1
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
+# the backward candidates' kernels (kernels/backward_candidates.py): "_split" builds read
+# the split dy pass's fp32 g partials
+CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_p0", "dx_gemm_split", "tail", "tail_split")
+# DoRA's row norms (kernels/dora_norm.py): fp32 arithmetic whatever W's dtype, one table
+DORA_NORM = "dora_norm"
 # kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
 GEMM_KERNELS = ("forward", "dx")
+CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_p0", "dx_gemm_split")
+# the report (python -m fastlora.kernels.report) builds every kernel of these
+KERNELS += CANDIDATE_KERNELS + (DORA_NORM,)
+GEMM_KERNELS += CANDIDATE_GEMM_KERNELS
 R_PADS = (16, 32, 64, 128)
 
 
@@ -94,10 +103,14 @@ class TileConfig:
             "dy": ("BLOCK_M", "BLOCK_N"),
             "dx": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "reduce": (),
+            "dy_split": ("BLOCK_M", "BLOCK_N"),
+            "dx_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "tail": ("BLOCK_M", "BLOCK_K"),
+            "dora_norm": ("BLOCK_N", "BLOCK_K"),
             "sgmv_shrink": ("BLOCK_M", "BLOCK_C"),
             "sgmv_expand": ("BLOCK_M", "BLOCK_C"),
             "sgmv_segment": ("BLOCK_M", "BLOCK_C"),
-        }[kernel]
+        }[kernel.removesuffix("_split").removesuffix("_p0")]
         vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
                 "BLOCK_C": self.block_n}  # SGMV's column block is block_n
         return {n: vals[n] for n in names}
@@ -189,6 +202,87 @@ _CONFIGS_FP32 = {
 }
 _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
 
+# The backward candidates' kernels (kernels/backward_candidates.py):
+#   dy_split  g / dB partials  tiles BLOCK_M rows x a column split, loop over it in BLOCK_N
+#   dx_gemm   dx [M, K]        tiles BLOCK_M x BLOCK_K, loop over N in BLOCK_N (pure GEMM)
+#   tail      dA [r, K]        tiles BLOCK_K columns, loop over M in BLOCK_M (and dB's sum)
+_CANDIDATE_CONFIGS = {
+    "16bit": {
+        "dx_gemm": [
+            T(128, 64, 128, 8, 4, "large M: two warpgroups of 64 x 128 (r_pad 128 spills)",
+              SMALL_R, builds="tma"),
+            T(64, 64, 128, 4, 4, "mid and small M: one warpgroup (r_pad 128 spills)", SMALL_R,
+              builds="tma"),
+            T(64, 64, 64, 4, 3, "r_pad 128 (sm_90), and mid and small M", builds="tma"),
+            T(128, 64, 128, 8, 3, "large M (sm_80, unaligned operands; r_pad 128 spills)",
+              SMALL_R, builds="ptr"),
+            T(64, 64, 64, 8, 3, "mid and small M, and r_pad 128 (4 warps spill)",
+              builds="ptr"),
+        ],
+        # without dropout (no Philox tile in registers beside the accumulator): the
+        # cuBLAS-class tile, two consumer warpgroups of 64 x 256 (with the mask it spills; on
+        # sm_80 the mma.sync accumulators spill in it)
+        "dx_gemm_p0": [
+            T(128, 64, 256, 8, 3, "large M and K, p = 0", 32, builds="tma"),
+        ],
+        "dy_split": [
+            T(256, 64, 0, 8, 3, "large M: 256-row blocks, a quarter of the row pass's dB "
+              "partials; 32 KB boxes (the pointer build spills)", 32, builds="tma"),
+            T(128, 64, 0, 8, 3, "mid M", 32),
+            T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
+            T(64, 16, 0, 8, 3, "r_pad 128: g and the dB partial over 8 warps", min_r_pad=MAX_R),
+        ],
+        "tail": [
+            T(64, 0, 64, 4, 3, "wide K: 64-column programs walking M in 64-row steps",
+              SMALL_R),
+            T(64, 0, 32, 4, 3, "narrow K (more programs), and r_pad 128"),
+        ],
+    },
+    # tf32: pointer builds of dx_gemm only (the N-major W tile cannot feed tf32 wgmma from
+    # shared memory without a transpose through registers, as for "dx" above)
+    "tf32": {
+        "dx_gemm": [
+            T(128, 32, 64, 8, 3, "large M", SMALL_R, builds="ptr"),
+            T(64, 32, 64, 4, 3, "mid and small M, and r_pad 128", builds="ptr"),
+        ],
+        "dy_split": [
+            T(128, 16, 0, 8, 3, "large M", 32),
+            T(64, 16, 0, 8, 3, "small M, and r_pad >= 64"),
+        ],
+        "tail": [T(64, 0, 32, 4, 3, "32-column programs")],
+    },
+    "fp32": {
+        "dx_gemm": [
+            T(32, 32, 32, 4, 3, "FMA tile (r_pad 64 spills in the TMA build)", 32,
+              builds="tma"),
+            T(32, 16, 32, 4, 3, "FMA tile, and r_pad 64"),
+        ],
+        "dy_split": [T(32, 16, 0, 4, 3, "FMA tile")],
+        "tail": [T(32, 0, 32, 4, 3, "FMA tile")],
+    },
+}
+# DoRA's norm: rows of W per program (block_n) x K steps (block_k); every kind reads this
+# table (the arithmetic is fp32 for any W)
+_NORM_CONFIGS = [
+    T(0, 32, 64, 8, 3, "wide layers: 32 rows a program, 64-column steps", 32, builds="ptr"),
+    T(0, 32, 32, 8, 3, "r_pad 64: A's tile [64, 32] fp32", 64, 64, builds="ptr"),
+    T(0, 16, 32, 4, 3, "narrow layers: twice the programs (r_pad 128 spills in every tile "
+      "tried: the torch norm takes it)", SMALL_R, builds="ptr"),
+]
+for _table in _CANDIDATE_CONFIGS.values():
+    _table["dora_norm"] = _NORM_CONFIGS
+# the split dy pass's readers sum up to MAX_G_PARTS fp32 g partials per tile: they are
+# launched up to SPLIT_MAX_R_PAD (larger ranks take the row pass: the "dx_gemm" candidate)
+MAX_G_PARTS = 4
+SPLIT_MAX_R_PAD = 32
+for _kind, _table in _CANDIDATE_CONFIGS.items():
+    _table["dx_gemm_split"] = _table["dx_gemm"]
+    _table.setdefault("dx_gemm_p0", [])
+    # the 32-column tail spills summing 4 fp32 g partials (sm_90 TMA build)
+    _table["tail_split"] = [c for c in _table["tail"] if c.block_k != 32 or _kind != "16bit"]
+    _table["dy_split"] = [c for c in _table["dy_split"] if c.min_r_pad <= SPLIT_MAX_R_PAD]
+    _TABLES[_kind].update(_table)
+
 # DoRA's own tiles where its variant needs more registers than LoRA's (every other
 # (kind, kernel, variant) launches LoRA's table): with dropout the forward holds two
 # [BM, BN] accumulators (x W^T and D(x) W^T), and the dy pass holds a z tile and its
@@ -264,7 +358,11 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
         "dy": (bm * bn + bn * r_pad),
         "dx": (bm * bn + bn * bk),
         "reduce": 0,
-    }[kernel]
+        "dy_split": (bm * bn + bn * r_pad),
+        "dx_gemm": (bm * bn + bn * bk),
+        "tail": (bm * bk + bm * r_pad),
+        "dora_norm": (bn * bk + r_pad * bk),
+    }[kernel.removesuffix("_split").removesuffix("_p0")]
     return s * loop * esize
 
 
@@ -295,6 +393,8 @@ def configs_for(
     if adapter == "dora_dropout" and kernel not in DROPOUT_ACC_KERNELS:
         adapter = "dora"  # dropout changes DoRA's registers in forward and dx only
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
+    if kernel in ("dy_split", "dx_gemm_split", "tail_split") and r_pad > SPLIT_MAX_R_PAD:
+        return []
     return [
         c
         for c in table
@@ -324,7 +424,9 @@ def pick(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "
             f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
         )
-    col_block = {"forward": "block_n", "dx": "block_k"}.get(kernel)
+    col_block = {"forward": "block_n", "dx": "block_k", "dx_gemm": "block_k",
+                 "dx_gemm_split": "block_k", "dx_gemm_p0": "block_k", "tail": "block_k",
+                 "tail_split": "block_k", "dora_norm": "block_n"}.get(kernel)
 
     def tiles(c: TileConfig) -> int:
         t = -(-rows // max(c.block_m, 1))
