@@ -306,6 +306,26 @@ _DORA_CONFIGS = {
         T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
         T(64, 16, 0, 8, 3, "r_pad 128: z and dy [64, 16] beside g", min_r_pad=MAX_R),
     ],
+    # sm_90's DoRA dx holds dy scaled by c and g [BM, r_pad] beside the accumulator (two
+    # with dropout): LoRA's 128-row tiles reach 255 registers and spill 16-144 B in the
+    # cubins (cuobjdump), so DoRA's dx runs 64-row tiles, and narrower ones at r_pad 128
+    ("16bit", "dx", "dora"): [
+        T(64, 64, 64, 8, 3, "dx tile 64 x 64 (128 x 64 spills 16-24 B on sm_90)", SMALL_R,
+          builds="tma"),
+        T(64, 64, 32, 8, 3, "r_pad 128: dx tile 64 x 32", min_r_pad=MAX_R, builds="tma"),
+        T(128, 128, 32, 8, 3, "large M: dx tile 128 x 32", SMALL_R, builds="ptr"),
+        T(64, 64, 32, 8, 3, "mid and small M, and r_pad 128 (64 x 128 steps spill 32 B "
+          "on sm_90)", builds="ptr"),
+    ],
+    ("16bit", "dx", "dora_dropout"): [
+        T(64, 64, 64, 8, 3, "two [64, 64] accumulators (128 rows spill 32-144 B)", SMALL_R,
+          builds="tma"),
+        T(64, 32, 32, 8, 3, "r_pad 128: two [64, 32] accumulators (64 x 64 spills 16 B)",
+          min_r_pad=MAX_R, builds="tma"),
+        T(64, 64, 32, 8, 3, "two [64, 32] accumulators (128 x 32 spills 40 B on sm_90)",
+          SMALL_R, builds="ptr"),
+        T(64, 32, 32, 8, 3, "r_pad 128, N steps of 32", min_r_pad=MAX_R, builds="ptr"),
+    ],
     ("tf32", "forward", "dora"): [
         T(128, 128, 32, 8, 3, "large M and N", SMALL_R),
         T(64, 128, 32, 4, 4, "mid M (r_pad 64 spills 16 B with z and the column scale)", 32),
@@ -330,6 +350,25 @@ _DORA_CONFIGS = {
     ("tf32", "dy", "dora"): [
         T(64, 32, 0, 8, 3, "large M: dy, z [64, 32] beside g", 32),
         T(32, 32, 0, 8, 3, "small M, and r_pad >= 64"),
+    ],
+}
+
+# A 4-bit base decodes each W tile in registers inside the forward's K loop (decode-in-
+# mainloop): LoRA's forward tiles spill there in the cubins (24 B on sm_90, 176-536 B on
+# sm_80), so the 4-bit forward launches its own, smaller decoded tiles.
+_4BIT_CONFIGS = {
+    ("16bit", "forward"): [
+        T(128, 256, 32, 8, 3, "large M and N: K steps of 32 halve the decoded W tile (64 "
+          "spills 24 B on sm_90)", SMALL_R, builds="tma"),
+        T(128, 128, 64, 8, 3, "every rank block (190 registers at r_pad 128)", builds="tma"),
+        T(128, 128, 64, 8, 3, "large M, r_pad <= 32 (sm_80 spills 432 B at r_pad 128)", 32,
+          builds="ptr"),
+        T(64, 128, 64, 8, 3, "mid M and r_pad 64 over 8 warps (4 warps spill 176-192 B on "
+          "sm_80)", SMALL_R, builds="ptr"),
+        T(64, 64, 64, 8, 3, "r_pad 128 (252 registers on sm_80)", min_r_pad=MAX_R,
+          builds="ptr"),
+        T(32, 64, 64, 4, 3, "small M: many CTAs along N (32 x 64 x 128 spills 24 B on "
+          "sm_90)", builds="ptr"),
     ],
 }
 
@@ -375,11 +414,11 @@ def operand_kind(esize: int, precision: str) -> str:
 
 def configs_for(
     kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None, tma: bool = False,
-    adapter: str = "lora",
+    adapter: str = "lora", base: str = "dense",
 ) -> list[TileConfig]:
     """Every config the dispatcher may launch for this kernel, operand kind
-    (``operand_kind``), rank block, build (``tma``) and adapter variant (``ADAPTERS``);
-    ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
+    (``operand_kind``), rank block, build (``tma``), adapter variant (``ADAPTERS``) and
+    base kind ("dense" or a 4-bit kind); ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
     if interpreting() if interpreter is None else interpreter:
         return [_INTERPRET_CONFIG]
     esize = 2 if kind == "16bit" else 4
@@ -395,6 +434,8 @@ def configs_for(
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
     if kernel in ("dy_split", "dx_gemm_split", "tail_split") and r_pad > SPLIT_MAX_R_PAD:
         return []
+    if base not in ("dense", "dense_tma") and adapter == "lora":
+        table = _4BIT_CONFIGS.get((kind, kernel), table)
     return [
         c
         for c in table
@@ -412,13 +453,14 @@ def m_bucket(m: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def pick(
     kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False,
-    *, interpreter: bool | None = None, adapter: str = "lora",
+    *, interpreter: bool | None = None, adapter: str = "lora", base: str = "dense",
 ) -> TileConfig:
     """The config launched for a ``rows x cols`` output (cols 1 for row-tiled kernels):
     the largest tile (table order) that still gives every one of ``sms`` SMs a tile,
     else the config with the most tiles.  A function of the shape alone.  ``interpreter``
     as in ``configs_for`` (False: the GPU tables even under ``TRITON_INTERPRET=1``)."""
-    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter, adapter=adapter)
+    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter, adapter=adapter,
+                        base=base)
     if not cands:
         raise ValueError(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "

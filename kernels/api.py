@@ -13,6 +13,7 @@ from .backward_candidates import decode_once_backward, decode_once_forward, dx_g
 from .backward_candidates import split_dy_backward
 from .dequant_4bit import dequantize_4bit
 from .dora_norm import dora_weight_norm, norm_kernel_ok
+from .dropout_mask import dropout_apply
 from .lora_backward import dora_backward, lora_backward
 from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
 from .lora_sgmv import sgmv_backward, sgmv_forward, stack_adapters
@@ -33,7 +34,7 @@ CANDIDATES_4BIT_ONLY = frozenset({"decode_once"})
 __all__ = [
     "BACKWARD_CANDIDATES", "CANDIDATES_4BIT_ONLY", "FORWARD_CANDIDATES",
     "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
-    "dora_weight_norm", "norm_kernel_ok",
+    "dora_weight_norm", "dropout_apply", "norm_kernel_ok",
     "dot_precision", "fused_4bit_ok",
     "lora_backward",
     "lora_forward",
