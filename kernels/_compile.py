@@ -24,6 +24,7 @@ from .dora_norm import _dora_norm_kernel
 from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
 from .lora_dy_pass import _lora_dy_split_kernel
 from .lora_forward import _lora_forward_kernel, _lora_shrink_kernel
+from .lora_sgmv import _sgmv_expand_kernel, _sgmv_segment_kernel, _sgmv_shrink_kernel
 
 JIT_KERNELS = {
     "shrink": _lora_shrink_kernel,
@@ -63,6 +64,10 @@ CANDIDATE_JIT_KERNELS = {
     "tail": _lora_tail_kernel,
     "tail_split": _lora_tail_kernel,
     "dora_norm": _dora_norm_kernel,
+    # the multi-adapter (SGMV) kernels, lora_sgmv.py
+    "sgmv_shrink": _sgmv_shrink_kernel,
+    "sgmv_expand": _sgmv_expand_kernel,
+    "sgmv_segment": _sgmv_segment_kernel,
 }
 # the candidates' builds: g from the row dy pass (one part in the activation dtype) or the
 # split one (fp32 parts; the most it launches compiled, _configs.MAX_G_PARTS)
@@ -86,9 +91,12 @@ DTYPES = {
     "tf32": ("fp32", "fp32", "tf32"),  # fp32 tensors with torch's allow_tf32 on
 }
 _ESIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-_ADAPTER_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr", "mag_ptr", "dm_ptr"}
+_ADAPTER_PTRS = {"a_ptr", "b_ptr", "da_ptr", "db_ptr", "mag_ptr", "dm_ptr", "rhs_ptr"}
 _SPECIAL_PTRS = {"seed_ptr": "*i64", "ws_ptr": "*fp32", "wsa_ptr": "*fp32", "wsb_ptr": "*fp32",
-                 "wsm_ptr": "*fp32", "norm_ptr": "*fp32"}
+                 "wsm_ptr": "*fp32", "norm_ptr": "*fp32",
+                 # SGMV: the sort (int64 index, order), segment bounds, (s, p) table
+                 "order_ptr": "*i64", "sidx_ptr": "*i64", "bounds_ptr": "*i64",
+                 "table_ptr": "*fp32"}
 # DoRA's operands: None (constexpr) in a LoRA build, as the launchers pass them
 _DORA_PTRS = ("z_ptr", "mag_ptr", "norm_ptr", "wsm_ptr", "dm_ptr")
 _FLOATS = {"scaling", "dropout_p"}
@@ -111,6 +119,13 @@ _UNIT_STRIDES = {
     "dy": {"stride_dyn", "stride_br", "stride_ur", "stride_gr"},
     "dx": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
     "reduce": set(),
+    # SGMV, the x side (shrink of x with A [n, R, K], dx expand with A): K-contiguous A
+    "sgmv_shrink": {"stride_sc", "stride_rc"},
+    "sgmv_expand": {"stride_rc", "stride_oc"},
+    # ... and the B side (g = s dy B, y += u B^T): B [n, N, R] read as B^T, r-contiguous
+    ("sgmv_shrink", "B"): {"stride_sc", "stride_rr"},
+    ("sgmv_expand", "B"): {"stride_rr", "stride_oc"},
+    "sgmv_segment": {"stride_xk", "stride_dak", "stride_dyn", "stride_dbr"},
     "dy_split": {"stride_dyn", "stride_br", "stride_ur"},
     "dx_gemm": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"},
     "tail": {"stride_xk", "stride_gr"},
@@ -123,6 +138,7 @@ _UNIT_STRIDES["dora_norm"] = {"stride_wk", "stride_ak", "stride_br"}
 _NOT_DIVISIBLE = {
     "R", "NUM_PROGS", "stride_um", "stride_gm", "stride_bn", "stride_wsn", "stride_wsp",
     "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB", "stride_gs", "stride_dar", "N_PER",
+    "NUM_ADAPTERS", "TILES_K", "stride_lm", "stride_rc", "stride_daa", "stride_dba", "stride_dbn",
 }
 # the constexpr flags compiled: every optional piece of code on
 FLAGS = {
@@ -178,7 +194,8 @@ def compile_kernel(
         "BLOCK": _configs.REDUCE_BLOCK,
         **FLAGS,
         "ADAPTER": "dora" if variant.startswith("dora") else "lora",
-        **({"HAS_DROPOUT": False} if variant == "dora" else {}),
+        # DoRA without dropout; SGMV's B side (g, the y expand) never runs dropout
+        **({"HAS_DROPOUT": False} if variant in ("dora", "B") else {}),
         **({"NEED_DM": False, "HAS_DM": False} if variant == "lora" else {}),
         **({n: None for n in _DORA_PTRS} if variant == "lora" else {}),
         **(config.meta(kernel) if kernel not in STANDALONE else
@@ -204,7 +221,7 @@ def compile_kernel(
         elif name == "w_ptr" and four_bit:
             signature[name] = "*u8"  # packed codes, two per byte (4-bit) or one (FP8)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in _UNIT_STRIDES[kernel]:
+        elif name in _UNIT_STRIDES.get((kernel, variant), _UNIT_STRIDES[kernel]):
             signature[name] = "constexpr"
             constexprs[name] = 1
         elif (name == "g_ptr" and kernel in _FP32_G) or (name == "out_ptr" and

@@ -107,8 +107,12 @@ class TileConfig:
             "dx_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "tail": ("BLOCK_M", "BLOCK_K"),
             "dora_norm": ("BLOCK_N", "BLOCK_K"),
+            "sgmv_shrink": ("BLOCK_M", "BLOCK_C"),
+            "sgmv_expand": ("BLOCK_M", "BLOCK_C"),
+            "sgmv_segment": ("BLOCK_M", "BLOCK_C"),
         }[kernel.removesuffix("_split").removesuffix("_p0")]
-        vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                "BLOCK_C": self.block_n}  # SGMV's column block is block_n
         return {n: vals[n] for n in names}
 
 
@@ -500,14 +504,16 @@ _S = TileConfig
 _SGMV_CONFIGS = {
     "16bit": {
         "sgmv_shrink": [
-            _S(64, 64, 0, 4, 3, "large M: 64 rows a tile, K steps of 64", SMALL_R),
-            _S(16, 128, 0, 4, 3, "small M (decode): more tiles, long K steps", SMALL_R),
-            _S(32, 64, 0, 4, 3, "r_pad 128: u [32, 128] fp32", min_r_pad=MAX_R),
+            _S(64, 64, 0, 4, 3, "large M: 64 rows a tile, column steps of 64", SMALL_R),
+            _S(16, 128, 0, 4, 3, "small M (decode): more tiles, long column steps", SMALL_R),
+            _S(64, 64, 0, 8, 3, "r_pad 128: u [64, 128] fp32 over 8 warps", min_r_pad=MAX_R),
         ],
         "sgmv_expand": [
-            _S(64, 128, 0, 4, 2, "large M: a [64, 128] tile per adapter step", SMALL_R),
-            _S(16, 128, 0, 4, 2, "small M", SMALL_R),
-            _S(32, 64, 0, 4, 2, "r_pad 128", min_r_pad=MAX_R),
+            _S(64, 128, 0, 8, 1, "large M: [64, 128] output tiles over 8 warps", SMALL_R),
+            _S(16, 64, 0, 4, 1, "small M (128 columns spill with unaligned fp32 B on sm_80)",
+               SMALL_R),
+            _S(32, 64, 0, 8, 1, "r_pad 128 ([64, 64] spills with fp32 A on sm_80)",
+               min_r_pad=MAX_R),
         ],
         "sgmv_segment": [
             _S(64, 64, 0, 4, 3, "dA/dB tile [r_pad, 64], 64 rows a step", SMALL_R),
@@ -518,12 +524,12 @@ _SGMV_CONFIGS = {
         "sgmv_shrink": [
             _S(64, 32, 0, 4, 3, "large M", SMALL_R),
             _S(16, 64, 0, 4, 3, "small M", SMALL_R),
-            _S(32, 32, 0, 4, 3, "r_pad 128", min_r_pad=MAX_R),
+            _S(64, 32, 0, 8, 3, "r_pad 128", min_r_pad=MAX_R),
         ],
         "sgmv_expand": [
-            _S(64, 64, 0, 4, 2, "large M", SMALL_R),
-            _S(16, 64, 0, 4, 2, "small M", SMALL_R),
-            _S(32, 32, 0, 4, 2, "r_pad 128", min_r_pad=MAX_R),
+            _S(64, 64, 0, 8, 1, "large M", SMALL_R),
+            _S(16, 64, 0, 4, 1, "small M", SMALL_R),
+            _S(32, 64, 0, 8, 1, "r_pad 128", min_r_pad=MAX_R),
         ],
         "sgmv_segment": [
             _S(32, 64, 0, 4, 3, "dA/dB tile [r_pad, 64]", SMALL_R),
@@ -533,7 +539,7 @@ _SGMV_CONFIGS = {
     # IEEE fp32: FMA dots with register operands, small tiles (as _CONFIGS_FP32)
     "fp32": {
         "sgmv_shrink": [_S(32, 32, 0, 4, 3, "FMA tile")],
-        "sgmv_expand": [_S(32, 32, 0, 4, 2, "FMA tile")],
+        "sgmv_expand": [_S(32, 32, 0, 8, 1, "FMA tile over 8 warps (4 spill on sm_80)")],
         "sgmv_segment": [_S(16, 32, 0, 4, 3, "FMA tile")],
     },
 }

@@ -26,10 +26,19 @@ uniform fast path.  Over all tiles the loop runs at most tiles + n - 1 times.
                                          launch, no atomics, no partials: bitwise
                                          reproducible
 
-Launches: forward sort + stack + 3, backward searchsorted + 4.  Dropout: adapter i's keep
-mask is Philox keyed by (seed + i; row, column) with the original row, so it does not
-depend on tiling or sorting, adapter 0 draws exactly the single-adapter kernels' mask for
-the same seed, and D_i(x) is never stored (the forward's seed regenerates it).
+Launches per call: forward the sort, the stacking (none for one adapter, one copy per
+stack for equal ranks) and 3; backward 4 and a searchsorted for the segment bounds.  The
+single-adapter path has 2 and 3.
+
+The shrink walks (adapter, column step) pairs in one flat loop, so the tile's main loop is
+one pipelined loop with one accumulator (rows of other adapters load as zeros and add
+nothing; each row's s_a is applied at the store).  The expand accumulates every adapter's
+step into one tile and, with dropout, draws each row's mask once after the loop.
+
+Dropout: adapter i's keep mask is Philox keyed by (seed + i; row, column) with the
+original row, so it does not depend on tiling or sorting, adapter 0 draws exactly the
+single-adapter kernels' mask for the same seed, and D_i(x) is never stored (the forward's
+seed regenerates it in the dx expand and the dA segment pass).
 """
 
 from __future__ import annotations
@@ -51,13 +60,15 @@ __all__ = ["segments", "sgmv_backward", "sgmv_forward", "stack_adapters"]
 def _tile_adapters(sidx_ptr, order_ptr, j0, M, NUM_ADAPTERS, BLOCK_M: tl.constexpr):
     """Sorted positions j0 .. j0+BLOCK_M: positions, in-range mask, original rows, adapter
     of each row (-1 outside), and the adapter range [a_lo, a_hi] the tile spans (empty when
-    it holds base rows only).  Indices past the table are clamped: memory-safe, never read."""
+    it holds base rows only).  An index outside [-1, NUM_ADAPTERS) reads as -1: memory-safe
+    (the Python layer rejects such indices where it can check them without a sync)."""
     offs_j = j0 + tl.arange(0, BLOCK_M)
     mask_j = offs_j < M
     adp = tl.load(sidx_ptr + offs_j, mask=mask_j, other=-1)
+    adp = tl.where((adp >= 0) & (adp < NUM_ADAPTERS), adp, -1)
     rows = tl.load(order_ptr + offs_j, mask=mask_j, other=0)
-    a_lo = tl.maximum(tl.min(tl.where(adp >= 0, adp, NUM_ADAPTERS), axis=0), 0)
-    a_hi = tl.minimum(tl.max(adp, axis=0), NUM_ADAPTERS - 1)
+    a_lo = tl.min(tl.where(adp >= 0, adp, NUM_ADAPTERS), axis=0)
+    a_hi = tl.max(adp, axis=0)
     return offs_j, mask_j, rows, adp, a_lo, a_hi
 
 
@@ -65,7 +76,7 @@ def _tile_adapters(sidx_ptr, order_ptr, j0, M, NUM_ADAPTERS, BLOCK_M: tl.constex
 def _sgmv_shrink_kernel(
     src_ptr, order_ptr, sidx_ptr, rhs_ptr, table_ptr, seed_ptr, out_ptr,
     M, C, R, NUM_ADAPTERS,
-    stride_sm, stride_sc, stride_ra, stride_rr, stride_rc, stride_om,
+    stride_sm, stride_sc, stride_ra, stride_rr, stride_rc, stride_um,
     HAS_DROPOUT: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -78,31 +89,33 @@ def _sgmv_shrink_kernel(
     offs_r = tl.arange(0, R_PAD)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-    out = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for a in range(a_lo, a_hi + 1):
+    # one accumulator for every adapter: a row's other-adapter steps load zeros
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # (adapter, column step) pairs in one flat loop: one pipelined main loop (nested loops
+    # kept an extra stage of operands live and spilled on sm_80)
+    steps = tl.cdiv(C, BLOCK_C)
+    for it in range(0, (a_hi - a_lo + 1) * steps):
+        a = a_lo + it // steps
+        c0 = (it % steps) * BLOCK_C
         in_a = mask_j & (adp == a)
-        s = tl.load(table_ptr + 2 * a)
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        src = tl.load(
+            src_ptr + rows[:, None] * stride_sm + offs_c[None, :] * stride_sc,
+            mask=in_a[:, None] & mask_c[None, :], other=0.0,
+        )  # fmt: skip
         if HAS_DROPOUT:
-            p = tl.load(table_ptr + 2 * a + 1)
-        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            src = tl.load(
-                src_ptr + rows[:, None] * stride_sm + offs_c[None, :] * stride_sc,
-                mask=in_a[:, None] & mask_c[None, :], other=0.0,
-            )  # fmt: skip
-            if HAS_DROPOUT:
-                src = apply_dropout(src, seed + a, rows, c0, p, BLOCK_C)
-            rhs_t = tl.load(
-                rhs_ptr + a * stride_ra + offs_c[:, None] * stride_rc + offs_r[None, :] * stride_rr,
-                mask=mask_c[:, None] & (offs_r[None, :] < R), other=0.0,
-            ).to(dtype)  # [BLOCK_C, R_PAD]: rhs_a^T in src's dtype, cast in registers
-            acc = tl.dot(src, rhs_t, acc, input_precision=DOT_PRECISION)
-        out += acc * s  # rows of other adapters loaded as zeros: they add nothing
+            src = apply_dropout(src, seed + a, rows, c0, tl.load(table_ptr + 2 * a + 1), BLOCK_C)
+        rhs_t = tl.load(
+            rhs_ptr + a * stride_ra + offs_c[:, None] * stride_rc + offs_r[None, :] * stride_rr,
+            mask=mask_c[:, None] & (offs_r[None, :] < R), other=0.0,
+        ).to(dtype)  # [BLOCK_C, R_PAD]: rhs_a^T in src's dtype, cast in registers
+        acc = tl.dot(src, rhs_t, acc, input_precision=DOT_PRECISION)
+    s = tl.load(table_ptr + 2 * adp, mask=adp >= 0, other=0.0)  # each row's s_a
     tl.store(
-        out_ptr + offs_j[:, None] * stride_om + offs_r[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=mask_j[:, None] & (offs_r[None, :] < R),
+        out_ptr + offs_j[:, None] * stride_um + offs_r[None, :],
+        (acc * s[:, None]).to(out_ptr.dtype.element_ty),
+        mask=mask_j[:, None] & (offs_r[None, :] < R),
     )  # fmt: skip
 
 
@@ -129,8 +142,6 @@ def _sgmv_expand_kernel(
             lhs_ptr + offs_j[:, None] * stride_lm + offs_r[None, :],
             mask=mask_j[:, None] & (offs_r[None, :] < R), other=0.0,
         )  # fmt: skip
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for a in range(a_lo, a_hi + 1):
             in_a = mask_j & (adp == a)
@@ -138,14 +149,16 @@ def _sgmv_expand_kernel(
                 rhs_ptr + a * stride_ra + offs_r[:, None] * stride_rr + offs_c[None, :] * stride_rc,
                 mask=(offs_r[:, None] < R) & mask_c[None, :], other=0.0,
             ).to(dtype)  # fmt: skip
-            part = tl.dot(tl.where(in_a[:, None], lhs, tl.zeros_like(lhs)), rhs,
-                          input_precision=DOT_PRECISION)  # fmt: skip
-            if HAS_DROPOUT:
-                p = tl.load(table_ptr + 2 * a + 1)
-                keep = dropout_keep(seed + a, rows, c0, p, BLOCK_C)
-                part = tl.where(keep, part * (1.0 / (1.0 - p)), 0.0)
-            acc += part
-        live = (mask_j & (adp >= 0))[:, None] & mask_c[None, :]
+            acc = tl.dot(tl.where(in_a[:, None], lhs, tl.zeros_like(lhs)), rhs, acc,
+                         input_precision=DOT_PRECISION)  # fmt: skip
+        based = mask_j & (adp >= 0)
+        if HAS_DROPOUT:
+            # each row's own adapter stream, drawn once after the loop: key seed + a per
+            # row (the same bits as a scalar key), rate p_a per row
+            p = tl.load(table_ptr + 2 * adp + 1, mask=based, other=0.0)
+            keep = dropout_keep(tl.load(seed_ptr) + adp[:, None], rows, c0, p[:, None], BLOCK_C)
+            acc = tl.where(keep, acc * (1.0 / (1.0 - p))[:, None], 0.0)
+        live = based[:, None] & mask_c[None, :]
         ptrs = out_ptr + rows[:, None] * stride_om + offs_c[None, :] * stride_oc
         prev = tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
         tl.store(ptrs, (prev + acc).to(out_ptr.dtype.element_ty), mask=live)
@@ -315,7 +328,10 @@ def sgmv_forward(
     [-1, n), seed: int64 [1] (read with has_dropout).  Returns y [M, N] in x.dtype (rows in
     the caller's order), u [M, R] (sorted order), sidx and order (``segments``)."""
     sidx, order = segments(row_index)
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    if bias is None:
+        y = torch.mm(x, weight.t())
+    else:
+        y = torch.addmm(bias.to(x.dtype), x, weight.t())
     u = shrink(x, sidx, order, A, table, seed, has_dropout, traceable=traceable)
     expand(y, u, sidx, order, B.transpose(1, 2), table, seed, False, traceable=traceable)
     return y, u, sidx, order

@@ -48,6 +48,9 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adap
         for dtype in dtypes:
             kind = _compile.operand_kind(dtype)
             for kernel in kernels:
+                if kernel in _configs.SGMV_KERNELS:
+                    yield from _sgmv_jobs(arch, dtype, kind, r_pads, kernel)
+                    continue
                 if kernel in _compile.STANDALONE:  # one config, no rank, no adapter
                     if _compile.DTYPES[dtype][1] == _compile.DTYPES[dtype][0]:
                         yield (arch, dtype, _configs.MMA_MIN_R, kernel,
@@ -76,6 +79,22 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adap
                                 if r_pads is None and r_pad != max(pads):
                                     continue
                                 yield arch, dtype, r_pad, kernel, cfg, build, base, adapter
+
+
+def _sgmv_jobs(arch, dtype, kind, r_pads, kernel):
+    """The multi-adapter kernels (lora_sgmv.py): pointer loads only (gathered rows), dense
+    base, each config at its largest rank block (or at ``r_pads``)."""
+    seen = {}
+    for r_pad in _configs.R_PADS:
+        for cfg in _configs.sgmv_configs(kernel, kind, r_pad, interpreter=False):
+            seen.setdefault(cfg, []).append(r_pad)
+    # the adapter column says which operand the kernel streams: "A" (the x side: u, the dx
+    # expand, with dropout) or "B" (g, the y expand: B^T r-contiguous, row stride R)
+    sides = ("A", "B") if kernel in ("sgmv_shrink", "sgmv_expand") else ("A",)
+    for cfg, pads in seen.items():
+        for r_pad in [max(pads)] if r_pads is None else [p for p in pads if p in r_pads]:
+            for side in sides:
+                yield arch, dtype, r_pad, kernel, cfg, "ptr", "dense", side
 
 
 def problems_of(job, res) -> list[str]:
@@ -118,7 +137,7 @@ def main(argv=None) -> int:
                     choices=list(_compile.DTYPES))  # fmt: skip
     ap.add_argument("--r-pad", type=int, nargs="+", default=None, choices=_configs.R_PADS,
                     help="rank blocks to build (default: each config at its largest)")  # fmt: skip
-    kernels = [*_configs.KERNELS, *_compile.STANDALONE]
+    kernels = [*_configs.KERNELS, *_compile.STANDALONE, *_configs.SGMV_KERNELS]
     ap.add_argument("--kernel", nargs="+", default=kernels, choices=kernels)
     ap.add_argument("--base", nargs="+", default=["dense"],
                     choices=["dense", *_BASES_4BIT, "e4m3"],
