@@ -58,6 +58,57 @@ class _AdapterRoute:
         return layer._forward_adapter(x, self.adapter)
 
 
+class _Plan:
+    """The index tensors of one routing: which rows of the concatenated factors each sample
+    uses, its scale (0 on padded rank slots and base samples) and its dropout threshold.
+    Shared by every layer whose adapters in the batch have the same ranks, scales and rates."""
+
+    def __init__(self, index: list[int], hparams: tuple, device: torch.device) -> None:
+        ranks = [r for r, _, _ in hparams]
+        R = max(ranks)
+        offsets = [sum(ranks[:i]) for i in range(len(ranks))]
+        S = len(index)
+        rank_index = torch.zeros(S, R, dtype=torch.int64)
+        scale = torch.zeros(S, R, dtype=torch.float64)
+        scale_train = torch.zeros(S, R, dtype=torch.float64)
+        low = torch.full((S,), -(_LEVELS // 2), dtype=torch.int32)
+        for s, i in enumerate(index):  # once per routing, not per call
+            if i < 0:
+                continue
+            r, scaling, p = hparams[i]
+            rank_index[s, :r] = torch.arange(offsets[i], offsets[i] + r)
+            scale[s, :r] = scaling
+            scale_train[s, :r] = scaling * (keep_scale(p) if p > 0 else 1.0)
+            low[s] = _threshold(p) - _LEVELS // 2
+        self.sample_index = torch.tensor(index, dtype=torch.int64, device=device)
+        self.rank_index = rank_index.to(device)
+        self.scale = {False: scale.to(device), True: scale_train.to(device)}
+        self.low = low.to(device)
+        self.factors: dict = {}
+
+    def factor(self, dtype: torch.dtype, training: bool) -> Tensor:
+        key = (dtype, training)
+        f = self.factors.get(key)
+        if f is None:
+            f = self.factors[key] = self.scale[training].to(dtype)
+        return f
+
+
+# plans by (sample indices, adapter hyperparameters, device); bounded like a cache
+_plans: dict = {}
+_PLAN_LIMIT = 256
+
+
+def _plan(index: list[int], hparams: tuple, device: torch.device) -> _Plan:
+    key = (tuple(index), hparams, device)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _PLAN_LIMIT:
+            _plans.clear()
+        plan = _plans[key] = _Plan(index, hparams, device)
+    return plan
+
+
 class _BatchRoute:
     """One layer's routing for one mixed batch of S samples."""
 
@@ -77,46 +128,21 @@ class _BatchRoute:
                     f"adapter_batch: adapter {n!r} is a DoRA adapter; DoRA adapters cannot share "
                     "a mixed batch (run its samples in a batch of their own)"
                 )
-        device = layer.weight.device
         local = {n: i for i, n in enumerate(present)}
-        index = [local.get(n, -1) for n in names]
-        ranks = [ad.r for ad in ads]
-        R = max(ranks)
-        offsets = [sum(ranks[:i]) for i in range(len(ranks))]
-        rank_index = torch.zeros(self.samples, R, dtype=torch.int64)
-        valid = torch.zeros(self.samples, R, dtype=torch.bool)
-        scale = torch.zeros(self.samples, R, dtype=torch.float64)
-        scale_train = torch.zeros(self.samples, R, dtype=torch.float64)
-        low = torch.full((self.samples,), -(_LEVELS // 2), dtype=torch.int32)
-        for s, i in enumerate(index):  # once per batch, not per call
-            if i < 0:
-                continue
-            ad, r = ads[i], ranks[i]
-            rank_index[s, :r] = torch.arange(offsets[i], offsets[i] + r)
-            valid[s, :r] = True
-            scale[s, :r] = ad.scaling
-            p = ad.lora_dropout
-            scale_train[s, :r] = ad.scaling * (keep_scale(p) if p > 0 else 1.0)
-            low[s] = _threshold(p) - _LEVELS // 2
+        hparams = tuple((ad.r, float(ad.scaling), float(ad.lora_dropout)) for ad in ads)
+        self.plan = _plan([local.get(n, -1) for n in names], hparams, layer.weight.device)
         self.names = present
-        self.adapters = ads
         self.As = tuple(ad.lora_A for ad in ads)
         self.Bs = tuple(ad.lora_B for ad in ads)
-        self.scalings = tuple(float(ad.scaling) for ad in ads)
-        self.dropouts = tuple(float(ad.lora_dropout) for ad in ads)
+        self.scalings = tuple(s for _, s, _ in hparams)
+        self.dropouts = tuple(p for _, _, p in hparams)
         self.has_dropout = any(p > 0 for p in self.dropouts)
-        self.sample_index = torch.tensor(index, dtype=torch.int64, device=device)
-        self.rank_index = rank_index.to(device)
-        self._scale = {False: scale.to(device), True: scale_train.to(device)}
-        self._low = low.to(device)
-        self._cache: dict = {}
+        self.sample_index = self.plan.sample_index
+        self.rank_index = self.plan.rank_index
+        self._low = self.plan.low
 
     def factor(self, dtype: torch.dtype, training: bool) -> Tensor:
-        key = (dtype, training)
-        f = self._cache.get(key)
-        if f is None:
-            f = self._cache[key] = self._scale[training].to(dtype)
-        return f
+        return self.plan.factor(dtype, training)
 
     def __call__(self, layer: FastLoRALinear, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[0] != self.samples:

@@ -372,9 +372,41 @@ def test_activation_checkpointing_same_grads():
 
 
 def test_compile_fullgraph_fixed_names():
-    model = fl_model(base_model())
+    """One frame for eval, no recompile when the same names come back in a new block; the
+    compiled mixed batch equals PEFT's, in eval and (with dropout off) its gradients eager's."""
+    from torch._dynamo.testing import CompileCounter
+
+    base = base_model()
+    model = fl_model(base)
+    pm = peft_twin(base, model)
     x = inputs()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        expected = pm(x, adapter_names=NAMES)
+        for _ in range(2):
+            with fastlora.adapter_batch(model, NAMES):
+                torch.testing.assert_close(compiled(x), expected, **TOL)
+    assert counter.frame_count == 1
+    model.train()
+    with fastlora.adapter_batch(model, NAMES):
+        compiled(x).pow(2).sum().backward()
+        got = _grads(model)
+        model.zero_grad()
+        model(x).pow(2).sum().backward()
+    torch.testing.assert_close(got, _grads(model), **TOL)
+
+
+def test_compile_with_dropout_draws_a_mask():
+    model = fl_model(base_model(), dropout=0.5).train()
+    x = inputs()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with fastlora.adapter_batch(model, NAMES):
+        torch.manual_seed(0)
+        a = compiled(x)
+        torch.manual_seed(0)
+        b = model(x)
+    torch.testing.assert_close(a, b, **TOL)  # the same draw from torch's generator
+    model.eval()
     with torch.no_grad(), fastlora.adapter_batch(model, NAMES):
-        eager = model(x)
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-        torch.testing.assert_close(compiled(x), eager, **TOL)
+        assert not torch.allclose(a, model(x))  # dropout was applied in training
