@@ -25,10 +25,12 @@ plus one ``_lora_reduce_kernel`` (the fixed-order sum of the dA/dB partials).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,13 +160,18 @@ TMA_SCRATCH_ALIGN = 256  # workspace sections are 256-aligned (fastlora_kernels.
 # depend on the device
 MAX_PERSISTENT_CTAS = 1024
 TMA_ARCH = 90
+SOURCE_PACKAGE = "_fastlora_source_kernels"
 
 
 def import_kernels(src: Path):
-    """The kernels of the source tree being built (not whatever copy is installed)."""
-    sys.path.insert(0, str(src))
-    from kernels import _compile, _configs
-
+    """The kernels of the source tree being built (not whatever copy is installed), under a
+    private package name: ``kernels/`` is a namespace portion, and an installed regular
+    package named ``kernels`` would win over it."""
+    package = types.ModuleType(SOURCE_PACKAGE)
+    package.__path__ = [str(src / "kernels")]
+    sys.modules[SOURCE_PACKAGE] = package
+    _compile = importlib.import_module(SOURCE_PACKAGE + "._compile")
+    _configs = importlib.import_module(SOURCE_PACKAGE + "._configs")
     return dict(_compile.JIT_KERNELS), _configs
 
 

@@ -4,6 +4,10 @@
 it; ``set_backend`` picks the implementation ("auto", "torch", "triton").
 """
 
+from fastlora import _kernel_path
+
+_kernel_path.register()
+
 from fastlora.adapter import load_adapter, save_adapter
 from fastlora.backend import get_backend, set_backend, use_backend
 from fastlora.functional import lora_linear

@@ -23,14 +23,12 @@ interpreted), which is how the tests check it without a GPU.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import logging
 import math
 import os
 import sys
 import threading
-from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -45,29 +43,7 @@ _BENCH_WARMUP_MS = 5
 _BENCH_REP_MS = 20
 
 
-def _import_kernels() -> ModuleType:
-    """``fastlora.kernels``; from a source checkout that was not pip-installed, load the
-    top-level ``kernels/`` directory under that name (the package-dir mapping of pyproject)."""
-    try:
-        import fastlora.kernels as kernels
-
-        return kernels
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastlora.kernels":
-            raise
-    root = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        "fastlora.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
-    )
-    if spec is None or spec.loader is None:
-        raise ImportError(f"fastlora.kernels: not installed and no {root}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fastlora.kernels"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_kernels = _import_kernels()
+_kernels = importlib.import_module("fastlora.kernels.api")
 # Triton's interpreter patches triton.language globally and a first launch compiles into
 # shared caches: launches from several threads are serialized on the host (an uncontended
 # lock is ~0.1 us; the GPU work itself stays asynchronous).

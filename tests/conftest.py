@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastlora  # noqa: E402  (after the interpreter switch)
-import fastlora.kernels  # noqa: E402
+import fastlora.kernels.api  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 from helpers import available_backends  # noqa: E402
@@ -19,7 +19,7 @@ from helpers import available_backends  # noqa: E402
 # copy is not what was imported (the editable install maps fastlora.kernels to the checkout)
 _expect_root = os.environ.get("FASTLORA_EXPECT_ROOT")
 if _expect_root:
-    for _module in (fastlora, fastlora.kernels):
+    for _module in (fastlora, fastlora.kernels.api):
         if not os.path.realpath(_module.__file__).startswith(os.path.realpath(_expect_root) + os.sep):
             raise RuntimeError(
                 f"FASTLORA_EXPECT_ROOT={_expect_root}: {_module.__name__} was imported from "

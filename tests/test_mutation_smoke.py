@@ -40,12 +40,13 @@ def test_main_fails_on_a_stale_anchor(capsys):
 def test_child_imports_the_copy(tmp_path):
     """The editable install maps fastlora.kernels to the checkout; the copy must win."""
     root = make_copy(tmp_path)
-    code = "import fastlora, fastlora.kernels; print(fastlora.__file__); print(fastlora.kernels.__file__)"
+    code = ("import fastlora, fastlora.kernels.api; print(fastlora.__file__); "
+            "print(fastlora.kernels.api.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=child_env(root),
                          capture_output=True, text=True, check=True)
     files = out.stdout.split()
     assert files == [str(root / "fastlora" / "__init__.py"),
-                     str(root / "fastlora" / "kernels" / "__init__.py")], files
+                     str(root / "fastlora" / "kernels" / "api.py")], files
     assert ROOT not in [root, *root.parents]
 
 

@@ -117,7 +117,9 @@ def main() -> int:
         print("skipped: no CUDA device (torch.cuda.is_available() is False)")
         return SKIP
     sys.path.insert(0, str(ROOT))
-    from kernels import lora_backward, lora_forward
+    from fastlora.triton_backend import _kernels
+
+    lora_backward, lora_forward = _kernels.lora_backward, _kernels.lora_forward
 
     lib = load(args.lib)
     major, minor = torch.cuda.get_device_capability()
