@@ -170,7 +170,7 @@ class _BatchRoute:
         training = layer.training and self.has_dropout
         S, K = x.shape[0], x.shape[-1]
         lead = x.shape[:-1]
-        if _backend.resolve(x) == "triton":
+        if _backend.resolve(x) == "triton" and bases.base_of(weight).kind == "dense":
             y2d = _triton_apply(x.reshape(-1, K), weight, bias, self, training)
         else:
             x3 = x.reshape(S, -1, K)
