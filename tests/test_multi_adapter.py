@@ -347,8 +347,7 @@ def test_errors():
 
 
 def test_autocast_bf16_close_to_fp32():
-    base = base_model().float()
-    model = fl_model(base.double()).float()
+    model = fl_model(base_model()).float()
     x = inputs().float()
     with torch.no_grad(), fastlora.adapter_batch(model, NAMES):
         ref = model(x)
@@ -410,3 +409,69 @@ def test_compile_with_dropout_draws_a_mask():
     model.eval()
     with torch.no_grad(), fastlora.adapter_batch(model, NAMES):
         assert not torch.allclose(a, model(x))  # dropout was applied in training
+
+
+def test_mixed_batch_over_a_4bit_base():
+    """QLoRA: the mixed batch over a bitsandbytes NF4 base equals a float64 per-row computation
+    on bitsandbytes' own decode of the weight, outputs and each adapter's gradients."""
+    pytest.importorskip("bitsandbytes")
+    from qlora_helpers import dequantized, linear4bit
+
+    from helpers import ATOL
+
+    model = nn.Sequential(linear4bit(64, 24, bias=True))
+    torch.manual_seed(0)
+    fastlora.apply_lora(model, ["0"], r=4, lora_alpha=8, init_lora_weights=False, adapter_name="a")
+    fastlora.apply_lora(model, ["0"], r=2, lora_alpha=3, init_lora_weights=False, adapter_name="b")
+    layer = model[0]
+    names = ["a", "b", BASE, "a"]
+    x = torch.randn(len(names), 3, 64)
+    model.train()
+    with fastlora.adapter_batch(model, names):
+        y = model(x)
+        y.pow(2).sum().backward()
+    W = dequantized(layer.weight).double()
+    params = {n: (layer.adapter(n).lora_A.detach().double().requires_grad_(True),
+                  layer.adapter(n).lora_B.detach().double().requires_grad_(True),
+                  layer.adapter(n).scaling) for n in ("a", "b")}
+    rows = []
+    for s, n in enumerate(names):
+        row = x[s].double() @ W.t() + layer.bias.double()
+        if n != BASE:
+            A, B, scale = params[n]
+            row = row + scale * (x[s].double() @ A.t()) @ B.t()
+        rows.append(row)
+    ref = torch.stack(rows)
+    ref.pow(2).sum().backward()
+    tol = dict(rtol=1e-4, atol=ATOL[torch.float32] * 10)  # fp32 compute over K = 64
+    torch.testing.assert_close(y.double(), ref.detach(), **tol)
+    for n in ("a", "b"):
+        torch.testing.assert_close(layer.adapter(n).lora_A.grad.double(), params[n][0].grad, **tol)
+        torch.testing.assert_close(layer.adapter(n).lora_B.grad.double(), params[n][1].grad, **tol)
+
+
+def test_triton_backend_dispatch_matches_peft():
+    """On the Triton backend the mixed batch goes to fastlora.multi_triton (under the
+    interpreter on a CPU); its output equals PEFT's and its gradients the torch path's."""
+    from helpers import triton_runs_here
+
+    if not triton_runs_here():
+        pytest.skip("Triton cannot run here (no GPU and TRITON_INTERPRET unset)")
+    pytest.importorskip("fastlora.multi_triton")
+    model = fl_model(base_model()).float()
+    base = base_model().float()
+    pm = peft_twin(base, model)
+    x = inputs().float()
+    with torch.no_grad():
+        expected = pm(x, adapter_names=NAMES)
+    with fastlora.use_backend("triton"), torch.no_grad(), fastlora.adapter_batch(model, NAMES):
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    model.train()
+    grads = {}
+    for backend in ("triton", "torch"):
+        model.zero_grad()
+        with fastlora.use_backend(backend), fastlora.adapter_batch(model, NAMES):
+            model(x).pow(2).sum().backward()
+        grads[backend] = _grads(model)
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-4, atol=1e-5)
