@@ -55,20 +55,23 @@ class _AdapterRoute:
         self.adapter = adapter
 
     def __call__(self, layer: FastLoRALinear, x: Tensor) -> Tensor:
+        if layer.merged:  # the weight holds the first adapter's update
+            raise RuntimeError(
+                "a merged layer can only run its first adapter; unmerge() it or set_adapter back"
+            )
         return layer._forward_adapter(x, self.adapter)
 
 
 class _Plan:
-    """The index tensors of one routing: which rows of the concatenated factors each sample
-    uses, its scale (0 on padded rank slots and base samples) and its dropout threshold.
+    """The tensors of one routing: each sample's adapter as a one-hot row (zeros: base), its
+    scale per rank slot (0 on padded slots and base samples) and its dropout threshold.
     Shared by every layer whose adapters in the batch have the same ranks, scales and rates."""
 
     def __init__(self, index: list[int], hparams: tuple, device: torch.device) -> None:
         ranks = [r for r, _, _ in hparams]
         R = max(ranks)
-        offsets = [sum(ranks[:i]) for i in range(len(ranks))]
         S = len(index)
-        rank_index = torch.zeros(S, R, dtype=torch.int64)
+        onehot = torch.zeros(S, len(hparams), dtype=torch.float64)
         scale = torch.zeros(S, R, dtype=torch.float64)
         scale_train = torch.zeros(S, R, dtype=torch.float64)
         low = torch.full((S,), -(_LEVELS // 2), dtype=torch.int32)
@@ -76,13 +79,15 @@ class _Plan:
             if i < 0:
                 continue
             r, scaling, p = hparams[i]
-            rank_index[s, :r] = torch.arange(offsets[i], offsets[i] + r)
+            onehot[s, i] = 1.0
             scale[s, :r] = scaling
             scale_train[s, :r] = scaling * (keep_scale(p) if p > 0 else 1.0)
             low[s] = _threshold(p) - _LEVELS // 2
         self.sample_index = torch.tensor(index, dtype=torch.int64, device=device)
-        self.rank_index = rank_index.to(device)
         self.scale = {False: scale.to(device), True: scale_train.to(device)}
+        self.onehot = onehot.to(device)
+        self.ranks = tuple(ranks)
+        self.valid = (torch.arange(R) < torch.tensor(ranks).unsqueeze(1)).reshape(-1).to(device)
         self.low = low.to(device)
         self.factors: dict = {}
 
@@ -91,6 +96,12 @@ class _Plan:
         f = self.factors.get(key)
         if f is None:
             f = self.factors[key] = self.scale[training].to(dtype)
+        return f
+
+    def onehot_as(self, dtype: torch.dtype) -> Tensor:
+        f = self.factors.get(dtype)
+        if f is None:
+            f = self.factors[dtype] = self.onehot.to(dtype)
         return f
 
 
@@ -138,7 +149,6 @@ class _BatchRoute:
         self.dropouts = tuple(p for _, _, p in hparams)
         self.has_dropout = any(p > 0 for p in self.dropouts)
         self.sample_index = self.plan.sample_index
-        self.rank_index = self.plan.rank_index
         self._low = self.plan.low
 
     def factor(self, dtype: torch.dtype, training: bool) -> Tensor:
@@ -173,26 +183,25 @@ class _BatchRoute:
         if _backend.resolve(x) == "triton" and bases.base_of(weight).kind == "dense":
             y2d = _triton_apply(x.reshape(-1, K), weight, bias, self, training)
         else:
-            x3 = x.reshape(S, -1, K)
-            row_low = self._low.repeat_interleave(x3.shape[1]) if training else None
-            A_cat = torch.cat(self.As).to(x.dtype)
-            B_cat = torch.cat(self.Bs, dim=1).to(x.dtype)
-            y2d = multi_torch.apply(x3, weight, bias, A_cat, B_cat, self.rank_index,
-                                    self.factor(x.dtype, training), row_low)
+            y2d = _torch_apply(x.reshape(S, -1, K), weight, bias, self, training)
         y = y2d.reshape(*lead, -1)
         return y.to(out_dtype) if four_bit else y
+
+
+def _torch_apply(x3: Tensor, weight, bias, route: "_BatchRoute", training: bool) -> Tensor:
+    plan = route.plan
+    row_low = plan.low.repeat_interleave(x3.shape[1]) if training else None
+    return multi_torch.apply(x3, weight, bias, route.As, route.Bs, plan.ranks,
+                             plan.onehot_as(x3.dtype), plan.factor(x3.dtype, training),
+                             plan.valid, row_low)
 
 
 def _triton_apply(x2d: Tensor, weight, bias, route: _BatchRoute, training: bool) -> Tensor:
     try:  # written beside this module; until it lands the torch path serves
         from fastlora import multi_triton
     except ImportError:
-        x3 = x2d.view(route.samples, -1, x2d.shape[1])
-        row_low = route._low.repeat_interleave(x3.shape[1]) if training else None
-        A_cat = torch.cat(route.As).to(x2d.dtype)
-        B_cat = torch.cat(route.Bs, dim=1).to(x2d.dtype)
-        return multi_torch.apply(x3, weight, bias, A_cat, B_cat, route.rank_index,
-                                 route.factor(x2d.dtype, training), row_low)
+        return _torch_apply(x2d.view(route.samples, -1, x2d.shape[1]), weight, bias, route,
+                            training)
     row_index = route.sample_index.repeat_interleave(x2d.shape[0] // route.samples)
     ps = route.dropouts if training else (0.0,) * len(route.dropouts)
     return multi_triton.apply(x2d, weight, bias, route.As, route.Bs, route.scalings, ps, row_index)
