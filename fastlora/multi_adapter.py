@@ -87,7 +87,8 @@ class _Plan:
         self.scale = {False: scale.to(device), True: scale_train.to(device)}
         self.onehot = onehot.to(device)
         self.ranks = tuple(ranks)
-        self.valid = (torch.arange(R) < torch.tensor(ranks).unsqueeze(1)).reshape(-1).to(device)
+        self.valid = None if min(ranks) == R else (
+            torch.arange(R) < torch.tensor(ranks).unsqueeze(1)).reshape(-1).to(device)
         self.low = low.to(device)
         self.factors: dict = {}
 

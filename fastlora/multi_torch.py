@@ -65,9 +65,14 @@ def _keep(bits: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
 def pad_factors(As: tuple, Bs: tuple, ranks: tuple, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The adapters' factors zero-padded to the largest rank R, in ``dtype``: A_pad [E, R, K]
     and B_pad [E, R, N] (B transposed); a few calls whatever E (no Python loop)."""
-    pad = torch.nn.utils.rnn.pad_sequence
-    A_pad = pad(As, batch_first=True)
-    B_pad = pad(torch.cat(Bs, dim=1).t().split(ranks), batch_first=True)
+    Bt = torch.cat(Bs, dim=1).t()  # [sum r_i, N]
+    if min(ranks) == max(ranks):  # no padding: no zero fill either
+        A_pad = torch.stack(As)
+        B_pad = Bt.contiguous().view(len(ranks), ranks[0], Bt.shape[1])
+    else:
+        pad = torch.nn.utils.rnn.pad_sequence
+        A_pad = pad(As, batch_first=True)
+        B_pad = pad(Bt.split(ranks), batch_first=True)
     return A_pad.to(dtype), B_pad.to(dtype)
 
 
@@ -144,8 +149,11 @@ class _MixedLoRA(torch.autograd.Function):
         need_A, need_B = any(ctx.needs_input_grad[8:8 + E]), any(ctx.needs_input_grad[8 + E:])
         dx3, dW, db, dA, dB = _backward(ctx, dy3, x3, weight, A_pad, B_pad, onehot, factor,
                                         mask_bits, u, need_A, need_B)
-        dAs = (None,) * E if dA is None else dA[valid].to(ctx.dtypes[0]).split(ranks)
-        dBs = (None,) * E if dB is None else dB[valid].to(ctx.dtypes[1]).t().split(ranks, dim=1)
+        if valid is not None:  # drop the padded rank slots (none when the ranks are equal)
+            dA = None if dA is None else dA[valid]
+            dB = None if dB is None else dB[valid]
+        dAs = (None,) * E if dA is None else dA.to(ctx.dtypes[0]).split(ranks)
+        dBs = (None,) * E if dB is None else dB.to(ctx.dtypes[1]).t().split(ranks, dim=1)
         return (dx3, dW, db, None, None, None, None, None, *dAs, *dBs)
 
 
@@ -179,7 +187,8 @@ def apply(x3: Tensor, weight: Tensor, bias: Tensor | None, As: tuple, Bs: tuple,
     """x3: [S, T, K], weight: [N, K] (any ``fastlora.bases`` kind), bias: [N] | None,
     As[i]: [r_i, K], Bs[i]: [N, r_i] (``ranks`` the r_i), onehot: [S, E] in x's dtype (row s
     is sample s's adapter; zeros for a base sample), factor: [S, R] in x's dtype (the scale,
-    0 on padded slots and base samples), valid: [E * R] bool (rank slot used), row_low:
+    0 on padded slots and base samples), valid: [E * R] bool (rank slot used; None when
+    every r_i is R), row_low:
     [S*T] int32 dropout thresholds or None (no dropout). Returns y3: [S, T, N]."""
     mask_bits = None if row_low is None else draw_row_mask(row_low, x3.shape[2])
     if torch.compiler.is_compiling():

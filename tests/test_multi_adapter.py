@@ -108,12 +108,17 @@ def _grads(model_or_layers) -> dict:
     return {n: p.grad.clone() for n, p in model_or_layers.named_parameters() if p.grad is not None}
 
 
-def test_mixed_training_grads_equal_each_adapter_alone():
+# every adapter of the same rank: the path with no padded rank slots
+SPECS_EQUAL_R = {name: {**kw, "r": 4} for name, kw in SPECS.items()}
+
+
+@pytest.mark.parametrize("specs", [SPECS, SPECS_EQUAL_R], ids=["ranks-differ", "ranks-equal"])
+def test_mixed_training_grads_equal_each_adapter_alone(specs):
     """p = 0: adapter i's gradients in the mixed batch are those of i trained alone on its rows
     (PEFT, adapter i active, on those rows only); x's gradient likewise, row by row."""
     base = base_model()
-    model = fl_model(base).train()
-    pm = peft_twin(base, model).train()
+    model = fl_model(base, specs).train()
+    pm = peft_twin(base, model, specs).train()
     x = inputs().requires_grad_(True)
     w = torch.randn(len(NAMES), 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with fastlora.adapter_batch(model, NAMES):
