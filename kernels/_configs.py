@@ -330,3 +330,85 @@ def pick(
         if tiles(c) >= sms:
             return c
     return max(cands, key=tiles)
+
+
+# --------------------------------------------------------------------------- SGMV
+# The multi-adapter kernels (lora_sgmv.py): block_m rows (sorted positions; for
+# "sgmv_segment" the rows one step of an adapter's walk takes) by block_n columns (the
+# streamed K or N of "sgmv_shrink", the output columns of "sgmv_expand" and
+# "sgmv_segment"); block_k is unused.  Smaller row tiles than the single-adapter kernels:
+# a tile straddling two adapters runs its work once per adapter.
+SGMV_KERNELS = ("sgmv_shrink", "sgmv_expand", "sgmv_segment")
+_S = TileConfig
+_SGMV_CONFIGS = {
+    "16bit": {
+        "sgmv_shrink": [
+            _S(64, 64, 0, 4, 3, "large M: 64 rows a tile, K steps of 64", SMALL_R),
+            _S(16, 128, 0, 4, 3, "small M (decode): more tiles, long K steps", SMALL_R),
+            _S(32, 64, 0, 4, 3, "r_pad 128: u [32, 128] fp32", min_r_pad=MAX_R),
+        ],
+        "sgmv_expand": [
+            _S(64, 128, 0, 4, 2, "large M: a [64, 128] tile per adapter step", SMALL_R),
+            _S(16, 128, 0, 4, 2, "small M", SMALL_R),
+            _S(32, 64, 0, 4, 2, "r_pad 128", min_r_pad=MAX_R),
+        ],
+        "sgmv_segment": [
+            _S(64, 64, 0, 4, 3, "dA/dB tile [r_pad, 64], 64 rows a step", SMALL_R),
+            _S(32, 64, 0, 4, 3, "r_pad 128", min_r_pad=MAX_R),
+        ],
+    },
+    "tf32": {
+        "sgmv_shrink": [
+            _S(64, 32, 0, 4, 3, "large M", SMALL_R),
+            _S(16, 64, 0, 4, 3, "small M", SMALL_R),
+            _S(32, 32, 0, 4, 3, "r_pad 128", min_r_pad=MAX_R),
+        ],
+        "sgmv_expand": [
+            _S(64, 64, 0, 4, 2, "large M", SMALL_R),
+            _S(16, 64, 0, 4, 2, "small M", SMALL_R),
+            _S(32, 32, 0, 4, 2, "r_pad 128", min_r_pad=MAX_R),
+        ],
+        "sgmv_segment": [
+            _S(32, 64, 0, 4, 3, "dA/dB tile [r_pad, 64]", SMALL_R),
+            _S(32, 32, 0, 4, 3, "r_pad 128", min_r_pad=MAX_R),
+        ],
+    },
+    # IEEE fp32: FMA dots with register operands, small tiles (as _CONFIGS_FP32)
+    "fp32": {
+        "sgmv_shrink": [_S(32, 32, 0, 4, 3, "FMA tile")],
+        "sgmv_expand": [_S(32, 32, 0, 4, 2, "FMA tile")],
+        "sgmv_segment": [_S(16, 32, 0, 4, 3, "FMA tile")],
+    },
+}
+del _S
+# the interpreter: 16-row tiles so the small test batches hold several tiles and tiles
+# that straddle adapters; 32 columns (fewer numpy calls)
+_SGMV_INTERPRET_CONFIG = TileConfig(16, INTERPRET_BLOCK, 0, 4, 1, "interpreter")
+
+
+def sgmv_configs(kernel: str, kind: str, r_pad: int, *,
+                 interpreter: bool | None = None) -> list[TileConfig]:  # fmt: skip
+    """Every config an SGMV kernel may launch for this operand kind and rank block."""
+    if interpreting() if interpreter is None else interpreter:
+        return [_SGMV_INTERPRET_CONFIG]
+    if r_pad > (FP32_MAX_R_PAD if kind == "fp32" else MAX_R):
+        return []
+    return [c for c in _SGMV_CONFIGS[kind][kernel] if c.min_r_pad <= r_pad <= c.max_r_pad]
+
+
+@functools.lru_cache(maxsize=4096)
+def sgmv_pick(kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int) -> TileConfig:
+    """The config launched (as ``pick``): the first in table order that gives every SM a
+    row tile, else the one with the most row tiles."""
+    cands = sgmv_configs(kernel, kind, r_pad)
+    if not cands:
+        raise ValueError(
+            f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "
+            f"{r_pad} (largest: {max_r_pad(kind)})"
+        )
+    if kernel == "sgmv_segment":  # one program per (adapter, column tile): no row tiles
+        return cands[0]
+    for c in cands:
+        if cdiv(rows, c.block_m) >= sms:
+            return c
+    return max(cands, key=lambda c: cdiv(rows, c.block_m))

@@ -12,6 +12,7 @@ from ._launch import dot_precision
 from .dequant_4bit import dequantize_4bit
 from .lora_backward import dora_backward, lora_backward
 from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
+from .lora_sgmv import sgmv_backward, sgmv_forward, stack_adapters
 
 __all__ = [
     "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
@@ -19,4 +20,7 @@ __all__ = [
     "lora_backward",
     "lora_forward",
     "pad_rank",
+    "sgmv_backward",
+    "sgmv_forward",
+    "stack_adapters",
 ]
