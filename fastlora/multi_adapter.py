@@ -198,11 +198,8 @@ def _torch_apply(x3: Tensor, weight, bias, route: "_BatchRoute", training: bool)
 
 
 def _triton_apply(x2d: Tensor, weight, bias, route: _BatchRoute, training: bool) -> Tensor:
-    try:  # written beside this module; until it lands the torch path serves
-        from fastlora import multi_triton
-    except ImportError:
-        return _torch_apply(x2d.view(route.samples, -1, x2d.shape[1]), weight, bias, route,
-                            training)
+    from fastlora import multi_triton  # imported on first use, as the single-adapter backend
+
     row_index = route.sample_index.repeat_interleave(x2d.shape[0] // route.samples)
     ps = route.dropouts if training else (0.0,) * len(route.dropouts)
     return multi_triton.apply(x2d, weight, bias, route.As, route.Bs, route.scalings, ps, row_index)
