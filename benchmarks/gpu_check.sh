@@ -21,7 +21,8 @@ unset TRITON_INTERPRET FASTLORA_BACKEND FASTLORA_STRATEGY
 export PYTHONUNBUFFERED=1
 
 T_TESTS="${T_TESTS:-200}"   # seconds for the CUDA test suite
-T_BENCH="${T_BENCH:-230}"   # seconds for the quick suite (it stops starting cases at 150 s)
+T_BENCH="${T_BENCH:-200}"   # seconds for the quick suite (it stops starting cases at 120 s)
+T_CANDS="${T_CANDS:-90}"    # seconds for the candidate table (12 cases x every candidate)
 T_QLORA="${T_QLORA:-60}"  # seconds for the QLoRA rows (the MiniLM memory step has 60 more)
 T_AOT="${T_AOT:-60}"        # seconds for the C-library comparison once its build is done
 status=0
@@ -66,10 +67,19 @@ tail -n 15 "$OUT/tests.log"
 step "tests on CUDA ($(( $(date +%s) - start )) s so far)" "$rc"
 
 rc=0
-timeout -k 10 "$T_BENCH" python -m benchmarks --quick --device cuda --out "$OUT" --budget-s 150 \
+timeout -k 10 "$T_BENCH" python -m benchmarks --quick --device cuda --out "$OUT" --budget-s 120 \
     > "$OUT/bench.log" 2>&1 || rc=$?
 grep -v -e 'case/s' -e '^benchmarks:' "$OUT/bench.log" | tail -n 80 || true
 step "quick benchmark suite ($(( $(date +%s) - start )) s so far)" "$rc"
+
+# every dispatch candidate per direction (the dispatcher's own timing and rule), the pick,
+# and the pick's fwd+bwd over the frozen cuBLAS layer and over PEFT: 4096x4096,
+# 4096x11008, 11008x4096; M 2048 and 8192; r 16; p 0 and 0.1; bf16
+rc=0
+timeout -k 10 "$T_CANDS" python -m benchmarks.candidates --device cuda --out "$OUT" \
+    > "$OUT/candidates.log" 2>&1 || rc=$?
+tail -n 90 "$OUT/candidates.log"
+step "candidate table ($(( $(date +%s) - start )) s so far)" "$rc"
 
 # QLoRA rows: an NF4 Linear4bit base (frozen Linear4bit, fastlora fused/strategy, PEFT's
 # QLoRA), then one training step of the 4-bit MiniLM (peak memory, fastlora vs PEFT)

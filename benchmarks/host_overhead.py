@@ -48,6 +48,10 @@ STUB_PROPERTIES = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_n
 GOAL_FWD_LAUNCHES = 2
 GOAL_BWD_LAUNCHES = 3
 GOAL_RATIO = 3.0
+# DoRA and a 4-bit base (issue 20): at most 4 launches each way, dropout's draw included
+GOAL_VARIANT_LAUNCHES = 4
+ADAPTERS = ("lora", "dora")
+BASES = ("dense", "nf4")
 
 
 # --------------------------------------------------------------------------- Triton stub
@@ -301,6 +305,20 @@ class Case:
     dropout: float = 0.1
     base_dtype: torch.dtype = torch.bfloat16
     adapter_dtype: torch.dtype = torch.float32
+    adapter: str = "lora"  # or "dora" (PEFT's use_dora)
+    base: str = "dense"  # or "nf4": a bitsandbytes Linear4bit (double quantization, 64)
+
+    def goals(self) -> tuple[int, int]:
+        """(forward, backward) launch goals of this case."""
+        if self.adapter == "lora" and self.base == "dense":
+            return GOAL_FWD_LAUNCHES + (1 if self.dropout > 0 else 0), GOAL_BWD_LAUNCHES
+        return GOAL_VARIANT_LAUNCHES, GOAL_VARIANT_LAUNCHES
+
+    def describe(self) -> str:
+        base = f"{str(self.base_dtype)[6:]} base" if self.base == "dense" else (
+            f"nf4 base ({str(self.base_dtype)[6:]} compute)")
+        return (f"x [{self.M}, {self.K}] {base}, {self.adapter} r={self.r} "
+                f"{str(self.adapter_dtype)[6:]} adapters, dropout {self.dropout:g}")
 
 
 @dataclass
@@ -334,8 +352,11 @@ def _fastlora_step(case: Case) -> tuple[Callable, Callable]:
 
     torch.manual_seed(0)
     base = torch.nn.Linear(case.K, case.N, dtype=case.base_dtype)
+    if case.base == "nf4":
+        base = _linear4bit(base, case.base_dtype)
     layer = fastlora.FastLoRALinear.from_linear(base, r=case.r, lora_alpha=2 * case.r,
-                                                lora_dropout=case.dropout)
+                                                lora_dropout=case.dropout,
+                                                use_dora=case.adapter == "dora")
     with torch.no_grad():
         layer.lora_B.normal_()
     layer.lora_A.data = layer.lora_A.data.to(case.adapter_dtype)
@@ -345,6 +366,21 @@ def _fastlora_step(case: Case) -> tuple[Callable, Callable]:
     dy = torch.randn(case.M, case.N, dtype=case.base_dtype)
     inputs = (x, layer.lora_A, layer.lora_B)
     return (lambda: layer(x)), (lambda y: torch.autograd.grad(y, inputs, dy))
+
+
+def _linear4bit(dense: torch.nn.Linear, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """``dense`` quantized by bitsandbytes to NF4 (QLoRA's default: double quantization,
+    blocksize 64), on the CPU."""
+    import bitsandbytes as bnb
+
+    lin = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=True,
+                            compute_dtype=compute_dtype, compress_statistics=True,
+                            quant_type="nf4")  # fmt: skip
+    lin.weight = bnb.nn.Params4bit(dense.weight.data.float(), requires_grad=False,
+                                   blocksize=64, compress_statistics=True, quant_type="nf4",
+                                   module=lin)  # fmt: skip
+    lin.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return lin.to("cpu")  # bitsandbytes quantizes on the move to a device
 
 
 def _linear_step(case: Case) -> tuple[Callable, Callable]:
@@ -439,20 +475,24 @@ def main(argv: list[str] | None = None) -> Result:
     ap.add_argument("--reps", type=int, default=300, help="timed fwd+bwd per provider")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--adapter", choices=ADAPTERS, default="lora")
+    ap.add_argument("--base", choices=BASES, default="dense",
+                    help="nf4: a bitsandbytes Linear4bit base (K raised to its blocksize, 64)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print where the host time of N fastlora steps goes (cProfile)")
     ap.add_argument("--check-launches", action="store_true",
                     help=f"exit 1 unless launches fwd <= {GOAL_FWD_LAUNCHES} (+1 with dropout) "
-                         f"and bwd <= {GOAL_BWD_LAUNCHES} (issue 11's goal; deterministic)")
+                         f"and bwd <= {GOAL_BWD_LAUNCHES} for LoRA (issue 11's goal), <= "
+                         f"{GOAL_VARIANT_LAUNCHES} each way for DoRA or nf4 (deterministic)")
     ap.add_argument("--max-ratio", type=float,
                     help="exit 1 if the host time ratio exceeds this (timing: noisy when shared)")
     args = ap.parse_args(argv)
-    case = Case(dropout=args.dropout)
+    case = Case(dropout=args.dropout, adapter=args.adapter, base=args.base,
+                K=64 if args.base == "nf4" else Case.K)
     res = measure(case, reps=args.reps, warmup=args.warmup, profile=args.profile)
     if res.profile:
         print(res.profile)
-    print(f"case: x [{case.M}, {case.K}] {str(case.base_dtype)[6:]} base, r={case.r} "
-          f"{str(case.adapter_dtype)[6:]} adapters, dropout {case.dropout:g}; Triton driver "
+    print(f"case: {case.describe()}; Triton driver "
           f"stubbed (target sm_{STUB_TARGET[1]}); median of {res.reps} interleaved fwd+bwd; "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
     print(f"fastlora fwd launches ({len(res.fwd)}): {_names(res.fwd)}")
@@ -460,10 +500,10 @@ def main(argv: list[str] | None = None) -> Result:
     print(f"nn.Linear launches: fwd {len(res.linear_fwd)} ({_names(res.linear_fwd)}), "
           f"bwd {len(res.linear_bwd)} ({_names(res.linear_bwd)})")
     failed = []
-    fwd_goal = GOAL_FWD_LAUNCHES + (1 if case.dropout > 0 else 0)
-    if args.check_launches and (len(res.fwd) > fwd_goal or len(res.bwd) > GOAL_BWD_LAUNCHES):
+    fwd_goal, bwd_goal = case.goals()
+    if args.check_launches and (len(res.fwd) > fwd_goal or len(res.bwd) > bwd_goal):
         failed.append(f"launches fwd {len(res.fwd)} bwd {len(res.bwd)} exceed the goal "
-                      f"fwd <= {fwd_goal} bwd <= {GOAL_BWD_LAUNCHES}")
+                      f"fwd <= {fwd_goal} bwd <= {bwd_goal}")
     if args.max_ratio is not None and res.ratio > args.max_ratio:
         failed.append(f"ratio {res.ratio:.2f} > {args.max_ratio:g}")
     if failed:  # before the result line, which stays the last line of the output

@@ -54,6 +54,7 @@ class GPU:
     tensor: float  # FLOP/s, dense bf16 tensor cores (no sparsity)
     alu: float  # instructions/s on the FP32 lanes: FP32 FLOPS / 2 (an FMA counts 2 FLOPs)
     source: str
+    sms: int = 132  # streaming multiprocessors (the band's epilogue waves)
 
 
 # Published peaks (SXM parts). Dense bf16 is half of the "with sparsity" figure that the
@@ -61,7 +62,7 @@ class GPU:
 GPUS = {
     "A100": GPU("A100 SXM4 80GB", 2.039e12, 312e12, 19.5e12 / 2,
                 "NVIDIA A100 Tensor Core GPU datasheet (2021): HBM2e 2,039 GB/s; BF16 tensor "
-                "312 TFLOPS dense; FP32 19.5 TFLOPS"),
+                "312 TFLOPS dense; FP32 19.5 TFLOPS", sms=108),
     "H100": GPU("H100 SXM5 80GB", 3.35e12, 989.4e12, 67e12 / 2,
                 "NVIDIA H100 Tensor Core GPU datasheet: HBM3 3.35 TB/s; BF16 tensor 1,979 "
                 "TFLOPS with sparsity = 989 dense; FP32 67 TFLOPS"),
@@ -86,11 +87,34 @@ MMA_MIN = 16  # tl.dot's smallest dimension (kernels/_configs.py MMA_MIN_R)
 
 
 @dataclass(frozen=True)
+class Cost:
+    """How a launch runs in the band's pessimistic line (``pessimistic_seconds``).
+
+    kind      "cublas": as the optimistic line (cuBLAS and torch's own kernels are the
+              yardstick); "gemm": a Triton GEMM; "stream": a Triton pass bound by memory
+    epilogue  for a "gemm" whose epilogue runs after the mainloop in the same warps:
+              "forward" or "dx" (its per-tile cost, ``EPILOGUE_S``), else ""
+    tiles     the output tiles such a GEMM walks (its epilogues run ``ceil(tiles / SMs)``
+              times one after another on an SM)
+    inflight  bytes a "stream" keeps in flight over the whole GPU (CTAs x pipelined
+              loads); 0 means it fills the machine"""
+
+    kind: str = "cublas"
+    epilogue: str = ""
+    tiles: int = 0
+    inflight: float = 0.0
+
+
+CUBLAS = Cost()
+
+
+@dataclass(frozen=True)
 class Launch:
     name: str
     bytes: float
     flops: float = 0.0  # tensor-core FLOPs
     alu: float = 0.0  # non-tensor ops
+    cost: Cost = CUBLAS  # how the pessimistic line treats it
 
     def seconds(self, gpu: GPU) -> float:
         return max(self.bytes / gpu.bandwidth, self.flops / gpu.tensor, self.alu / gpu.alu)
@@ -270,14 +294,28 @@ TMA_BUILD = True
 
 
 @functools.lru_cache(maxsize=None)
-def tile(kernel: str, s: Shape, cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) the kernel launches with for this shape (bf16)."""
+def config(kernel: str, s: Shape, cols: int):
+    """The ``_configs.TileConfig`` the kernel launches with for this shape (bf16)."""
     from fastlora.kernels import _configs
 
     # the GPU tables also under TRITON_INTERPRET=1 (which has one small interpreter tile)
-    c = _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD,
-                      interpreter=False)
+    return _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD,
+                         interpreter=False)
+
+
+def tile(kernel: str, s: Shape, cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) the kernel launches with for this shape (bf16)."""
+    c = config(kernel, s, cols)
     return c.block_m, c.block_n, c.block_k
+
+
+def _row_stream(kernel: str, s: Shape, cols: int, box_cols: int) -> Cost:
+    """A row-tiled pass (shrink, dy): one CTA per BLOCK_M rows, each keeping
+    ``num_stages - 1`` boxes of [BLOCK_M, box_cols] in flight (Triton's pipeliner loads
+    that many steps ahead)."""
+    c = config(kernel, s, cols)
+    ctas = math.ceil(s.M / c.block_m)
+    return Cost("stream", inflight=ctas * (c.num_stages - 1) * c.block_m * box_cols * s.esize)
 
 
 def fused(s: Shape, base: "Quant | None" = None, adapter: str = "lora") -> Plan:
@@ -308,34 +346,38 @@ def fused(s: Shape, base: "Quant | None" = None, adapter: str = "lora") -> Plan:
     xm, _, _ = tile("dx", s, K)
     parts_b, parts_a = math.ceil(M / ym), math.ceil(M / xm)
 
+    fc, xc = config("forward", s, N), config("dx", s, K)
+    fwd_cost = Cost("gemm", "forward", math.ceil(M / fc.block_m) * math.ceil(N / fc.block_n))
+    dx_cost = Cost("gemm", "dx", math.ceil(M / xc.block_m) * math.ceil(K / xc.block_k))
     fwd = []
     if dora:
         fwd.append(Launch("dora norm: W A^T, A A^T -> m / norm",
                           N * K * wb + (r * K + N * r) * e + 2 * scale,
-                          2.0 * N * K * R + 2.0 * r * R * K, decode * N * K))
+                          2.0 * N * K * R + 2.0 * r * R * K, decode * N * K, Cost("gemm")))
     if drop:
         fwd.append(Launch("seed: randint", 8))
     fwd.append(Launch("shrink: u = s D(x) A^T" + (", mask bits" if twin else ""),
-                      (M * K + r * K + M * r) * e + bits, 2.0 * M * K * R, philox))
+                      (M * K + r * K + M * r) * e + bits, 2.0 * M * K * R, philox,
+                      _row_stream("shrink", s, 1, config("shrink", s, 1).block_k)))
     fwd.append(Launch(
         "forward: y = x W^T + u B^T" + (", column scale, z stored" if dora else "")
         + (", + D(x) W^T" if twin else ""),
         (M * K + M * r + N * r + M * N + (N if s.bias else 0)) * e + N * K * wb + scale
         + (M * N * e if dora else 0) + bits,
         2.0 * M * N * K * (2 if twin else 1) + 2.0 * M * N * R,
-        decode * N * K * math.ceil(M / fm)))
+        decode * N * K * math.ceil(M / fm), fwd_cost))
     bwd = [
         Launch("dy: g = s dy B, dB partials" + (", dm partials" if dora else ""),
                (M * N + N * r + 2 * M * r) * e + parts_b * N * r * 4
                + ((M * N * e + scale + parts_b * N * 4) if dora else 0),
-               4.0 * M * N * R),
+               4.0 * M * N * R, cost=_row_stream("dy", s, 1, config("dy", s, 1).block_n)),
         Launch("dx: dy W + (g A) m/(1-p), dA partials" + (", 2nd accumulator" if twin else ""),
                (M * N + M * r + r * K + 2 * M * K) * e + N * K * wb + parts_a * r * K * 4 + scale,
                2.0 * M * K * N * (2 if twin else 1) + 4.0 * M * K * R,
-               philox + decode * N * K * math.ceil(M / xm)),
+               philox + decode * N * K * math.ceil(M / xm), dx_cost),
         Launch("reduce: dA, dB" + (", dm" if dora else ""),
                (parts_a * r * K + parts_b * N * r) * 4 + (r * K + N * r) * e
-               + ((parts_b + 1) * N * 4 if dora else 0)),
+               + ((parts_b + 1) * N * 4 if dora else 0), cost=Cost("stream")),
     ]
     return {"fwd": fwd, "bwd": bwd}
 
@@ -405,6 +447,166 @@ def plans(s: Shape, with_variants: bool = True) -> dict[str, Plan]:
         out["fused DoRA"] = fused(s, adapter="dora")
         out["composition DoRA (fastlora.dora today)"] = composition_dora(s)
     return out
+
+
+# --------------------------------------------------------------------------- the band
+#
+# The optimistic line above is a floor: every epilogue hidden under the MMAs, every pass at
+# full bandwidth.  The pessimistic line charges what a static review of the sm_90 builds
+# found those assumptions miss (a MODEL too; only a GPU measures):
+TRITON_GEMM_EFFICIENCY = 0.9  # a Triton GEMM's MMA time: cuBLAS's / 0.9
+# an epilogue run after the mainloop in the same warps, per output tile and one after
+# another on each SM (the issue's estimate from the sm_90 SASS: g A, Philox, an x tile
+# loaded after the store, the g^T x MMA and fp32 partial stores in dx; u B^T and bias in the
+# forward)
+EPILOGUE_S = {"forward": 0.8e-6, "dx": 1.5e-6}
+# a latency-bound pass moves (bytes in flight) / latency (Little's law), at most this share
+# of the peak (a pass that fills the machine still pays its launch and tail)
+STREAM_CAP = 0.5
+DRAM_LATENCY_S = 800e-9  # loaded HBM latency under streaming (H100 ~600-900 ns)
+
+
+def pessimistic_seconds(k: Launch, gpu: GPU) -> float:
+    """One launch under the band's pessimistic assumptions (``Cost``)."""
+    c = k.cost
+    if c.kind == "cublas":
+        return k.seconds(gpu)
+    bw = gpu.bandwidth
+    if c.kind == "stream":
+        occupancy = 1.0 if not c.inflight else min(1.0, c.inflight / (bw * DRAM_LATENCY_S))
+        bw *= min(STREAM_CAP, occupancy)
+    t = max(k.bytes / bw, k.flops / (gpu.tensor * TRITON_GEMM_EFFICIENCY), k.alu / gpu.alu)
+    if c.epilogue:
+        t += math.ceil(c.tiles / gpu.sms) * EPILOGUE_S[c.epilogue]
+    return t
+
+
+def band_seconds(launches: list[Launch], gpu: GPU) -> tuple[float, float]:
+    """(optimistic, pessimistic) seconds of a list of launches."""
+    return (sum(k.seconds(gpu) for k in launches),
+            sum(pessimistic_seconds(k, gpu) for k in launches))
+
+
+# dB partials of the machine-filling dy pass: a fixed-order two-level reduction leaves one
+# partial per group of row blocks (the candidate's structure; a guide, not its exact count)
+DY_FILLED_PARTIALS = 16
+# the pure-GEMM dx candidate's output tile (cuBLAS-class, 2 consumer warpgroups)
+DX_GEMM_TILE = (128, 256)
+
+
+def _dy_filled(s: Shape) -> Launch:
+    """dy pass with a 2-D grid, 3 stages, B resident: g = s dy B, dB in few partials."""
+    M, N, e, R, r = s.M, s.N, s.esize, s.r_pad, s.r
+    return Launch("dy (2-D grid, 3 stages): g, dB partials",
+                  (M * N + N * r + 2 * M * r) * e + DY_FILLED_PARTIALS * N * r * 4,
+                  4.0 * M * N * R, cost=Cost("stream"))
+
+
+def _reduce(s: Shape, parts_a: int, parts_b: int) -> Launch:
+    return Launch("reduce: dA, dB", (parts_a * s.r * s.K + parts_b * s.N * s.r) * 4
+                  + (s.r * s.K + s.N * s.r) * s.esize, cost=Cost("stream"))
+
+
+def forward_candidates(s: Shape) -> dict[str, list[Launch]]:
+    """Forward launches of every candidate, by the dispatcher's names: "fused" (the kernels
+    as they are), "fused_ws" (the same with a warp-specialized forward whose epilogue
+    overlaps the next tile's mainloop) and "composition" (cuBLAS, derived)."""
+    today = fused(s)["fwd"]
+    ws = [Launch(k.name + " (warp-specialized)", k.bytes, k.flops, k.alu,
+                 Cost("gemm", tiles=k.cost.tiles)) if k.cost.epilogue else k for k in today]
+    return {"fused": today, "fused_ws": ws, "composition": composition(s)["fwd"]}
+
+
+def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
+    """Backward launches of every candidate: "fused" (as they are), "fused_dy2d" (today's
+    dx after the machine-filling dy pass), "dx_gemm" (that dy pass; dx as one pure GEMM with
+    g A as an extra K step of width r, its epilogue serialized only to mask the low-rank
+    term when p > 0; dA in a skinny pass over x; a small reduce) and "composition"."""
+    M, K, N, e, R, r = s.M, s.K, s.N, s.esize, s.r_pad, s.r
+    dy, dx, _ = fused(s)["bwd"]
+    parts_a = math.ceil(M / tile("dx", s, K)[0])
+    philox = PHILOX_OPS * M * K if s.p > 0 else 0.0
+    bm, bn = DX_GEMM_TILE
+    gemm = Launch("dx = [dy | g] [W ; A] (one GEMM, extra K step of r)",
+                  (M * N + M * r + r * K + M * K) * e + N * K * e,
+                  2.0 * M * K * (N + R), philox,
+                  Cost("gemm", "dx" if s.p > 0 else "", math.ceil(M / bm) * math.ceil(K / bn)))
+    da = Launch("dA: g^T D(x) (skinny pass over x)",
+                (M * K + M * r) * e + DY_FILLED_PARTIALS * r * K * 4, 2.0 * M * K * R, philox,
+                Cost("stream"))
+    return {
+        "fused": fused(s)["bwd"],
+        "fused_dy2d": [_dy_filled(s), dx, _reduce(s, parts_a, DY_FILLED_PARTIALS)],
+        "dx_gemm": [_dy_filled(s), gemm, da,
+                    _reduce(s, DY_FILLED_PARTIALS, DY_FILLED_PARTIALS)],
+        "composition": composition(s)["bwd"],
+    }
+
+
+def band(s: Shape, gpu: GPU) -> dict[str, dict[str, tuple[float, float]]]:
+    """{"forward"/"backward": {candidate: (optimistic, pessimistic) / the frozen layer's
+    time in that direction}}, plus "best": the fastest pessimistic pairing over the frozen
+    fwd+bwd, and "composition" both ways."""
+    base = frozen(s)
+    out: dict = {}
+    for direction, phase, cands in (("forward", "fwd", forward_candidates(s)),
+                                    ("backward", "bwd", backward_candidates(s))):
+        floor = seconds(base, gpu, (phase,))
+        out[direction] = {n: tuple(t / floor for t in band_seconds(ls, gpu))
+                          for n, ls in cands.items()}
+    return out
+
+
+def band_pairs(s: Shape, gpu: GPU, fused_only: bool = False) -> dict[str, tuple[float, float]]:
+    """(optimistic, pessimistic) fwd+bwd time over the frozen layer's for every pairing of a
+    forward and a backward candidate ("forward/backward")."""
+    base = seconds(frozen(s), gpu)
+    fwd, bwd = forward_candidates(s), backward_candidates(s)
+    out = {}
+    for f, fl in fwd.items():
+        for b, bl in bwd.items():
+            if fused_only and "composition" in (f, b):
+                continue
+            of, pf = band_seconds(fl, gpu)
+            ob, pb = band_seconds(bl, gpu)
+            out[f"{f}/{b}"] = ((of + ob) / base, (pf + pb) / base)
+    return out
+
+
+def band_table(shapes: list[Shape], gpus=("H100", "H200", "A100")) -> list[str]:
+    """Per shape and pairing of candidates: the optimistic and pessimistic fwd+bwd ratios to
+    the frozen nn.Linear, on each GPU; the pairing with the lowest pessimistic H100 ratio
+    among the fused ones marked "best fused"."""
+    head = ["shape", "forward/backward", *[f"{g} opt .. pess" for g in gpus], ""]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in shapes:
+        per = {g: band_pairs(s, GPUS[g]) for g in gpus}
+        fused_pess = {k: v[1] for k, v in per[gpus[0]].items() if "composition" not in k}
+        best = min(fused_pess, key=fused_pess.get)
+        for pair in per[gpus[0]]:
+            cells = [f"{per[g][pair][0]:.3f} .. {per[g][pair][1]:.3f}" for g in gpus]
+            mark = "best fused" if pair == best else ""
+            lines.append(f"| {s.label()} | {pair} | " + " | ".join(cells) + f" | {mark} |")
+    for s in shapes:
+        pairs = band_pairs(s, GPUS[gpus[0]])
+        best = min(pairs, key=lambda k: pairs[k][1])
+        fused_best = min((k for k in pairs if "composition" not in k), key=lambda k: pairs[k][1])
+        lines.append(f"\n{s.label()}, {gpus[0]} pessimistic: best pairing {best} "
+                     f"{pairs[best][1]:.3f}, best all-fused {fused_best} "
+                     f"{pairs[fused_best][1]:.3f}, composition "
+                     f"{pairs['composition/composition'][1]:.3f} (x the frozen layer; a model)")
+    return lines
+
+
+BAND_HEADER = (
+    "Roofline BAND, a MODEL, not a measurement: optimistic = the model above (perfect "
+    "overlap); pessimistic = Triton GEMMs at {eff:g}x cuBLAS's MMA rate, a serialized "
+    "epilogue at {fwd:g} us per forward tile and {dx:g} us per dx tile (per SM, one after "
+    "another), Triton streaming passes at their occupancy (bytes in flight / {lat:g} ns "
+    "latency) and at most {cap:.0%} of peak bandwidth; cuBLAS as in the optimistic line. "
+    "Only a GPU decides the pick."
+).format(eff=TRITON_GEMM_EFFICIENCY, fwd=EPILOGUE_S["forward"] * 1e6,
+         dx=EPILOGUE_S["dx"] * 1e6, lat=DRAM_LATENCY_S * 1e9, cap=STREAM_CAP)
 
 
 def launch_table(s: Shape, plan: Plan, gpus=("A100", "H100", "H200")) -> list[str]:
@@ -503,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--p", default="0,0.1", help="comma list of dropout rates")
     ap.add_argument("--variants", default="4096x4096",
                     help="KxN list for the 4-bit and DoRA rows ('' for none)")
+    ap.add_argument("--band", default="4096x4096",
+                    help="KxN list for the band of every candidate pairing ('' for none)")
     ap.add_argument("--launches", default="4096x4096:8192:16:0.1",
                     help="KxN:M:r:p whose launches to list ('' for none)")
     args = ap.parse_args(argv)
@@ -514,6 +718,9 @@ def main(argv: list[str] | None = None) -> None:
         variants = tuple(k for k in variants if k != "frozen nn.Linear")
         print("\n4-bit base (bnb NF4, blocksize 64) and DoRA:\n")
         print("\n".join(ratio_table(_shapes(args.variants, args.m, args.r, args.p), variants)))
+    if args.band:
+        print("\n" + BAND_HEADER + "\n")
+        print("\n".join(band_table(_shapes(args.band, args.m, args.r, args.p))))
     if args.launches:
         kn, m, r, p = args.launches.split(":")
         s = _shapes(kn, m, r, p)[0]

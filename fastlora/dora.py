@@ -145,10 +145,22 @@ def check_magnitude(magnitude: object, sq_norm: object, weight: Tensor) -> None:
 def apply(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
           lora_B: Tensor, magnitude: Tensor, sq_norm: Tensor | None, scaling: float,
           dropout_p: float) -> Tensor:
-    """x: [M, K] -> y: [M, N]: the norm (detached, cheap form), then the backend's op."""
-    norm = weight_norm(weight, lora_A, lora_B, scaling, sq_norm)
+    """x: [M, K] -> y: [M, N]: the norm (detached), then the backend's op.  Where the fused
+    kernels run (``dora_triton.fused``), the norm is their one-launch direct form
+    (``kernels/dora_norm.py``: reads W once in its dtype, no fp32 copy, no cached
+    ``||W_n||^2`` needed); elsewhere the cheap form above with the cached ``sq_norm``."""
     if backend == "triton" and not bases.is_4bit(weight):  # a 4-bit base: the torch path
-        from fastlora import dora_triton as impl
-    else:
-        from fastlora import dora_torch as impl
-    return impl.apply_dora(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p)
+        from fastlora import dora_triton
+
+        if dora_triton.fused(x, weight, lora_A):
+            if dora_triton.norm_kernel_ok(lora_A.shape[0]):
+                norm = dora_triton.weight_norm(weight, lora_A, lora_B, scaling)
+            else:  # ranks the norm kernel has no tile for
+                norm = weight_norm(weight, lora_A, lora_B, scaling, sq_norm)
+            return dora_triton.apply_dora(x, weight, bias, lora_A, lora_B, magnitude, norm,
+                                          scaling, dropout_p)  # fmt: skip
+    from fastlora import dora_torch
+
+    norm = weight_norm(weight, lora_A, lora_B, scaling, sq_norm)
+    return dora_torch.apply_dora(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling,
+                                 dropout_p)  # fmt: skip

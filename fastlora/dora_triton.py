@@ -1,6 +1,7 @@
 """DoRA on the Triton backend: the LoRA kernels with the DoRA epilogue (``fastlora.kernels``
 ``dora_forward`` / ``dora_backward``), wired into autograd.
 
+    norm      ||W_n + s (B A)_n|| in one launch (``weight_norm``)          -> norm [N]
     forward   shrink + GEMM (column scale c = m / norm in the epilogue; with dropout a
               second accumulator D(x) W^T on the same W tiles)      -> y, u, z
     backward  dy pass (g and dB with c, dm partials from dy * z), dx GEMM (dy scaled by
@@ -35,8 +36,10 @@ def _grads(ctx, dy):
     if need_w and ctx.dropout_p > 0:
         raise RuntimeError("DoRA on the triton backend: a trainable base weight with dropout "
                            "is not supported; use set_backend('torch')")
-    dW, db = dora_torch.base_grads(dy, x, weight, magnitude, norm, None, 0.0, need_w, need_b,
-                                   ctx.has_bias)
+    dW = db = None
+    if need_w or (need_b and ctx.has_bias):  # (a frozen base launches nothing here)
+        dW, db = dora_torch.base_grads(dy, x, weight, magnitude, norm, None, 0.0, need_w,
+                                       need_b, ctx.has_bias)  # fmt: skip
     return dx, dW, db, dA, dB, dm, None, None, None, None
 
 
@@ -54,6 +57,28 @@ class _DoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         return _grads(ctx, dy)
+
+
+def fused(x: Tensor, weight: Tensor, lora_A: Tensor) -> bool:
+    """Whether ``apply_dora`` runs the fused kernels for these operands (else the torch
+    path): eager, a half-precision or fp32 weight, a rank and dtype with DoRA tiles, and a
+    strategy that is not ``"composition"``."""
+    return (not torch.compiler.is_compiling()
+            and weight.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and not _composition(x, lora_A.shape[0]))
+
+
+def norm_kernel_ok(r: int) -> bool:
+    """Whether ``weight_norm``'s kernel has a tile for rank ``r``."""
+    return _kernels.norm_kernel_ok(r)
+
+
+@torch.no_grad()
+def weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """``||W_n + s (B A)_n||`` [N] fp32, detached, in one launch (``dora_weight_norm``)."""
+    with triton_backend._launch_lock:
+        return _kernels.dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(),
+                                         float(scaling))
 
 
 def _composition(x: Tensor, r: int) -> bool:

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import triton
 from triton.backends.compiler import GPUTarget
 
-from . import _configs
+from . import _configs, dropout_mask
 from .lora_backward import _lora_dx_kernel, _lora_dy_kernel, _lora_reduce_kernel
+from .dora_norm import _dora_norm_kernel
+from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
+from .lora_dy_pass import _lora_dy_split_kernel
 from .lora_forward import _lora_forward_kernel, _lora_shrink_kernel
 
 JIT_KERNELS = {
@@ -27,7 +30,49 @@ JIT_KERNELS = {
     "dy": _lora_dy_kernel,
     "dx": _lora_dx_kernel,
     "reduce": _lora_reduce_kernel,
+    "dropout": dropout_mask._dropout_kernel,
 }
+# kernels outside the tile tables (_configs.KERNELS): their one launch config
+STANDALONE = {
+    "dropout": _configs.TileConfig(
+        dropout_mask.BLOCK_M, 0, dropout_mask.BLOCK_K, dropout_mask.NUM_WARPS, 1,
+        "the composition's dropout pass (kernels/dropout_mask.py): one fixed tile"),
+}
+# the kernels each dispatch candidate launches (fastlora.kernels.api FORWARD_CANDIDATES /
+# BACKWARD_CANDIDATES, and the composition's Triton pass): the report lists every candidate
+# with its kernels' worst resources, and fails on a candidate missing here
+CANDIDATE_KERNELS = {
+    ("forward", "fused"): ("shrink", "forward"),
+    ("backward", "fused"): ("dy", "dx", "reduce"),
+    ("forward", "composition"): ("dropout",),
+    ("backward", "composition"): ("dropout",),
+    # the candidates of kernels/backward_candidates.py (a 4-bit decode-once pass aside)
+    ("backward", "dx_gemm"): ("dy", "dx_gemm", "tail"),
+    ("backward", "split_dy"): ("dy_split", "dx_gemm_split", "tail_split"),
+    ("forward", "decode_once"): ("shrink", "forward"),
+    ("backward", "decode_once"): ("dy", "dx", "reduce"),
+}
+# the backward candidates (backward_candidates.py) and DoRA's norm: built by the report, not
+# (yet) by the ahead-of-time C build, which reads JIT_KERNELS
+CANDIDATE_JIT_KERNELS = {
+    "dy_split": _lora_dy_split_kernel,
+    "dx_gemm": _lora_dx_gemm_kernel,
+    "dx_gemm_split": _lora_dx_gemm_kernel,
+    "dx_gemm_p0": _lora_dx_gemm_kernel,
+    "tail": _lora_tail_kernel,
+    "tail_split": _lora_tail_kernel,
+    "dora_norm": _dora_norm_kernel,
+}
+# the candidates' builds: g from the row dy pass (one part in the activation dtype) or the
+# split one (fp32 parts; the most it launches compiled, _configs.MAX_G_PARTS)
+_CANDIDATE_BUILDS = {
+    "dx_gemm": {"G_PARTS": 1, "WARP_SPEC": False},
+    "dx_gemm_split": {"G_PARTS": _configs.MAX_G_PARTS, "WARP_SPEC": False},
+    "dx_gemm_p0": {"G_PARTS": 1, "WARP_SPEC": False, "HAS_DROPOUT": False},  # p = 0 only
+    "tail": {"G_PARTS": 1},
+    "tail_split": {"G_PARTS": _configs.MAX_G_PARTS},
+}
+_FP32_G = ("dy_split", "dx_gemm_split", "tail_split")
 
 # dtype variant -> (activation type, adapter type, dot input precision).  Adapters are
 # read in their own dtype: "bf16+fp32" is PEFT's default on a bf16 model.
@@ -63,11 +108,18 @@ _UNIT_STRIDES = {
     "dy": {"stride_dyn", "stride_br", "stride_ur", "stride_gr"},
     "dx": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_xk", "stride_dxk"},
     "reduce": set(),
+    "dy_split": {"stride_dyn", "stride_br", "stride_ur"},
+    "dx_gemm": {"stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"},
+    "tail": {"stride_xk", "stride_gr"},
+    "dropout": {"stride_tk", "stride_ok"},
 }
+_UNIT_STRIDES["dx_gemm_split"] = _UNIT_STRIDES["dx_gemm_p0"] = _UNIT_STRIDES["dx_gemm"]
+_UNIT_STRIDES["tail_split"] = _UNIT_STRIDES["tail"]
+_UNIT_STRIDES["dora_norm"] = {"stride_wk", "stride_ak", "stride_br"}
 # sizes that are r (or counts) and so not known to be multiples of 16
 _NOT_DIVISIBLE = {
     "R", "NUM_PROGS", "stride_um", "stride_gm", "stride_bn", "stride_wsn", "stride_wsp",
-    "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB",
+    "NA", "NB", "PA", "PB", "PROGS_A", "PM", "PROGS_AB", "stride_gs", "stride_dar", "N_PER",
 }
 # the constexpr flags compiled: every optional piece of code on
 FLAGS = {
@@ -99,7 +151,7 @@ def compile_kernel(
     ``BASES_4BIT`` (the forward and dx GEMMs decode W in their K loop); ``variant`` one of
     ``ADAPTERS`` ("dora": DoRA's epilogues, "dora_dropout": also its second accumulators).
     Returns the CompiledKernel (``.asm["ptx"]``, ``.asm["cubin"]``, ``.metadata.shared``)."""
-    fn = JIT_KERNELS[kernel]
+    fn = JIT_KERNELS.get(kernel) or CANDIDATE_JIT_KERNELS[kernel]
     act, adapter, precision = DTYPES[dtype]
     tma = build == "tma"
     four_bit = base != "dense"
@@ -117,7 +169,9 @@ def compile_kernel(
         **({"HAS_DROPOUT": False} if variant == "dora" else {}),
         **({"NEED_DM": False, "HAS_DM": False} if variant == "lora" else {}),
         **({n: None for n in _DORA_PTRS} if variant == "lora" else {}),
-        **config.meta(kernel),
+        **(config.meta(kernel) if kernel not in STANDALONE else
+           {"BLOCK_M": config.block_m, "BLOCK_K": config.block_k}),
+        **_CANDIDATE_BUILDS.get(kernel, {}),
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -140,6 +194,10 @@ def compile_kernel(
         elif name in _UNIT_STRIDES[kernel]:
             signature[name] = "constexpr"
             constexprs[name] = 1
+        elif (name == "g_ptr" and kernel in _FP32_G) or (name == "out_ptr" and
+                                                          kernel == "dora_norm"):
+            signature[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _SPECIAL_PTRS:
             signature[name] = _SPECIAL_PTRS[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -196,24 +254,37 @@ def ctas_per_sm(arch: int, shared: int, registers: int, num_warps: int) -> int:
     return min(limits)
 
 
-def resources(compiled, arch: int, num_warps: int, persistent: bool) -> Resources:
-    """Shared memory from the compiler's metadata; registers and spills from the ptxas
-    that Triton bundles, run with ``-v`` on the kernel's PTX; the Hopper facts from the
-    PTX itself."""
-    from triton.backends.nvidia.compiler import get_ptxas
+def cuobjdump_path() -> str:
+    """The cuobjdump Triton bundles (triton/backends/nvidia/bin)."""
+    from triton import knobs
 
-    ptx = compiled.asm["ptx"]
-    gpu = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
+    return knobs.nvidia.cuobjdump.path
+
+
+def cubin_usage(cubin: bytes) -> dict[str, int]:
+    """Resource usage of the one function in a cubin, as ``cuobjdump --dump-resource-usage``
+    (bundled with Triton) reads it: REG, STACK, SHARED, LOCAL, ... in registers / bytes."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
         f.flush()
-        out = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    wgmma, tma, depth = ptx_facts(ptx)
+        out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    line = re.search(r"^\s*REG:.*$", out, re.M)
+    if line is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    return {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line.group(0))}
+
+
+def resources(compiled, arch: int, num_warps: int, persistent: bool) -> Resources:
+    """Shared memory from the compiler's metadata; registers and spills from the cubin
+    Triton built and caches (what a launch loads), read by the cuobjdump Triton bundles:
+    spill bytes are the function's stack frame plus local memory (a Triton kernel has no
+    calls or local arrays, so a non-empty stack is spilled registers; ``ptxas -v`` on the
+    PTX without Triton's own flags reports fewer); the Hopper facts from the PTX."""
+    usage = cubin_usage(compiled.asm["cubin"])
+    regs = usage["REG"]
+    spills = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+    wgmma, tma, depth = ptx_facts(compiled.asm["ptx"])
     shared = compiled.metadata.shared
     occupancy = ctas_per_sm(arch, shared, regs, num_warps)
     return Resources(shared, regs, spills, wgmma, tma, depth, persistent, occupancy)

@@ -37,8 +37,17 @@ PERSISTENT_MIN_WAVES = 1
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
+# the backward candidates' kernels (kernels/backward_candidates.py): "_split" builds read
+# the split dy pass's fp32 g partials
+CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_p0", "dx_gemm_split", "tail", "tail_split")
+# DoRA's row norms (kernels/dora_norm.py): fp32 arithmetic whatever W's dtype, one table
+DORA_NORM = "dora_norm"
 # kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
 GEMM_KERNELS = ("forward", "dx")
+CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_p0", "dx_gemm_split")
+# the report (python -m fastlora.kernels.report) builds every kernel of these
+KERNELS += CANDIDATE_KERNELS + (DORA_NORM,)
+GEMM_KERNELS += CANDIDATE_GEMM_KERNELS
 R_PADS = (16, 32, 64, 128)
 
 
@@ -94,7 +103,11 @@ class TileConfig:
             "dy": ("BLOCK_M", "BLOCK_N"),
             "dx": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "reduce": (),
-        }[kernel]
+            "dy_split": ("BLOCK_M", "BLOCK_N"),
+            "dx_gemm": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "tail": ("BLOCK_M", "BLOCK_K"),
+            "dora_norm": ("BLOCK_N", "BLOCK_K"),
+        }[kernel.removesuffix("_split").removesuffix("_p0")]
         vals = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
         return {n: vals[n] for n in names}
 
@@ -185,6 +198,87 @@ _CONFIGS_FP32 = {
 }
 _TABLES = {"16bit": _CONFIGS_16, "tf32": _CONFIGS_TF32, "fp32": _CONFIGS_FP32}
 
+# The backward candidates' kernels (kernels/backward_candidates.py):
+#   dy_split  g / dB partials  tiles BLOCK_M rows x a column split, loop over it in BLOCK_N
+#   dx_gemm   dx [M, K]        tiles BLOCK_M x BLOCK_K, loop over N in BLOCK_N (pure GEMM)
+#   tail      dA [r, K]        tiles BLOCK_K columns, loop over M in BLOCK_M (and dB's sum)
+_CANDIDATE_CONFIGS = {
+    "16bit": {
+        "dx_gemm": [
+            T(128, 64, 128, 8, 4, "large M: two warpgroups of 64 x 128 (r_pad 128 spills)",
+              SMALL_R, builds="tma"),
+            T(64, 64, 128, 4, 4, "mid and small M: one warpgroup (r_pad 128 spills)", SMALL_R,
+              builds="tma"),
+            T(64, 64, 64, 4, 3, "r_pad 128 (sm_90), and mid and small M", builds="tma"),
+            T(128, 64, 128, 8, 3, "large M (sm_80, unaligned operands; r_pad 128 spills)",
+              SMALL_R, builds="ptr"),
+            T(64, 64, 64, 8, 3, "mid and small M, and r_pad 128 (4 warps spill)",
+              builds="ptr"),
+        ],
+        # without dropout (no Philox tile in registers beside the accumulator): the
+        # cuBLAS-class tile, two consumer warpgroups of 64 x 256 (with the mask it spills; on
+        # sm_80 the mma.sync accumulators spill in it)
+        "dx_gemm_p0": [
+            T(128, 64, 256, 8, 3, "large M and K, p = 0", 32, builds="tma"),
+        ],
+        "dy_split": [
+            T(256, 64, 0, 8, 3, "large M: 256-row blocks, a quarter of the row pass's dB "
+              "partials; 32 KB boxes (the pointer build spills)", 32, builds="tma"),
+            T(128, 64, 0, 8, 3, "mid M", 32),
+            T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
+            T(64, 16, 0, 8, 3, "r_pad 128: g and the dB partial over 8 warps", min_r_pad=MAX_R),
+        ],
+        "tail": [
+            T(64, 0, 64, 4, 3, "wide K: 64-column programs walking M in 64-row steps",
+              SMALL_R),
+            T(64, 0, 32, 4, 3, "narrow K (more programs), and r_pad 128"),
+        ],
+    },
+    # tf32: pointer builds of dx_gemm only (the N-major W tile cannot feed tf32 wgmma from
+    # shared memory without a transpose through registers, as for "dx" above)
+    "tf32": {
+        "dx_gemm": [
+            T(128, 32, 64, 8, 3, "large M", SMALL_R, builds="ptr"),
+            T(64, 32, 64, 4, 3, "mid and small M, and r_pad 128", builds="ptr"),
+        ],
+        "dy_split": [
+            T(128, 16, 0, 8, 3, "large M", 32),
+            T(64, 16, 0, 8, 3, "small M, and r_pad >= 64"),
+        ],
+        "tail": [T(64, 0, 32, 4, 3, "32-column programs")],
+    },
+    "fp32": {
+        "dx_gemm": [
+            T(32, 32, 32, 4, 3, "FMA tile (r_pad 64 spills in the TMA build)", 32,
+              builds="tma"),
+            T(32, 16, 32, 4, 3, "FMA tile, and r_pad 64"),
+        ],
+        "dy_split": [T(32, 16, 0, 4, 3, "FMA tile")],
+        "tail": [T(32, 0, 32, 4, 3, "FMA tile")],
+    },
+}
+# DoRA's norm: rows of W per program (block_n) x K steps (block_k); every kind reads this
+# table (the arithmetic is fp32 for any W)
+_NORM_CONFIGS = [
+    T(0, 32, 64, 8, 3, "wide layers: 32 rows a program, 64-column steps", 32, builds="ptr"),
+    T(0, 32, 32, 8, 3, "r_pad 64: A's tile [64, 32] fp32", 64, 64, builds="ptr"),
+    T(0, 16, 32, 4, 3, "narrow layers: twice the programs (r_pad 128 spills in every tile "
+      "tried: the torch norm takes it)", SMALL_R, builds="ptr"),
+]
+for _table in _CANDIDATE_CONFIGS.values():
+    _table["dora_norm"] = _NORM_CONFIGS
+# the split dy pass's readers sum up to MAX_G_PARTS fp32 g partials per tile: they are
+# launched up to SPLIT_MAX_R_PAD (larger ranks take the row pass: the "dx_gemm" candidate)
+MAX_G_PARTS = 4
+SPLIT_MAX_R_PAD = 32
+for _kind, _table in _CANDIDATE_CONFIGS.items():
+    _table["dx_gemm_split"] = _table["dx_gemm"]
+    _table.setdefault("dx_gemm_p0", [])
+    # the 32-column tail spills summing 4 fp32 g partials (sm_90 TMA build)
+    _table["tail_split"] = [c for c in _table["tail"] if c.block_k != 32 or _kind != "16bit"]
+    _table["dy_split"] = [c for c in _table["dy_split"] if c.min_r_pad <= SPLIT_MAX_R_PAD]
+    _TABLES[_kind].update(_table)
+
 # DoRA's own tiles where its variant needs more registers than LoRA's (every other
 # (kind, kernel, variant) launches LoRA's table): with dropout the forward holds two
 # [BM, BN] accumulators (x W^T and D(x) W^T), and the dy pass holds a z tile and its
@@ -207,6 +301,26 @@ _DORA_CONFIGS = {
         T(128, 32, 0, 8, 3, "large M: dy and z tiles [128, 32] beside g", 32),
         T(64, 32, 0, 8, 3, "small M, and r_pad 64", SMALL_R),
         T(64, 16, 0, 8, 3, "r_pad 128: z and dy [64, 16] beside g", min_r_pad=MAX_R),
+    ],
+    # sm_90's DoRA dx holds dy scaled by c and g [BM, r_pad] beside the accumulator (two
+    # with dropout): LoRA's 128-row tiles reach 255 registers and spill 16-144 B in the
+    # cubins (cuobjdump), so DoRA's dx runs 64-row tiles, and narrower ones at r_pad 128
+    ("16bit", "dx", "dora"): [
+        T(64, 64, 64, 8, 3, "dx tile 64 x 64 (128 x 64 spills 16-24 B on sm_90)", SMALL_R,
+          builds="tma"),
+        T(64, 64, 32, 8, 3, "r_pad 128: dx tile 64 x 32", min_r_pad=MAX_R, builds="tma"),
+        T(128, 128, 32, 8, 3, "large M: dx tile 128 x 32", SMALL_R, builds="ptr"),
+        T(64, 64, 32, 8, 3, "mid and small M, and r_pad 128 (64 x 128 steps spill 32 B "
+          "on sm_90)", builds="ptr"),
+    ],
+    ("16bit", "dx", "dora_dropout"): [
+        T(64, 64, 64, 8, 3, "two [64, 64] accumulators (128 rows spill 32-144 B)", SMALL_R,
+          builds="tma"),
+        T(64, 32, 32, 8, 3, "r_pad 128: two [64, 32] accumulators (64 x 64 spills 16 B)",
+          min_r_pad=MAX_R, builds="tma"),
+        T(64, 64, 32, 8, 3, "two [64, 32] accumulators (128 x 32 spills 40 B on sm_90)",
+          SMALL_R, builds="ptr"),
+        T(64, 32, 32, 8, 3, "r_pad 128, N steps of 32", min_r_pad=MAX_R, builds="ptr"),
     ],
     ("tf32", "forward", "dora"): [
         T(128, 128, 32, 8, 3, "large M and N", SMALL_R),
@@ -235,6 +349,25 @@ _DORA_CONFIGS = {
     ],
 }
 
+# A 4-bit base decodes each W tile in registers inside the forward's K loop (decode-in-
+# mainloop): LoRA's forward tiles spill there in the cubins (24 B on sm_90, 176-536 B on
+# sm_80), so the 4-bit forward launches its own, smaller decoded tiles.
+_4BIT_CONFIGS = {
+    ("16bit", "forward"): [
+        T(128, 256, 32, 8, 3, "large M and N: K steps of 32 halve the decoded W tile (64 "
+          "spills 24 B on sm_90)", SMALL_R, builds="tma"),
+        T(128, 128, 64, 8, 3, "every rank block (190 registers at r_pad 128)", builds="tma"),
+        T(128, 128, 64, 8, 3, "large M, r_pad <= 32 (sm_80 spills 432 B at r_pad 128)", 32,
+          builds="ptr"),
+        T(64, 128, 64, 8, 3, "mid M and r_pad 64 over 8 warps (4 warps spill 176-192 B on "
+          "sm_80)", SMALL_R, builds="ptr"),
+        T(64, 64, 64, 8, 3, "r_pad 128 (252 registers on sm_80)", min_r_pad=MAX_R,
+          builds="ptr"),
+        T(32, 64, 64, 4, 3, "small M: many CTAs along N (32 x 64 x 128 spills 24 B on "
+          "sm_90)", builds="ptr"),
+    ],
+}
+
 # adapter variants a kernel build can be: LoRA, DoRA, DoRA with dropout (forward and dx then
 # carry two accumulators)
 ADAPTERS = ("lora", "dora", "dora_dropout")
@@ -260,7 +393,11 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
         "dy": (bm * bn + bn * r_pad),
         "dx": (bm * bn + bn * bk),
         "reduce": 0,
-    }[kernel]
+        "dy_split": (bm * bn + bn * r_pad),
+        "dx_gemm": (bm * bn + bn * bk),
+        "tail": (bm * bk + bm * r_pad),
+        "dora_norm": (bn * bk + r_pad * bk),
+    }[kernel.removesuffix("_split").removesuffix("_p0")]
     return s * loop * esize
 
 
@@ -273,11 +410,11 @@ def operand_kind(esize: int, precision: str) -> str:
 
 def configs_for(
     kernel: str, kind: str, r_pad: int, *, interpreter: bool | None = None, tma: bool = False,
-    adapter: str = "lora",
+    adapter: str = "lora", base: str = "dense",
 ) -> list[TileConfig]:
     """Every config the dispatcher may launch for this kernel, operand kind
-    (``operand_kind``), rank block, build (``tma``) and adapter variant (``ADAPTERS``);
-    ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
+    (``operand_kind``), rank block, build (``tma``), adapter variant (``ADAPTERS``) and
+    base kind ("dense" or a 4-bit kind); ``interpreter`` defaults to ``TRITON_INTERPRET=1``."""
     if interpreting() if interpreter is None else interpreter:
         return [_INTERPRET_CONFIG]
     esize = 2 if kind == "16bit" else 4
@@ -291,6 +428,10 @@ def configs_for(
     if adapter == "dora_dropout" and kernel not in DROPOUT_ACC_KERNELS:
         adapter = "dora"  # dropout changes DoRA's registers in forward and dx only
     table = _DORA_CONFIGS.get((kind, kernel, adapter), _TABLES[kind][kernel])
+    if kernel in ("dy_split", "dx_gemm_split", "tail_split") and r_pad > SPLIT_MAX_R_PAD:
+        return []
+    if base not in ("dense", "dense_tma") and adapter == "lora":
+        table = _4BIT_CONFIGS.get((kind, kernel), table)
     return [
         c
         for c in table
@@ -308,19 +449,22 @@ def m_bucket(m: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def pick(
     kernel: str, kind: str, r_pad: int, rows: int, cols: int, sms: int, tma: bool = False,
-    *, interpreter: bool | None = None, adapter: str = "lora",
+    *, interpreter: bool | None = None, adapter: str = "lora", base: str = "dense",
 ) -> TileConfig:
     """The config launched for a ``rows x cols`` output (cols 1 for row-tiled kernels):
     the largest tile (table order) that still gives every one of ``sms`` SMs a tile,
     else the config with the most tiles.  A function of the shape alone.  ``interpreter``
     as in ``configs_for`` (False: the GPU tables even under ``TRITON_INTERPRET=1``)."""
-    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter, adapter=adapter)
+    cands = configs_for(kernel, kind, r_pad, tma=tma, interpreter=interpreter, adapter=adapter,
+                        base=base)
     if not cands:
         raise ValueError(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "
             f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
         )
-    col_block = {"forward": "block_n", "dx": "block_k"}.get(kernel)
+    col_block = {"forward": "block_n", "dx": "block_k", "dx_gemm": "block_k",
+                 "dx_gemm_split": "block_k", "dx_gemm_p0": "block_k", "tail": "block_k",
+                 "tail_split": "block_k", "dora_norm": "block_n"}.get(kernel)
 
     def tiles(c: TileConfig) -> int:
         t = -(-rows // max(c.block_m, 1))

@@ -9,13 +9,32 @@ import; a namespace portion yields to any regular package of that name on ``sys.
 from . import _configs, _launch
 from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
 from ._launch import dot_precision
+from .backward_candidates import decode_once_backward, decode_once_forward, dx_gemm_backward
+from .backward_candidates import split_dy_backward
 from .dequant_4bit import dequantize_4bit
+from .dora_norm import dora_weight_norm, norm_kernel_ok
+from .dropout_mask import dropout_apply
 from .lora_backward import dora_backward, lora_backward
 from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
 from .lora_sgmv import sgmv_backward, sgmv_forward, stack_adapters
 
+# Candidates per direction, name -> launcher with lora_forward's / lora_backward's signature
+# (base4= included); the dispatcher times each per shape bucket.  Every one regenerates the
+# same dropout mask (_tiles.dropout_keep), so any forward pairs with any backward.
+FORWARD_CANDIDATES = {"fused": lora_forward, "decode_once": decode_once_forward}
+BACKWARD_CANDIDATES = {
+    "fused": lora_backward,
+    "dx_gemm": dx_gemm_backward,
+    "split_dy": split_dy_backward,
+    "decode_once": decode_once_backward,
+}
+# candidates that differ from "fused" only on a 4-bit base (a dense base runs "fused")
+CANDIDATES_4BIT_ONLY = frozenset({"decode_once"})
+
 __all__ = [
+    "BACKWARD_CANDIDATES", "CANDIDATES_4BIT_ONLY", "FORWARD_CANDIDATES",
     "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
+    "dora_weight_norm", "dropout_apply", "norm_kernel_ok",
     "dot_precision", "fused_4bit_ok",
     "lora_backward",
     "lora_forward",

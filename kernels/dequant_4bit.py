@@ -190,20 +190,30 @@ def dequantize_4bit(
     nested_blocksize: int,
     BASE: str,
     dtype: torch.dtype,
+    *,
+    out: torch.Tensor | None = None,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """The whole 4-bit weight decoded: W [N, K] in ``dtype``.
 
     packed: uint8 [ceil(N*K/2)]; absmax: fp32 [ceil(N*K/blocksize)], or uint8 codes when
     ``BASE`` ends in "_dq" (double quantization) with code2: fp32 [256], absmax2: fp32 [ceil(len(absmax)/nested_blocksize)],
     offset: fp32 [1] (all on one device; unused pointers may alias absmax).  The arguments
-    are what ``fastlora.bases.Packed4bit.kernel_args()`` returns."""
+    are what ``fastlora.bases.Packed4bit.kernel_args()`` returns.  ``out``: an [N, K]
+    ``dtype`` tensor to decode into (a reused workspace), else a new one; ``traceable``:
+    launch through wrap_triton (inside a triton_op)."""
     N, K = shape
-    out = torch.empty((N, K), device=packed.device, dtype=dtype)
+    if out is None:
+        out = torch.empty((N, K), device=packed.device, dtype=dtype)
+    elif tuple(out.shape) != (N, K) or out.dtype != dtype:
+        raise ValueError(f"dequantize_4bit: out must be [{N}, {K}] {dtype}, got "
+                         f"{list(out.shape)} {out.dtype}")
     if N == 0 or K == 0:
         return out
     grid = (triton.cdiv(N, DECODE_BLOCK_N), triton.cdiv(K, DECODE_BLOCK_K))
     spec = LaunchSpec(_dequant_4bit_kernel, grid,
                       dict(BASE=BASE, BLOCK_N=DECODE_BLOCK_N, BLOCK_K=DECODE_BLOCK_K), 4, 1)
     launch(spec, (packed, absmax, code2, absmax2, offset, out),
-           (N, K, blocksize, nested_blocksize, out.stride(0), out.stride(1)))
+           (N, K, blocksize, nested_blocksize, out.stride(0), out.stride(1)),
+           traceable=traceable)
     return out

@@ -377,7 +377,7 @@ def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense"
         c.num_warps, c.num_stages,
     )  # fmt: skip
     variant = _configs.adapter_variant(dora, has_dropout)
-    c = _configs.pick("forward", kind, r_pad, M, N, sms, tma, adapter=variant)
+    c = _configs.pick("forward", kind, r_pad, M, N, sms, tma, adapter=variant, base=base)
     tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(N, c.block_n)
     fwd = LaunchSpec(
         _lora_forward_kernel, (min(tiles, sms) if tma else tiles,),

@@ -2,6 +2,10 @@
 
     python -m fastlora.kernels.report --arch 80 90      (or ``-m kernels.report`` in a checkout)
 
+Registers and spills are read from the cubins Triton builds (``cuobjdump
+--dump-resource-usage``); after the builds, every dispatch candidate is listed with its
+kernels' worst registers and spills.
+
 One row per kernel / config / dtype / rank block / arch / build (sm_90: "tma", the
 persistent tensor-descriptor build, and "ptr", its fallback for unaligned strides):
 shared memory, registers, spill bytes, whether the PTX uses wgmma and TMA
@@ -43,6 +47,11 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adap
         for dtype in dtypes:
             kind = _compile.operand_kind(dtype)
             for kernel in kernels:
+                if kernel in _compile.STANDALONE:  # one config, no rank, no adapter
+                    if _compile.DTYPES[dtype][1] == _compile.DTYPES[dtype][0]:
+                        yield (arch, dtype, _configs.MMA_MIN_R, kernel,
+                               _compile.STANDALONE[kernel], "ptr", "dense", "lora")
+                    continue
                 # the reduce kernel has no TMA path: one build per arch
                 builds = _compile.BUILDS[arch][-1:] if kernel == "reduce" else _compile.BUILDS[arch]
                 for build, adapter in itertools.product(builds, adapters):
@@ -50,20 +59,21 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adap
                         continue
                     if adapter == "dora_dropout" and kernel not in _configs.DROPOUT_ACC_KERNELS:
                         continue  # the same build as "dora"
-                    seen = {}
-                    for r_pad in _configs.R_PADS:
-                        for cfg in _configs.configs_for(
-                            kernel, kind, r_pad, interpreter=False, tma=build == "tma",
-                            adapter=adapter,
-                        ):  # fmt: skip
-                            seen.setdefault(cfg, []).append(r_pad)
                     kinds = bases if kernel in _compile.BASE_KERNELS and adapter == "lora" \
                         else ("dense",)
-                    for cfg, pads in seen.items():
-                        for r_pad in pads if r_pads is None else [p for p in pads if p in r_pads]:
-                            if r_pads is None and r_pad != max(pads):
-                                continue
-                            for base in kinds:
+                    for base in kinds:  # a 4-bit base may launch its own tiles
+                        seen = {}
+                        for r_pad in _configs.R_PADS:
+                            for cfg in _configs.configs_for(
+                                kernel, kind, r_pad, interpreter=False, tma=build == "tma",
+                                adapter=adapter, base=base,
+                            ):  # fmt: skip
+                                seen.setdefault(cfg, []).append(r_pad)
+                        for cfg, pads in seen.items():
+                            for r_pad in (pads if r_pads is None
+                                          else [p for p in pads if p in r_pads]):
+                                if r_pads is None and r_pad != max(pads):
+                                    continue
                                 yield arch, dtype, r_pad, kernel, cfg, build, base, adapter
 
 
@@ -105,8 +115,8 @@ def main(argv=None) -> int:
                     choices=list(_compile.DTYPES))  # fmt: skip
     ap.add_argument("--r-pad", type=int, nargs="+", default=None, choices=_configs.R_PADS,
                     help="rank blocks to build (default: each config at its largest)")  # fmt: skip
-    ap.add_argument("--kernel", nargs="+", default=list(_configs.KERNELS),
-                    choices=_configs.KERNELS)  # fmt: skip
+    kernels = [*_configs.KERNELS, *_compile.STANDALONE]
+    ap.add_argument("--kernel", nargs="+", default=kernels, choices=kernels)
     ap.add_argument("--base", nargs="+", default=["dense"],
                     choices=["dense", *_BASES_4BIT],
                     help="base kinds of the forward/dx main loops (default: dense; nf4_dq is "
@@ -124,8 +134,13 @@ def main(argv=None) -> int:
              f"{'wait':>4} {'pers':>4} {'CTA/SM':>6}  status"  # fmt: skip
     print(header)
     failed = 0
+    worst: dict[str, list] = {}  # kernel -> [max registers, max spill bytes, failures]
     with ProcessPoolExecutor(args.jobs) as pool:
         for job, res, problem, _ in pool.map(check, todo):
+            w = worst.setdefault(job[3], [0, 0, 0])
+            if res:
+                w[0], w[1] = max(w[0], res.registers), max(w[1], res.spill_bytes)
+            w[2] += bool(problem)
             arch, dtype, r_pad, kernel, c, build, base, adapter = job
             cfg = f"{c.block_m},{c.block_n},{c.block_k},{c.num_warps},{c.num_stages}"
             yn = {True: "yes", False: "no"}
@@ -139,8 +154,39 @@ def main(argv=None) -> int:
             print(f"{kernel:7} {cfg:22} {dtype:10} {r_pad:5d} sm_{arch:<2} {build:5} {base:6} "
                   f"{adapter:12} {cols}  "
                   f"{'FAIL ' + problem if problem else 'ok'}", flush=True)  # fmt: skip
+    failed += candidate_summary(worst)
     print(f"{len(todo)} kernel builds, {failed} failing, {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
+
+
+def candidate_summary(worst: dict[str, list]) -> int:
+    """Print each dispatch candidate (``fastlora.kernels.api``'s dicts and the composition)
+    with its kernels' worst registers and spills over the builds made; returns the number
+    of failures: a candidate with no kernels in ``_compile.CANDIDATE_KERNELS``, or one of
+    whose kernels failed."""
+    from . import api
+
+    print("\ncandidate               kernels                      max regs  max spill B  status")
+    failed = 0
+    for direction, names in (("forward", api.FORWARD_CANDIDATES),
+                             ("backward", api.BACKWARD_CANDIDATES)):
+        for name in [*names, "composition"]:
+            kernels = _compile.CANDIDATE_KERNELS.get((direction, name))
+            if kernels is None:
+                failed += 1
+                print(f"{direction + '/' + name:23} FAIL no kernels listed in "
+                      "kernels/_compile.py CANDIDATE_KERNELS")
+                continue
+            built = [worst[k] for k in kernels if k in worst]
+            regs = max((w[0] for w in built), default=0)
+            spill = max((w[1] for w in built), default=0)
+            bad = sum(w[2] for w in built)
+            failed += bool(bad)
+            status = "not built (--kernel)" if not built else (
+                f"FAIL ({bad} failing builds)" if bad else "ok")
+            print(f"{direction + '/' + name:23} {','.join(kernels):28} {regs:8d} {spill:12d}  "
+                  f"{status}")
+    return failed
 
 
 if __name__ == "__main__":

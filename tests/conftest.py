@@ -15,6 +15,12 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 from helpers import available_backends  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1" and not os.environ.get("FASTLORA_NO_BOUNDS_CHECK"):
+    # a kernel's out-of-bounds access fails its test with a message instead of killing pytest
+    import interpreter_bounds  # noqa: E402
+
+    interpreter_bounds.install()
+
 # tests.mutation_smoke runs the suite on a mutated copy of the package: refuse to run if the
 # copy is not what was imported (the editable install maps fastlora.kernels to the checkout)
 _expect_root = os.environ.get("FASTLORA_EXPECT_ROOT")

@@ -3,17 +3,25 @@
     python -m tests.mutation_smoke            # every mutant, 2 in parallel
     python -m tests.mutation_smoke -k dropout -j 1 --list
 
-Each mutant is one exact source edit (its anchor must occur exactly once, so a code change
-that moves the anchor makes the smoke fail loudly instead of silently testing nothing),
-applied to a fresh copy of the checkout in a temporary directory.  The copy is laid out as
+Each mutant is one exact source edit applied to a fresh copy of the checkout in a temporary
+directory. Its anchor must occur exactly once: an anchor that a code change moved is reported
+as stale (and fails the run) instead of silently testing nothing, and is never counted as a
+kill.  The copy is laid out as
 installed (``fastlora/`` with ``kernels/`` inside it as ``fastlora/kernels/``) and is first
 on ``sys.path`` of the child pytest, which checks at start-up that it imported the copy
 (``FASTLORA_EXPECT_ROOT``, see ``tests/conftest.py``): the editable install maps
 ``fastlora.kernels`` to the checkout, so PYTHONPATH alone would test the unmutated kernels.
 
-A mutant is killed when its tests fail (pytest exit status 1); a pass is a survivor, and any
-other status (collection error, crash, timeout) is an error.  The unmutated copy runs every
-selected test first: kills only count against a green baseline.  Exit status 0 when every
+Verdicts come from the child's JUnit XML report, not its exit status alone:
+
+    killed     a selected test failed in its call with an assertion or a clear exception
+    survived   every selected test passed
+    crashed    the child died (a signal, a timeout), pytest stopped on an internal, usage or
+               collection error, no test ran, or only set-up/tear-down errors were reported
+    stale      the anchor no longer occurs exactly once: the edit was never run
+
+The unmutated copy runs every selected test first: kills only count against a green
+baseline.  The four counts are printed separately; exit status 0 only when every listed
 mutant is killed.
 """
 
@@ -29,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,10 +263,44 @@ MUTANTS: list[Mutant] = [
     _m("adapter keys without PEFT's prefix", "fastlora/adapter.py",
        'KEY_PREFIX = "base_model.model."\n', 'KEY_PREFIX = "base_model."\n',
        "tests/test_adapter.py::test_fastlora_saves_peft_loads[plain-True]"),
+    # ---- the nine that escaped the suite (issue 23), each on the path a user takes
+    _m("4-bit layer keeps dropout on in eval", "fastlora/layer.py",
+       "self.scaling, self.lora_dropout, self.training, *dora_args)",
+       "self.scaling, self.lora_dropout, True, *dora_args)",
+       "tests/test_qlora_paths.py::test_eval_mode_turns_dropout_off_on_a_4bit_layer[torch]"),
+    _m("DoRA unfrozen base: dW without the column scale", "fastlora/dora_torch.py",
+       "dW = torch.mm((dy * c).t(), x)", "dW = torch.mm(dy.t(), x)",
+       "tests/test_dora_base_grad.py::test_unfrozen_base_gets_dora_scaled_grads[torch]"),
+    _m("4-bit nested: second-level scale index dropped", "kernels/dequant_4bit.py",
+       "absmax2_ptr + block // NESTED_BLOCKSIZE,", "absmax2_ptr + 0 * block,",
+       "tests/test_qlora_paths.py::test_nested_quant_with_more_than_256_absmax_blocks[triton-nf4]"),
+    _m("target regex: re.match instead of re.fullmatch", "fastlora/model.py",
+       "re.fullmatch(spec, name)", "re.match(spec, name)",
+       "tests/test_target_names.py::test_prefix_of_a_longer_name_is_not_matched"),
+    _m("load: lora_dropout read from a wrong key", "fastlora/model.py",
+       'get("lora_dropout", 0.0)', 'get("dropout", 0.0)',
+       "tests/test_roundtrip_fields.py::test_every_config_field_survives_a_round_trip[lists]"),
+    _m("save: exclude_modules written as null", "fastlora/adapter.py",
+       '"exclude_modules": config.exclude_modules,', '"exclude_modules": None,',
+       "tests/test_roundtrip_fields.py::test_every_config_field_survives_a_round_trip[lists]"),
+    _m("Trainer: load_best_model_at_end keeps the last checkpoint", "fastlora/integrations.py",
+       "    load_checkpoint(_unwrap(self), best)\n", "    pass\n",
+       "tests/test_trainer_fast.py::test_load_best_model_at_end_loads_the_best_checkpoint"),
+    _m("resume: head restored into a copy", "fastlora/integrations.py",
+       "p.copy_(saved[name])", "p.clone().copy_(saved[name])",
+       "tests/test_trainer_fast.py::test_checkpoint_round_trip_restores_the_head_in_place"),
+    _m("dx stored with x's strides", "kernels/lora_backward.py",
+       "M, K, stride_dxm, stride_dxk,", "M, K, stride_xm, stride_xk,",
+       "tests/test_kernels.py::test_strided_inputs"),
 ]
 
 
 # ------------------------------------------------------------------------------ machinery
+
+# exception types that say the process is in trouble rather than that a check caught the bug
+CRASH_TYPES = frozenset({"MemoryError", "RecursionError", "SystemError", "KeyboardInterrupt",
+                         "SystemExit"})
+VERDICTS = ("killed", "survived", "crashed", "stale")
 
 
 def in_copy(path: str) -> str:
@@ -282,7 +325,8 @@ def apply_mutant(root: Path, mutant: Mutant) -> None:
 
 
 def make_copy(dest: Path) -> Path:
-    """The checkout's package, kernels and tests under ``dest``, laid out as installed."""
+    """The checkout's package, kernels and tests under ``dest``, laid out as installed (a
+    ``kernels/`` without ``__init__.py`` becomes a namespace package there, as installed)."""
     for name in COPIED:
         src = ROOT / name
         if src.is_dir():
@@ -304,21 +348,90 @@ def child_env(root: Path) -> dict[str, str]:
     return env
 
 
-def run_tests(root: Path, tests: tuple[str, ...], first_failure: bool = True) -> tuple[int, str]:
+@dataclasses.dataclass
+class Report:
+    """What one child pytest run said: its exit status (None: timed out, negative: killed by
+    that signal) and, from its JUnit XML, the passed tests, the failed ones with the type of
+    the exception that failed them, and the set-up/tear-down/collection errors."""
+
+    returncode: int | None
+    passed: int = 0
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    log: str = ""
+
+
+def _exception_type(element: ET.Element) -> str:
+    """The exception type of a JUnit <failure>/<error>: pytest ends its text with
+    ``path:line: ExceptionType``; the message's ``Type: ...`` prefix otherwise."""
+    lines = [line for line in (element.text or "").splitlines() if line.strip()]
+    if lines and ": " in lines[-1]:
+        return lines[-1].rsplit(": ", 1)[1].strip()
+    message = element.get("message", "")
+    head = message.split(":", 1)[0].strip()
+    if head.isidentifier():
+        return head
+    return "AssertionError" if message.startswith("assert") else "?"
+
+
+def parse_junit(path: Path) -> tuple[int, list[tuple[str, str]], list[tuple[str, str]]]:
+    """(passed, failures, errors) of a pytest JUnit XML report; each failure or error as
+    (test id, exception type)."""
+    passed, failures, errors = 0, [], []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        test = f"{case.get('classname', '')}::{case.get('name', '')}"
+        failure, error, skipped = case.find("failure"), case.find("error"), case.find("skipped")
+        if failure is not None:
+            failures.append((test, _exception_type(failure)))
+        if error is not None:
+            errors.append((test, _exception_type(error)))
+        if failure is None and error is None and skipped is None:
+            passed += 1
+    return passed, failures, errors
+
+
+def run_tests(root: Path, tests: tuple[str, ...], first_failure: bool = True) -> Report:
+    xml = root / "mutation-report.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           "--no-header", "-rN", *(["-x"] if first_failure else []), *tests]
+           "--no-header", "-rN", f"--junitxml={xml}", *(["-x"] if first_failure else []), *tests]
     try:
         out = subprocess.run(cmd, cwd=root, env=child_env(root), capture_output=True, text=True,
                              timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return -1, f"timed out after {TIMEOUT_S} s"
-    return out.returncode, out.stdout[-3000:] + out.stderr[-3000:]
+        return Report(None, log=f"timed out after {TIMEOUT_S} s")
+    report = Report(out.returncode, log=out.stdout[-3000:] + out.stderr[-3000:])
+    if xml.is_file():
+        try:
+            report.passed, report.failures, report.errors = parse_junit(xml)
+        except ET.ParseError as err:  # a child killed while writing it
+            report.errors.append(("<report>", f"unreadable JUnit XML ({err})"))
+    return report
+
+
+def classify(report: Report) -> tuple[str, str]:
+    """(verdict, why) of a mutant's run; see the module docstring."""
+    rc = report.returncode
+    if rc is None:
+        return "crashed", "timed out"
+    if rc < 0:
+        return "crashed", f"killed by signal {-rc}"
+    if rc not in (0, 1):
+        return "crashed", f"pytest exit {rc} (interrupted, internal, usage or collection error)"
+    clear = [(t, e) for t, e in report.failures if e not in CRASH_TYPES]
+    if rc == 1 and clear:
+        return "killed", ", ".join(f"{t} ({e})" for t, e in clear[:3])
+    if rc == 0 and report.passed and not report.failures and not report.errors:
+        return "survived", f"{report.passed} tests passed"
+    if not report.passed and not report.failures and not report.errors:
+        return "crashed", "no test ran"
+    return "crashed", "only errors: " + ", ".join(
+        f"{t} ({e})" for t, e in (report.errors + report.failures)[:3])
 
 
 @dataclasses.dataclass
 class Outcome:
     mutant: Mutant
-    verdict: str  # killed | SURVIVED | ERROR
+    verdict: str  # one of VERDICTS
     seconds: float
     detail: str = ""
 
@@ -328,14 +441,31 @@ def run_mutant(mutant: Mutant, workdir: Path) -> Outcome:
     root = make_copy(Path(tempfile.mkdtemp(prefix="mutant-", dir=workdir)))
     try:
         apply_mutant(root, mutant)
-        rc, log = run_tests(root, mutant.tests)
-    except MutantError as err:
-        return Outcome(mutant, "ERROR", time.monotonic() - start, str(err))
+        report = run_tests(root, mutant.tests)
+    except MutantError as err:  # checked before, so only if the copy changed under us
+        return Outcome(mutant, "stale", time.monotonic() - start, str(err))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    verdict = {0: "SURVIVED", 1: "killed"}.get(rc, "ERROR")
-    detail = "" if verdict == "killed" else f"pytest exit {rc}\n{log}"
+    verdict, why = classify(report)
+    detail = why if verdict == "killed" else f"{why}\n{report.log}"
     return Outcome(mutant, verdict, time.monotonic() - start, detail)
+
+
+def stale_anchors(mutants: list[Mutant], workdir: Path) -> dict[str, str]:
+    """Mutant name -> why, for each anchor that does not occur exactly once (each checked on a
+    scratch copy of its file alone)."""
+    stale = {}
+    for m in mutants:
+        scratch = workdir / "anchors"
+        target = scratch / in_copy(m.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / m.path if (ROOT / m.path).exists() else os.devnull, target)
+        try:
+            apply_mutant(scratch, m)
+        except MutantError as err:
+            stale[m.name] = str(err)
+        shutil.rmtree(scratch)
+    return stale
 
 
 def main(argv: list[str] | None = None, mutants: list[Mutant] | None = None) -> int:
@@ -357,52 +487,42 @@ def main(argv: list[str] | None = None, mutants: list[Mutant] | None = None) -> 
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fastlora-mutation-") as tmp:
         workdir = Path(tmp)
-        # every anchor first, on a scratch copy each: a stale anchor fails before any test runs
-        stale = []
-        for m in chosen:
-            scratch = workdir / "anchors"
-            scratch.mkdir(exist_ok=True)
-            target = scratch / in_copy(m.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / m.path if (ROOT / m.path).exists() else os.devnull, target)
-            try:
-                apply_mutant(scratch, m)
-            except MutantError as err:
-                stale.append(str(err))
-            shutil.rmtree(scratch)
-        if stale:
-            print("\n\n".join(stale), file=sys.stderr)
-            return 1
-        if not args.no_baseline:
-            tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-            rc, log = run_tests(make_copy(workdir / "baseline"), tests, first_failure=False)
-            if rc != 0:
-                print(f"baseline: the selected tests fail on the unmutated copy (exit {rc}):\n{log}",
-                      file=sys.stderr)
+        stale = stale_anchors(chosen, workdir)
+        outcomes = [Outcome(m, "stale", 0.0, stale[m.name]) for m in chosen if m.name in stale]
+        runnable = [m for m in chosen if m.name not in stale]
+        if runnable and not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in runnable for t in m.tests))
+            base = run_tests(make_copy(workdir / "baseline"), tests, first_failure=False)
+            if base.returncode != 0 or base.failures or base.errors or not base.passed:
+                print(f"baseline: the selected tests do not all pass on the unmutated copy "
+                      f"(exit {base.returncode}, {base.passed} passed, failures {base.failures}, "
+                      f"errors {base.errors}):\n{base.log}", file=sys.stderr)
                 return 1
             print(f"baseline: {len(tests)} test selections pass on the unmutated copy "
                   f"({time.monotonic() - start:.0f} s)", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
-            futures = [pool.submit(run_mutant, m, workdir) for m in chosen]
-            outcomes = []
+            futures = [pool.submit(run_mutant, m, workdir) for m in runnable]
             for f in concurrent.futures.as_completed(futures):
                 o = f.result()
                 outcomes.append(o)
                 print(f"  {o.verdict:8s} {o.seconds:6.1f} s  {o.mutant.name}", flush=True)
     order = {m.name: i for i, m in enumerate(chosen)}
     outcomes.sort(key=lambda o: order[o.mutant.name])
-    print(f"\n| mutant | file | verdict | s | tests |\n|---|---|---|---|---|")
+    print("\n| mutant | file | verdict | s | tests |\n|---|---|---|---|---|")
     for o in outcomes:
         print(f"| {o.mutant.name} | {o.mutant.path} | {o.verdict} | {o.seconds:.0f} | "
               f"{' '.join(t.removeprefix('tests/') for t in o.mutant.tests)} |")
-    bad = [o for o in outcomes if o.verdict != "killed"]
-    for o in bad:
-        print(f"\n--- {o.verdict}: {o.mutant.name}\n{o.detail}", file=sys.stderr)
+    counts = {v: sum(o.verdict == v for o in outcomes) for v in VERDICTS}
+    for o in outcomes:
+        if o.verdict != "killed":
+            print(f"\n--- {o.verdict.upper()}: {o.mutant.name}\n{o.detail}", file=sys.stderr)
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(f"\n{len(outcomes) - len(bad)}/{len(outcomes)} mutants killed in "
+    print(f"\nkilled {counts['killed']}, survived {counts['survived']}, crashed "
+          f"{counts['crashed']}, stale {counts['stale']} (of {len(outcomes)} mutants)")
+    print(f"{counts['killed']}/{len(outcomes)} mutants killed in "
           f"{time.monotonic() - start:.0f} s wall (-j {args.j}), "
           f"{cpu.ru_utime + cpu.ru_stime:.0f} s CPU in the test processes")
-    return 1 if bad else 0
+    return 0 if counts["killed"] == len(outcomes) else 1
 
 
 if __name__ == "__main__":

@@ -63,3 +63,37 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
     codes = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[: N * K]
     scale = absmax.float().repeat_interleave(qs.blocksize)[: N * K]
     return (qs.code.float()[codes.long()] * scale).reshape(N, K)
+
+
+# The 4-bit code tables written out here, not read from bitsandbytes: NF4 (the QLoRA paper's
+# normal-float quantiles, as bitsandbytes stores them) and bitsandbytes' FP4 (sign bit 8; the
+# magnitudes of codes 0-7 as exact fractions).
+NF4_TABLE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+_FP4_MAGNITUDES = (0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25)
+FP4_TABLE = _FP4_MAGNITUDES + tuple(-v for v in _FP4_MAGNITUDES)
+
+
+def decode64(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] in float64 from the packed codes, independently of bitsandbytes' decoders:
+    ``table[code(i)] * absmax[i // blocksize]`` over the flat index (high nibble first), and
+    under double quantization ``absmax[j] = code2[q[j]] * absmax2[j // nested_blocksize] +
+    offset`` with the 8-bit table ``code2`` that the quant state carries."""
+    qs = weight.quant_state
+    N, K = qs.shape
+    table = torch.tensor(NF4_TABLE if qs.quant_type == "nf4" else FP4_TABLE, dtype=torch.float64)
+    if qs.nested:
+        s2 = qs.state2
+        j = torch.arange(qs.absmax.numel())
+        absmax = (s2.code.double()[qs.absmax.long()] * s2.absmax.double()[j // s2.blocksize]
+                  + float(qs.offset))
+    else:
+        absmax = qs.absmax.double()
+    packed = weight.data.reshape(-1).view(torch.uint8).cpu()
+    codes = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[: N * K].long()
+    scale = absmax.cpu().repeat_interleave(qs.blocksize)[: N * K]
+    return (table[codes] * scale).reshape(N, K).to(weight.device)

@@ -28,7 +28,7 @@ from helpers import make_inputs, max_err
 # standard deviations a statistic may stray: P(|N(0,1)| > 5) = 6e-7 per check (and every
 # check is seeded, so a pass is reproducible)
 Z = 5.0
-LEVELS = 2**16  # the torch backend's uniform resolution (README: p rounded to 2**-16)
+LEVELS = 2**16  # the torch backend's uniform resolution (docs/api.md: p rounded to 2**-16)
 U64 = 2.0**-53  # float64 unit roundoff
 
 

@@ -180,3 +180,23 @@ def test_benchmark_end_to_end():
     # --check-launches fails exactly when the counts exceed the goal
     within = fwd <= H.GOAL_FWD_LAUNCHES + 1 and bwd <= H.GOAL_BWD_LAUNCHES
     assert out.returncode == (0 if within else 1), out.stderr[-3000:]
+
+
+def test_launch_goals_per_layer_kind():
+    assert H.Case().goals() == (H.GOAL_FWD_LAUNCHES + 1, H.GOAL_BWD_LAUNCHES)  # dropout's draw
+    assert H.Case(dropout=0.0).goals() == (H.GOAL_FWD_LAUNCHES, H.GOAL_BWD_LAUNCHES)
+    assert H.Case(adapter="dora").goals() == (4, 4)
+    assert H.Case(base="nf4", K=64).goals() == (4, 4)
+    assert "nf4 base" in H.Case(base="nf4", K=64).describe()
+    assert "dora r=8" in H.Case(adapter="dora").describe()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", [["--adapter", "dora"], ["--base", "nf4"]], ids=["dora", "nf4"])
+def test_variant_layers_print_the_same_last_line(flag):
+    out = _run_compiled(["-m", "benchmarks.host_overhead", "--reps", "3", "--warmup", "2",
+                         *flag])
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert LINE.match(lines[-1]), lines[-1]
+    assert flag[1] in lines[0]  # the case line names the layer

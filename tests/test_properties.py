@@ -56,7 +56,7 @@ def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 def drawn_rate(backend: str, p: float) -> float:
     """The drop rate a backend documents: the torch backend draws 16-bit uniforms, so ``p``
-    rounded to a multiple of 2**-16 (README, "The torch backend"); Philox's 31-bit uniforms
+    rounded to a multiple of 2**-16 (docs/api.md, "The torch backend"); Philox's 31-bit uniforms
     resolve p far below any test's noise."""
     return round(p * 2**16) / 2**16 if backend == "torch" else p
 

@@ -83,7 +83,7 @@ def test_fused_backward_by_hand():
 
 def test_tiles_come_from_the_gpu_tables_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    R.tile.cache_clear()
+    R.config.cache_clear()
     big = R.Shape(8192, 4096, 4096, 16)
     assert R.tile("forward", big, 4096)[0] >= 64  # not the interpreter's 32x32 tile
     import os
@@ -193,3 +193,64 @@ def test_cli_labels_itself_a_model(capsys):
     assert "measured" not in out.lower().replace("not a measurement", "")
     for g in R.GPUS.values():
         assert g.name in out
+
+
+# --------------------------------------------------------------------------- the band
+
+BIG = R.Shape(8192, 4096, 4096, 16)
+H100 = R.GPUS["H100"]
+
+
+def test_pessimistic_launch_costs_by_hand():
+    gemm = R.Launch("g", bytes=1.0, flops=989.4e12 * 1e-3, cost=R.Cost("gemm", "dx", 264))
+    # 1 ms of MMAs at 0.9x, then two waves of 1.5 us epilogues on 132 SMs
+    assert R.pessimistic_seconds(gemm, H100) == pytest.approx(1e-3 / 0.9 + 2 * 1.5e-6)
+    filled = R.Launch("s", bytes=3.35e12 * 1e-3, cost=R.Cost("stream"))
+    assert R.pessimistic_seconds(filled, H100) == pytest.approx(2e-3)  # capped at 50%
+    # latency-bound: 1 MB in flight over 3.35 TB/s x 800 ns -> 37% of the peak
+    occ = 1e6 / (3.35e12 * R.DRAM_LATENCY_S)
+    thin = R.Launch("s", bytes=3.35e12 * 1e-3, cost=R.Cost("stream", inflight=1e6))
+    assert R.pessimistic_seconds(thin, H100) == pytest.approx(1e-3 / occ)
+    cublas = R.Launch("c", bytes=3.35e12 * 1e-3)
+    assert R.pessimistic_seconds(cublas, H100) == cublas.seconds(H100)
+
+
+def test_band_of_todays_kernels_and_the_best_pairing():
+    pairs = R.band_pairs(BIG, H100)
+    for opt, pess in pairs.values():
+        assert pess >= opt - 1e-12  # the pessimistic line is never below the optimistic
+    today = pairs["fused/fused"]
+    assert 1.38 <= today[1] <= 1.55  # the static review: about 1.41x
+    comp = pairs["composition/composition"]
+    assert comp[0] == pytest.approx(comp[1])  # cuBLAS is the yardstick in both lines
+    best = min(v[1] for v in pairs.values())
+    assert best <= 1.30
+    # with dropout the best fused pairing is below the composition's line
+    drop = R.band_pairs(R.Shape(8192, 4096, 4096, 16, p=0.1), H100, fused_only=True)
+    comp_drop = R.band_pairs(R.Shape(8192, 4096, 4096, 16, p=0.1), H100)["composition/composition"]
+    assert min(v[1] for v in drop.values()) < comp_drop[1]
+
+
+def test_candidates_follow_their_structure():
+    fwd, bwd = R.forward_candidates(BIG), R.backward_candidates(BIG)
+    assert set(fwd) >= {"fused", "composition"} and set(bwd) >= {"fused", "composition"}
+    gemm = [k for k in bwd["dx_gemm"] if k.cost.kind == "gemm"][0]
+    assert gemm.flops == 2.0 * 8192 * 4096 * (4096 + 16)  # the extra K step of width r
+    assert gemm.cost.epilogue == ""  # p = 0: nothing after the mainloop but the store
+    drop = [k for k in R.backward_candidates(R.Shape(8192, 4096, 4096, 16, p=0.1))["dx_gemm"]
+            if k.cost.kind == "gemm"][0]
+    assert drop.cost.epilogue == "dx" and drop.alu == R.PHILOX_OPS * 8192 * 4096
+    # today's dy pass is latency-bound; the machine-filling one is not
+    assert bwd["fused"][0].cost.inflight > 0 and bwd["dx_gemm"][0].cost.inflight == 0
+    ws = [k for k in fwd["fused_ws"] if k.cost.kind == "gemm"][0]
+    assert ws.cost.epilogue == "" and ws.flops == fwd["fused"][1].flops
+
+
+def test_cli_prints_the_band_labelled_a_model(capsys):
+    R.main(["--shapes", "256x512", "--m", "512", "--r", "8", "--p", "0,0.1",
+            "--variants", "", "--launches", "", "--band", "256x512"])
+    out = capsys.readouterr().out
+    assert "Roofline BAND, a MODEL, not a measurement" in out
+    for pair in ("fused/fused", "dx_gemm", "composition/composition"):
+        assert pair in out
+    assert "best fused" in out and "(x the frozen layer; a model)" in out

