@@ -94,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch.set_num_threads(N) first (default: leave torch's setting; "
                          "1 steadies CPU timings on an oversubscribed machine)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--multi-adapter", type=int, metavar="E",
+                    help="instead of the suite: mixed-adapter batches over E adapters against "
+                         "PEFT's adapter_names forward and fastlora's single adapter "
+                         "(benchmarks/multi_adapter.py)")
     return ap.parse_args(argv)
 
 
@@ -300,6 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    if args.multi_adapter is not None:
+        from benchmarks.multi_adapter import run_multi_adapter
+
+        return run_multi_adapter(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available to torch")
     specs, budget = build_specs(args)

@@ -13,6 +13,7 @@ from fastlora.backend import get_backend, set_backend, use_backend
 from fastlora.fp8 import quantize_fp8
 from fastlora.functional import lora_linear
 from fastlora.layer import FastLoRALinear
+from fastlora.multi_adapter import adapter_batch, delete_adapter, set_adapter
 from fastlora.model import (
     FastLoRAConfig,
     apply_lora,
@@ -33,6 +34,9 @@ __all__ = [
     "from_peft",
     "save_adapter",
     "load_adapter",
+    "set_adapter",
+    "delete_adapter",
+    "adapter_batch",
     "trainable_parameters",
     "print_trainable_parameters",
     "FastLoRAConfig",

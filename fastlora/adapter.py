@@ -33,8 +33,11 @@ from torch import nn
 from fastlora import bases, heads, inits
 from fastlora.dora import MAGNITUDE_KEY
 from fastlora.model import (
+    DEFAULT_ADAPTER,
     FastLoRAConfig,
+    adapter_configs,
     apply_lora,
+    check_adapter_name,
     config_from_peft,
     find_target_modules,
     lora_layers,
@@ -85,19 +88,22 @@ def _peft_config_dict(config: FastLoRAConfig, r: int, lora_alpha: float, init: A
     }
 
 
-def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False) -> None:
+def save_adapter(
+    model: nn.Module, path: PathLike, convert_to_lora: bool = False, adapter_name: str | None = None
+) -> None:
     """Write ``model``'s LoRA factors as a PEFT adapter directory at ``path`` (created if needed)
     that ``peft.PeftModel.from_pretrained(base, path)`` and ``load_adapter`` read.
 
-    ``convert_to_lora``: for a PiSSA/OLoRA model, write the plain rank-``2r`` LoRA equivalent
-    (see the module docstring); a no-op for plain inits. A failed write raises ``OSError`` naming
-    ``path`` (the cause chained).
+    ``adapter_name``: that adapter alone, at ``path``. ``None``: every adapter in PEFT's
+    multi-adapter layout (``PeftModel.save_pretrained``'s): ``"default"`` at ``path``, each other
+    adapter at ``path/<name>/``; a model with one adapter named ``"default"`` is thus written at
+    ``path``. ``convert_to_lora``: for a PiSSA/OLoRA model, write the plain rank-``2r`` LoRA
+    equivalent (see the module docstring); a no-op for plain inits. A failed write raises
+    ``OSError`` naming ``path`` (the cause chained).
     """
-    from safetensors.torch import save_file
-
-    config = getattr(model, "fastlora_config", None)
+    configs = adapter_configs(model)
     layers = lora_layers(model)
-    if config is None or not layers:
+    if not configs or not layers:
         raise ValueError(
             "save_adapter: the model has no fastlora adapter "
             "(call fastlora.apply_lora, load_adapter or from_peft first)"
@@ -105,6 +111,35 @@ def save_adapter(model: nn.Module, path: PathLike, convert_to_lora: bool = False
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"save_adapter: {path!r} is a file; expected a directory")
+    if adapter_name is not None:
+        if adapter_name not in configs:
+            raise ValueError(
+                f"save_adapter: unknown adapter_name {adapter_name!r}; the model has {sorted(configs)}"
+            )
+        _save_one(model, path, adapter_name, configs[adapter_name], convert_to_lora)
+        return
+    for name, config in configs.items():
+        where = path if name == DEFAULT_ADAPTER else os.path.join(path, name)
+        _save_one(model, where, name, config, convert_to_lora)
+
+
+def _adapter_views(model: nn.Module, adapter_name: str) -> dict:
+    """Module name -> the object holding ``adapter_name``'s factors on that layer."""
+    views = {}
+    for name, layer in lora_layers(model).items():
+        ad = layer.adapter(adapter_name)
+        if ad is not None:
+            views[name] = ad
+    return views
+
+
+def _save_one(model: nn.Module, path: str, adapter_name: str, config: FastLoRAConfig,
+              convert_to_lora: bool) -> None:
+    from safetensors.torch import save_file
+
+    layers = _adapter_views(model, adapter_name)
+    if not layers:
+        raise ValueError(f"save_adapter: no layer holds adapter {adapter_name!r}")
     for name, layer in layers.items():
         if (layer.r, layer.lora_alpha, layer.use_rslora, layer.use_dora) != (
             config.r,
@@ -262,8 +297,10 @@ def _check_tensors(
         )
 
 
-def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load a PEFT LoRA adapter directory into ``model`` and return it.
+def load_adapter(model: nn.Module, path: PathLike, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into ``model`` under ``adapter_name`` and return it.
+    An adapter of that name already on the model has its factors replaced; a new name on an
+    adapted model is added beside the others (``apply_lora(..., adapter_name=...)``).
 
     On a model without fastlora layers the adapter's config is applied first (``apply_lora``
     with its ``target_modules``, ``r``, ... and, for PiSSA/OLoRA, the decomposition of the
@@ -275,6 +312,7 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     (a classifier head) whose state the file holds under PEFT's keys.
     """
     path = os.fspath(path)
+    check_adapter_name(adapter_name)
     raw = read_adapter_config(path)
     config = config_from_peft(raw)
     if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
@@ -285,9 +323,9 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
     where = os.path.join(
         path, SAFETENSORS_NAME if os.path.isfile(os.path.join(path, SAFETENSORS_NAME)) else BIN_NAME
     )
-    layers = lora_layers(model)
+    layers = _adapter_views(model, adapter_name)
     if layers:
-        existing = getattr(model, "fastlora_config", None)
+        existing = adapter_configs(model).get(adapter_name)
         problems = []
         for name, layer in layers.items():
             if layer.r != config.r or not math.isclose(
@@ -320,8 +358,11 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
         _check_adapter_tensors(model, tensors, sorted(layers), head_names, config, where)
     else:
         mode = config.init_lora_weights
-        names = find_target_modules(model, config.target_modules, config.exclude_modules)
-        head_names = heads.find(model, config.modules_to_save, names, strict=False)
+        adding = bool(lora_layers(model))  # another named adapter: heads stay the first's
+        names = find_target_modules(model, config.target_modules, config.exclude_modules,
+                                    allow_lora=adding)
+        head_names = [] if adding else heads.find(model, config.modules_to_save, names,
+                                                  strict=False)
         _check_adapter_tensors(model, tensors, names, head_names, config, where)
         apply_mode = mode if inits.is_decomposition(mode) else True
         bases.keep_training_layout(model, "load_adapter")  # its warnings name load_adapter
@@ -336,11 +377,13 @@ def load_adapter(model: nn.Module, path: PathLike) -> nn.Module:
             exclude_modules=config.exclude_modules,
             use_dora=config.use_dora,
             modules_to_save=config.modules_to_save if head_names else None,
+            adapter_name=adapter_name,
         )
-        model.fastlora_config.init_lora_weights = mode
+        added = adapter_configs(model)[adapter_name]
+        added.init_lora_weights = mode
         if config.base_model_name_or_path:
-            model.fastlora_config.base_model_name_or_path = config.base_model_name_or_path
-        layers = lora_layers(model)
+            added.base_model_name_or_path = config.base_model_name_or_path
+        layers = _adapter_views(model, adapter_name)
     with torch.no_grad():
         for name, layer in layers.items():
             layer.lora_A.copy_(tensors[_key(name, "lora_A")])

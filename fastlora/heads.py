@@ -146,7 +146,9 @@ def unwrap_peft(model: nn.Module, wrapper_type: type, adapter: str) -> list[str]
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, wrapper_type):
-            _set_submodule(model, name, module.modules_to_save[adapter])
+            copies = module.modules_to_save  # one copy (checked), keyed by its adapter's name
+            copy = copies[adapter] if adapter in copies else next(iter(copies.values()))
+            _set_submodule(model, name, copy)
             names.append(name)
     return names
 

@@ -25,6 +25,11 @@ overrides, on that instance only, its ``_save``, ``_load_from_checkpoint`` and
 ``_load_best_model``; a checkpoint that holds full weights still goes to the Trainer's own code.
 Single-process and DDP training are covered; FSDP and DeepSpeed, which gather or shard the
 state themselves, are refused.
+
+Mixed-adapter batches: a batch with an ``"adapter_names"`` entry (one adapter name or
+``"__base__"`` per sample; ``AdapterNamesCollator`` builds it from a per-example field) runs its
+training or prediction step inside ``fastlora.adapter_batch``. A model with several adapters is
+checkpointed in PEFT's multi-adapter layout and resumed from it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import inspect
 import os
 import types
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
@@ -45,7 +51,11 @@ from fastlora.adapter import (
     read_adapter_config,
     save_adapter,
 )
-from fastlora.model import lora_layers
+from fastlora.model import DEFAULT_ADAPTER, adapter_configs, lora_layers
+from fastlora.multi_adapter import adapter_batch
+
+# the batch key a collator fills with one adapter name per sample (``AdapterNamesCollator``)
+ADAPTER_NAMES_KEY = "adapter_names"
 
 EXTRA_NAME = "trainable_extra.safetensors"
 # files that mean "this checkpoint holds the full model": left to the Trainer's own loader
@@ -66,10 +76,12 @@ def _lora_param_ids(model: nn.Module) -> set[int]:
     """The parameters ``save_adapter`` writes: the factors, DoRA's magnitude, the heads."""
     ids = heads.param_ids(model)
     for layer in lora_layers(model).values():
-        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            p = getattr(layer, name, None)
-            if isinstance(p, nn.Parameter):
-                ids.add(id(p))
+        for adapter in layer.adapter_names():
+            ad = layer.adapter(adapter)
+            for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                p = getattr(ad, name, None)
+                if isinstance(p, nn.Parameter):
+                    ids.add(id(p))
     return ids
 
 
@@ -149,7 +161,9 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
                 f"resume from {path}: {name} has shape {list(saved[name].shape)} in {EXTRA_NAME}, "
                 f"{list(p.shape)} in the model"
             )
-    load_adapter(model, path)
+    for name in adapter_configs(model):  # PEFT's multi-adapter layout, as save_adapter writes it
+        load_adapter(model, path if name == DEFAULT_ADAPTER else os.path.join(path, name),
+                     adapter_name=name)
     with torch.no_grad():
         for name, p in extra_now.items():
             p.copy_(saved[name])
@@ -193,11 +207,53 @@ def _load_best_model(self) -> None:
     return None
 
 
+def _routed(self, step: str, model: nn.Module, inputs: dict, *args, **kwargs):
+    """Run the Trainer's ``step`` (forward and backward both: recomputed checkpointed blocks
+    must see the same routing) with each sample on the adapter the batch names."""
+    names = inputs.pop(ADAPTER_NAMES_KEY, None) if isinstance(inputs, MutableMapping) else None
+    if names is None:
+        return self._fastlora_original[step](model, inputs, *args, **kwargs)
+    with adapter_batch(_unwrap(self), list(names)):
+        return self._fastlora_original[step](model, inputs, *args, **kwargs)
+
+
+def _training_step(self, model, inputs, *args, **kwargs):
+    return _routed(self, "training_step", model, inputs, *args, **kwargs)
+
+
+def _prediction_step(self, model, inputs, *args, **kwargs):
+    return _routed(self, "prediction_step", model, inputs, *args, **kwargs)
+
+
 _OVERRIDES = {
     "_save": _save,
     "_load_from_checkpoint": _load_from_checkpoint,
     "_load_best_model": _load_best_model,
+    "training_step": _training_step,
+    "prediction_step": _prediction_step,
 }
+
+
+class AdapterNamesCollator:
+    """Wrap a collator for mixed-adapter training: each example's ``adapter_names`` entry
+    (one name, or ``"__base__"``) is taken out before ``collator`` runs and the batch gets
+    ``batch["adapter_names"]``, the list of them; the Trainer (with
+    ``AdapterCheckpointCallback`` or ``attach``) runs the step inside ``adapter_batch``."""
+
+    def __init__(self, collator: Any, key: str = ADAPTER_NAMES_KEY) -> None:
+        self.collator, self.key = collator, key
+
+    def __call__(self, features: list[dict]) -> dict:
+        missing = [i for i, f in enumerate(features) if self.key not in f]
+        if missing:
+            raise KeyError(
+                f"AdapterNamesCollator: examples {missing[:10]} have no {self.key!r} entry "
+                "(one adapter name per example)"
+            )
+        names = [f[self.key] for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != self.key} for f in features])
+        batch[ADAPTER_NAMES_KEY] = names
+        return batch
 
 
 def attach(trainer: Any) -> None:
@@ -220,6 +276,11 @@ def attach(trainer: Any) -> None:
     trainer._fastlora_original = {name: getattr(trainer, name) for name in _OVERRIDES}
     for name, fn in _OVERRIDES.items():
         setattr(trainer, name, types.MethodType(fn, trainer))
+    if callable(getattr(trainer, "_set_signature_columns_if_needed", None)):
+        # remove_unused_columns keeps a dataset column of adapter names
+        trainer._set_signature_columns_if_needed()
+        if ADAPTER_NAMES_KEY not in trainer._signature_columns:
+            trainer._signature_columns.append(ADAPTER_NAMES_KEY)
 
 
 def _find_trainer(callback: Any) -> Any:

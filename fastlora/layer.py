@@ -27,6 +27,41 @@ def _check_use_dora(use_dora: object) -> None:
         raise TypeError(f"use_dora: expected a bool, got {use_dora!r}")
 
 
+class LoRAAdapter(nn.Module):
+    """A named adapter beside a layer's first one: ``lora_A`` [r, in], ``lora_B`` [out, r]
+    (and DoRA's ``lora_magnitude_vector`` [out]) with their own r, alpha, dropout and rsLoRA.
+    It carries the same attribute names as ``FastLoRALinear`` does for its first adapter, so
+    either can be read as "an adapter" (``FastLoRALinear.adapter``)."""
+
+    def __init__(self, layer: "FastLoRALinear", r: int, lora_alpha: float, lora_dropout: float,
+                 use_rslora: bool, init_lora_weights: inits.InitMode, dtype: torch.dtype,
+                 use_dora: bool = False) -> None:
+        _check_hparams(r, lora_alpha, lora_dropout)
+        _check_use_dora(use_dora)
+        if inits.is_decomposition(init_lora_weights):
+            raise ValueError(
+                f"init_lora_weights={init_lora_weights!r}: PiSSA/OLoRA overwrite the shared base "
+                "weight, which the layer's other adapters rely on; only the first adapter may use it"
+            )
+        super().__init__()
+        device = layer.weight.device
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.use_rslora, self.use_dora = bool(use_rslora), bool(use_dora)
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.init_lora_weights = init_lora_weights
+        self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(layer.out_features, r, device=device, dtype=dtype))
+        inits.init_plain_(self.lora_A, self.lora_B, init_lora_weights)
+        if self.use_dora:
+            norm = dora.weight_norm(layer.weight, self.lora_A, self.lora_B, self.scaling,
+                                    layer._weight_sq_norm.get(layer.weight))
+            self.lora_magnitude_vector = nn.Parameter(norm.to(device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"use_rslora={self.use_rslora}, use_dora={self.use_dora}")
+
+
 class FastLoRALinear(nn.Linear):
     """``y = x W^T + b + scaling * (dropout(x) A^T) B^T`` with ``W``, ``b`` frozen.
 
@@ -41,7 +76,15 @@ class FastLoRALinear(nn.Linear):
     Precision: the low-rank path runs in the input's dtype with fp32 accumulation; LoRA
     parameters may be kept in float32 beside a bf16/fp16 base (they are cast to the input's
     dtype for the matmuls) and receive gradients in their own dtype.
+
+    Named adapters (``fastlora.multi_adapter``): the first adapter keeps the attributes above
+    under the name ``adapter_name``; each further one is a ``LoRAAdapter`` in
+    ``lora_adapters[name]``. ``_route`` is None for the plain forward of the first adapter;
+    ``set_adapter`` and ``adapter_batch`` set it to a callable ``(layer, x) -> y``.
     """
+
+    adapter_name = "default"
+    _route = None
 
     def __init__(
         self,
@@ -164,7 +207,104 @@ class FastLoRALinear(nn.Linear):
                          linear.weight.device, dtype, use_dora)
         return layer
 
+    # -- named adapters ------------------------------------------------------------------------
+
+    def adapter_names(self) -> list[str]:
+        """The layer's adapters, first one first."""
+        extra = self._modules.get("lora_adapters")
+        return [self.adapter_name] + (list(extra) if extra is not None else [])
+
+    def adapter(self, name: str) -> "FastLoRALinear | LoRAAdapter | None":
+        """The object holding adapter ``name``'s factors and hyperparameters (the layer itself
+        for its first adapter), or None when the layer does not have it."""
+        if name == self.adapter_name:
+            return self
+        extra = self._modules.get("lora_adapters")
+        return extra[name] if extra is not None and name in extra else None
+
+    def add_adapter(self, name: str, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: inits.InitMode = True,
+                    use_dora: bool = False, dtype: torch.dtype | None = None) -> LoRAAdapter:
+        """Add adapter ``name`` beside the existing ones (factors in ``dtype``, default the
+        first adapter's)."""
+        if self.adapter(name) is not None:
+            raise ValueError(f"adapter_name: the layer already has an adapter named {name!r}")
+        if self.merged:
+            raise RuntimeError("add_adapter: unmerge() the layer first")
+        new = LoRAAdapter(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                          dtype or self.lora_A.dtype, use_dora)
+        if "lora_adapters" not in self._modules:
+            self.lora_adapters = nn.ModuleDict()
+        self.lora_adapters[name] = new
+        return new
+
+    _ADAPTER_ATTRS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "scaling",
+                      "init_lora_weights")
+
+    def promote(self, name: str) -> None:
+        """Make adapter ``name`` the layer's first (its parameters become ``lora_A``,
+        ``lora_B``...); the previous first one joins ``lora_adapters`` under its name."""
+        if self.merged:
+            raise RuntimeError("promote: unmerge() the layer first")
+        if name == self.adapter_name:
+            return
+        extra = self._modules.get("lora_adapters")
+        if extra is None or name not in extra:
+            raise KeyError(f"adapter_name: the layer has no adapter {name!r}")
+        new = extra[name]
+        old = LoRAAdapter.__new__(LoRAAdapter)
+        nn.Module.__init__(old)
+        for attr in self._ADAPTER_ATTRS:
+            setattr(old, attr, getattr(self, attr))
+            setattr(self, attr, getattr(new, attr))
+        old.lora_A, old.lora_B = self.lora_A, self.lora_B
+        self.lora_A, self.lora_B = new.lora_A, new.lora_B
+        if old.use_dora:
+            old.lora_magnitude_vector = self._parameters.pop("lora_magnitude_vector")
+        if self.use_dora:
+            self.lora_magnitude_vector = new.lora_magnitude_vector
+        rest = {n: a for n, a in extra.items() if n != name}
+        self.lora_adapters = nn.ModuleDict({self.adapter_name: old, **rest})
+        self.adapter_name = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; removing the first one moves the next into its place."""
+        if self.adapter(name) is None:
+            raise KeyError(f"adapter_name: the layer has no adapter {name!r}")
+        if name == self.adapter_name:
+            extra = self._modules.get("lora_adapters")
+            if extra is None or not len(extra):
+                raise ValueError(f"delete_adapter: {name!r} is the layer's only adapter")
+            self.promote(next(iter(extra)))
+        del self.lora_adapters[name]
+        if not len(self.lora_adapters):
+            del self.lora_adapters
+
+    def _forward_adapter(self, x: torch.Tensor, ad: "FastLoRALinear | LoRAAdapter | None") -> torch.Tensor:
+        """The forward with adapter ``ad`` (None: the base alone)."""
+        weight, bias = self.weight, self.bias
+        if ad is None:
+            if bases.is_4bit(weight):
+                compute = getattr(self, "compute_dtype", None) or x.dtype
+                b = None if bias is None else bias.to(compute)
+                return F.linear(x.to(compute), bases.dense_weight(weight, compute), b).to(x.dtype)
+            return F.linear(x, weight, bias)
+        dora_args = ()
+        if ad.use_dora:
+            dora_args = (ad.lora_magnitude_vector, self._weight_sq_norm.get(weight))
+        if bases.is_4bit(weight):
+            compute = getattr(self, "compute_dtype", None) or x.dtype
+            b = None if bias is None else bias.to(compute)
+            y = lora_linear(x.to(compute), weight, b, ad.lora_A, ad.lora_B, ad.scaling,
+                            ad.lora_dropout, self.training, *dora_args)
+            return y.to(x.dtype)
+        return lora_linear(x, weight, bias, ad.lora_A, ad.lora_B, ad.scaling, ad.lora_dropout,
+                           self.training, *dora_args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = self._route
+        if route is not None:  # another active adapter, or a mixed batch
+            return route(self, x)
         params = self._parameters  # one dict, not one Module.__getattr__ per tensor
         try:
             weight, lora_A, lora_B = params["weight"], params["lora_A"], params["lora_B"]

@@ -28,6 +28,9 @@ ALL_LINEAR = "all-linear"
 # PEFT's SEQ_CLS_HEAD_NAMES: classifier heads "all-linear" leaves alone when a model has no
 # output embeddings
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+DEFAULT_ADAPTER = "default"
+# the name that means "no adapter" in a mixed batch (PEFT's)
+BASE_NAME = "__base__"
 # how many module names an error message lists before it says "... (N in all)"
 MAX_LISTED_NAMES = 30
 
@@ -148,7 +151,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def find_target_modules(
-    model: nn.Module, target_modules: TargetModules, exclude_modules: TargetModules | None = None
+    model: nn.Module, target_modules: TargetModules, exclude_modules: TargetModules | None = None,
+    allow_lora: bool = False,
 ) -> list[str]:
     """Qualified names of the ``nn.Linear`` layers that ``target_modules`` selects (PEFT's rules).
 
@@ -192,7 +196,8 @@ def find_target_modules(
     bad = []
     for name, module in matched:
         if isinstance(module, FastLoRALinear):
-            bad.append(f"{name} (already a FastLoRALinear)")
+            if not allow_lora:
+                bad.append(f"{name} (already a FastLoRALinear)")
         elif _is_conv1d(module):
             bad.append(
                 f"{name} (a transposed Conv1D, PEFT's fan_in_fan_out=True: fastlora supports "
@@ -222,6 +227,64 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def lora_layers(model: nn.Module) -> dict[str, FastLoRALinear]:
     """Every ``FastLoRALinear`` in ``model`` by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FastLoRALinear)}
+
+
+# The model's adapters: ``model.fastlora_configs`` maps each name to its FastLoRAConfig (in the
+# order added), ``model.fastlora_active_adapter`` names the adapter of ordinary calls and
+# ``model.fastlora_config`` is that adapter's config (the single-adapter attribute, unchanged).
+
+
+def adapter_configs(model: nn.Module) -> dict[str, FastLoRAConfig]:
+    """Every adapter's config by name (a model from an older fastlora: its one config)."""
+    configs = getattr(model, "fastlora_configs", None)
+    if configs is not None:
+        return configs
+    config = getattr(model, "fastlora_config", None)
+    return {} if config is None else {active_adapter(model): config}
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The name of the adapter ordinary calls use."""
+    name = getattr(model, "fastlora_active_adapter", None)
+    if name is None:
+        configs = getattr(model, "fastlora_configs", None)
+        name = next(iter(configs)) if configs else DEFAULT_ADAPTER
+    return name
+
+
+def set_active(model: nn.Module, name: str) -> None:
+    model.fastlora_active_adapter = name
+    model.fastlora_config = adapter_configs(model)[name]
+
+
+def register_adapter(model: nn.Module, name: str, config: FastLoRAConfig) -> None:
+    """Record ``config`` under ``name``; the first adapter becomes the active one."""
+    configs = dict(adapter_configs(model))
+    first = not configs
+    configs[name] = config
+    model.fastlora_configs = configs
+    if first:
+        set_active(model, name)
+
+
+def forget_adapter(model: nn.Module, name: str) -> None:
+    """Drop ``name``'s config; the active adapter moves to the first remaining one."""
+    configs = {n: c for n, c in adapter_configs(model).items() if n != name}
+    for attr in ("fastlora_configs", "fastlora_active_adapter", "fastlora_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if configs:
+        model.fastlora_configs = configs
+        set_active(model, next(iter(configs)))
+
+
+def check_adapter_name(name: object, arg: str = "adapter_name") -> str:
+    if not isinstance(name, str) or not name or name == BASE_NAME or any(c in name for c in "./\\"):
+        raise ValueError(
+            f"{arg}: expected a non-empty name without '.', '/' or '\\' other than "
+            f"{BASE_NAME!r}, got {name!r}"
+        )
+    return name
 
 
 def _check_untouched(model: nn.Module, fn: str) -> None:
@@ -268,6 +331,7 @@ def apply_lora(
     autocast_adapter_dtype: bool = True,
     use_dora: bool = False,
     modules_to_save: list[str] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` selected by ``target_modules`` with a
     ``FastLoRALinear`` sharing its weight and bias, freeze every other parameter, record the
@@ -282,14 +346,26 @@ def apply_lora(
     ``use_dora`` (PEFT's DoRA): each layer also learns a magnitude ``lora_magnitude_vector``.
     ``modules_to_save`` (PEFT's): modules trained whole beside the adapter and saved in the
     adapter file, e.g. ``["classifier"]`` (a name ending with an entry; see ``fastlora.heads``).
-    Everything is checked before the model is touched.
+    ``adapter_name``: called again with a new name on an adapted model, adds another adapter
+    (its own hyperparameters and targets; plain inits only), trainable, the active one
+    unchanged (``fastlora.set_adapter``). Everything is checked before the model is touched.
     """
     _check_hparams(r, lora_alpha, lora_dropout)
     _check_use_dora(use_dora)
     mode = inits.check_mode(init_lora_weights)
-    _check_untouched(model, "apply_lora")
-    names = find_target_modules(model, target_modules, exclude_modules)
+    check_adapter_name(adapter_name)
+    adding = bool(adapter_configs(model)) or bool(lora_layers(model))
+    if adding:
+        _check_new_adapter(model, adapter_name, mode)
+    else:
+        _check_untouched(model, "apply_lora")
+    names = find_target_modules(model, target_modules, exclude_modules, allow_lora=adding)
     modules_to_save = heads.normalise(modules_to_save)
+    if adding and modules_to_save:
+        raise ValueError(
+            f"modules_to_save: only a model's first adapter carries heads, got {modules_to_save} "
+            f"for adapter {adapter_name!r}"
+        )
     head_names = heads.find(model, modules_to_save, names)
     if inits.is_decomposition(mode):
         _check_decomposable(model, names, mode, r)
@@ -309,12 +385,21 @@ def apply_lora(
         use_dora=use_dora,
         modules_to_save=modules_to_save,
     )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    heads.mark_trainable(model, head_names)
-    bases.keep_training_layout(model)  # a 4-bit model's other Linear4bit layers stay trainable
+    if not adding:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        heads.mark_trainable(model, head_names)
+        bases.keep_training_layout(model)  # a 4-bit model's other Linear4bit layers stay trainable
     for name in names:
         linear = model.get_submodule(name)
+        if isinstance(linear, FastLoRALinear):
+            dtype = linear.lora_A.dtype if bases.is_4bit(linear.weight) else linear.weight.dtype
+            if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
+            linear.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                               use_rslora=use_rslora, init_lora_weights=mode, use_dora=use_dora,
+                               dtype=dtype)
+            continue
         layer = FastLoRALinear.from_linear(
             linear,
             r=r,
@@ -324,6 +409,8 @@ def apply_lora(
             init_lora_weights=mode,
             use_dora=use_dora,
         )
+        if adapter_name != DEFAULT_ADAPTER:
+            layer.adapter_name = adapter_name
         layer.train(linear.training)
         if autocast_adapter_dtype and layer.lora_A.dtype in (torch.float16, torch.bfloat16):
             for pname in _adapter_param_names(layer):
@@ -334,8 +421,41 @@ def apply_lora(
                 layer.lora_B.detach().clone(),
             )
         _set_submodule(model, name, layer)
-    model.fastlora_config = config
+        if adding:  # a layer new to the model follows the active adapter like the others
+            _follow_active(model, layer)
+    register_adapter(model, adapter_name, config)
     return model
+
+
+def _check_new_adapter(model: nn.Module, adapter_name: str, mode: inits.InitMode) -> None:
+    if type(model).__name__ == "PeftModel" or hasattr(model, "peft_config"):
+        raise TypeError("apply_lora: got a PEFT model; use fastlora.from_peft(model) to convert it")
+    known = set(adapter_configs(model)) | {
+        n for layer in lora_layers(model).values() for n in layer.adapter_names()
+    }
+    if adapter_name in known:
+        raise ValueError(
+            f"adapter_name: the model already has FastLoRALinear layers with an adapter named "
+            f"{adapter_name!r} "
+            f"(its adapters: {sorted(known)}); pick a new name, or fastlora.delete_adapter first"
+        )
+    if inits.is_decomposition(mode):
+        raise ValueError(
+            f"init_lora_weights={mode!r}: PiSSA/OLoRA overwrite the base weights, which the "
+            f"model's adapters {sorted(known)} share; only a model's first adapter may use it"
+        )
+    merged = sorted(n for n, layer in lora_layers(model).items() if layer.merged)
+    if merged:
+        raise RuntimeError(f"apply_lora: layers {merged[:5]} are merged; unmerge() them first")
+
+
+def _follow_active(model: nn.Module, layer: FastLoRALinear) -> None:
+    """A layer added for a second adapter computes the base while another adapter is active."""
+    active = active_adapter(model)
+    if layer.adapter_name != active:
+        from fastlora.multi_adapter import _AdapterRoute
+
+        layer._route = _AdapterRoute(layer.adapter(active))
 
 
 def _adapter_param_names(layer: FastLoRALinear) -> tuple[str, ...]:
@@ -348,7 +468,7 @@ def _name_or_path(model: nn.Module) -> str | None:
     return name or None
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Turn every ``FastLoRALinear`` into a plain ``nn.Linear`` holding ``W + scaling * B A``
     (float32 arithmetic at least, float64 for float64 weights; in place in the existing weight
     tensor; the bias is the same
@@ -356,7 +476,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     ``requires_grad=False``. A PiSSA/OLoRA layer merges to ``W_res + s * B A``, the trained
     weight in the original basis. A layer over a 4-bit or FP8 base becomes a dense ``nn.Linear`` in
     its compute dtype holding ``dequant(W) + s * B A`` (4-bit cannot hold the sum; quantizing
-    it again is lossy, as PEFT warns)."""
+    it again is lossy, as PEFT warns).
+
+    With several adapters, ``adapter_name`` (default: the active one) is merged and the others
+    are dropped, as PEFT's ``merge_and_unload(adapter_names=[name])`` does; layers without that
+    adapter become their plain base ``nn.Linear``."""
     layers = lora_layers(model)
     if not layers and getattr(model, "fastlora_merged", False):
         warnings.warn("merge_lora: the model is already merged (its adapter is in the base "
@@ -364,6 +488,23 @@ def merge_lora(model: nn.Module) -> nn.Module:
         return model
     if not layers:
         raise ValueError("merge_lora: the model has no FastLoRALinear layers")
+    name = active_adapter(model) if adapter_name is None else adapter_name
+    known = {n for layer in layers.values() for n in layer.adapter_names()}
+    if name not in known:
+        raise ValueError(f"merge_lora: unknown adapter {name!r}; the model has {sorted(known)}")
+    for layer in layers.values():
+        if layer.adapter(name) is not None and layer.adapter_name != name:
+            layer.unmerge()
+            layer.promote(name)
+    for name_, layer in layers.items():
+        if layer.adapter(name) is None:
+            linear = nn.Linear(
+                layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
+            )
+            linear.weight, linear.bias = layer.weight, layer.bias
+            linear.train(layer.training)
+            _set_submodule(model, name_, linear)
+    layers = {n: layer for n, layer in layers.items() if layer.adapter(name) is not None}
     for name, layer in layers.items():
         if bases.is_quantized(layer.weight):
             linear = _merged_4bit(layer)
@@ -377,8 +518,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
             linear.bias = layer.bias
         linear.train(layer.training)
         _set_submodule(model, name, linear)
-    if hasattr(model, "fastlora_config"):
-        del model.fastlora_config
+    for attr in ("fastlora_config", "fastlora_configs", "fastlora_active_adapter"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     model.fastlora_merged = True
     return model
 
@@ -507,10 +649,12 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     ``model.fastlora_config`` set. Accepts a ``PeftModel``, a ``LoraModel`` or a model with
     injected LoRA layers; the PEFT wrapper is consumed (its modules are replaced).
 
-    Refused with a ``ValueError``/``TypeError`` that names the layer and the feature: several
-    adapters, LoRA variants other than DoRA, lora_bias, merged or disabled adapters, Conv1D
-    (fan_in_fan_out) and non-Linear LoRA layers, trainable-token wrappers (a modules_to_save
-    head converts: its trained copy replaces the wrapper, see ``fastlora.heads``),
+    Several LoRA adapters become fastlora named adapters (PEFT's active one active, every
+    one trainable when the active one is). Refused with a ``ValueError``/``TypeError`` that
+    names the layer and the feature: LoRA variants other than DoRA, lora_bias, merged or
+    disabled adapters, Conv1D (fan_in_fan_out) and non-Linear LoRA layers, trainable-token
+    wrappers (a modules_to_save head converts: its trained copy for the active adapter replaces
+    the wrapper, see ``fastlora.heads``),
     per-layer rank/alpha patterns, base-mutating inits other than PiSSA/OLoRA. A ``UserWarning``
     when the LoRA factors are frozen (an adapter loaded for inference: ``PeftModel.from_pretrained``
     without ``is_trainable=True``), since the converted model would then train nothing.
@@ -545,12 +689,6 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     elif isinstance(peft_model, BaseTuner):
         configs = dict(peft_model.peft_config)
         model = peft_model.model
-    if len(configs) > 1:
-        raise ValueError(
-            f"from_peft: the model has several adapters {sorted(configs)}; fastlora "
-            "holds one (delete the others, or merge them with PEFT first)"
-        )
-
     problems: list[str] = []
     found: dict[str, Any] = {}
     head_names = []
@@ -571,88 +709,60 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         raise ValueError("from_peft: found no PEFT LoRA Linear layers in the model")
 
     adapter_names = {a for m in found.values() for a in m.lora_A}
-    if len(adapter_names) > 1:
-        problems.append(
-            f"several adapters {sorted(adapter_names)} on the layers; fastlora holds one"
+    # the active adapter first (it becomes fastlora's active one), then PEFT's order
+    active = getattr(peft_model, "active_adapter", None)
+    active = active if isinstance(active, str) else None
+    order = [a for a in [active, *configs, *sorted(adapter_names)] if a in adapter_names]
+    order = list(dict.fromkeys(order))
+    for adapter in order:
+        if adapter == BASE_NAME or "." in adapter or "/" in adapter:
+            problems.append(f"adapter name {adapter!r} cannot be a fastlora adapter name")
+    hparams_of: dict[str, tuple] = {}
+    for adapter in order:
+        tag = f"adapter {adapter!r}: " if len(order) > 1 else ""
+        if len(order) == 1:
+            inactive = sorted(n for n, m in found.items() if adapter not in m.active_adapters)
+            problems += [f"{n}: adapter {adapter!r} is not active" for n in inactive]
+        hparams = _peft_adapter_problems(
+            {n: m for n, m in found.items() if adapter in m.lora_A}, adapter, tag, problems
         )
-    hparams = set()
-    for name, m in found.items():
-        if len(adapter_names) > 1:
-            break
-        (adapter,) = adapter_names
-        base = m.get_base_layer()
-        variants = {type(v).__name__ for v in m.lora_variant.values()} - {"DoraLinearVariant"}
-        if variants:
+        if len(hparams) > 1:
             problems.append(
-                f"{name}: LoRA variant {sorted(variants)} is not supported "
-                "(only plain LoRA and DoRA)"
+                f"{tag}layers differ in (r, lora_alpha, lora_dropout, use_rslora, use_dora): "
+                f"{sorted(hparams)}; "
+                "fastlora records one setting for all layers"
             )
-        dora_here = bool(m.use_dora.get(adapter))
-        if dora_here != (adapter in m.lora_magnitude_vector):
-            problems.append(f"{name}: use_dora={dora_here} but the magnitude vector is "
-                            f"{'missing' if dora_here else 'present'}")
-        if m.lora_bias.get(adapter):
-            problems.append(f"{name}: lora_bias=True is not supported")
-        if m.merged:
-            problems.append(
-                f"{name}: the adapter is merged into the base weight; unmerge() it first"
-            )
-        if m.disable_adapters:
-            problems.append(f"{name}: adapters are disabled; enable them first")
-        if adapter not in m.active_adapters:
-            problems.append(f"{name}: adapter {adapter!r} is not active")
-        if getattr(m, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
-            problems.append(
-                f"{name}: base layer {type(base).__name__} (fan_in_fan_out/Conv1D or "
-                "8-bit layers are not supported; fastlora needs nn.Linear or Linear4bit)"
-            )
-        drop = m.lora_dropout[adapter]
-        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
-        r, alpha, scaling = m.r[adapter], m.lora_alpha[adapter], m.scaling[adapter]
-        rslora = bool(m.use_rslora.get(adapter, False))
-        expected = alpha / (math.sqrt(r) if rslora else r)
-        if not math.isclose(scaling, expected, rel_tol=1e-12):
-            problems.append(
-                f"{name}: scaling {scaling} differs from lora_alpha/r ({expected}); "
-                "set_scale/scale_layer changes are not supported"
-            )
-        hparams.add((r, alpha, p, rslora, dora_here))
-    if len(hparams) > 1:
-        problems.append(
-            f"layers differ in (r, lora_alpha, lora_dropout, use_rslora, use_dora): "
-            f"{sorted(hparams)}; "
-            "fastlora records one setting for all layers"
-        )
-    config = None
-    if configs:
-        peft_config = next(iter(configs.values()))
-        problems += _peft_config_problems(peft_config)
+        if configs.get(adapter) is not None:
+            problems += [tag + p for p in _peft_config_problems(configs[adapter])]
+        hparams_of[adapter] = next(iter(hparams)) if hparams else None
     if problems:
         raise ValueError(
             "from_peft: cannot convert without changing the adapter: " + "; ".join(problems)
         )
 
-    r, alpha, p, rslora, use_dora = next(iter(hparams))
-    if configs:
-        config = config_from_peft(peft_config, _name_or_path(model))
-    else:
-        config = FastLoRAConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=p,
-            use_rslora=rslora,
-            target_modules=sorted(found),
-            base_model_name_or_path=_name_or_path(model),
-            use_dora=use_dora,
-            modules_to_save=sorted(head_names) or None,
-        )
-    (adapter,) = adapter_names
+    fl_configs: dict[str, FastLoRAConfig] = {}
+    for adapter in order:
+        r, alpha, p, rslora, use_dora = hparams_of[adapter]
+        if configs:
+            fl_configs[adapter] = config_from_peft(configs[adapter], _name_or_path(model))
+        else:
+            fl_configs[adapter] = FastLoRAConfig(
+                r=r,
+                lora_alpha=alpha,
+                lora_dropout=p,
+                use_rslora=rslora,
+                target_modules=sorted(n for n, m in found.items() if adapter in m.lora_A),
+                base_model_name_or_path=_name_or_path(model),
+                use_dora=use_dora,
+                modules_to_save=(sorted(head_names) or None) if adapter == order[0] else None,
+            )
+    first = order[0]
     frozen = sorted(
-        n for n, m in found.items()
-        if not (m.lora_A[adapter].weight.requires_grad and m.lora_B[adapter].weight.requires_grad)
+        n for n, m in found.items() if first in m.lora_A
+        and not (m.lora_A[first].weight.requires_grad and m.lora_B[first].weight.requires_grad)
     )
     if frozen:
-        inference = configs and getattr(peft_config, "inference_mode", False)
+        inference = configs and getattr(configs.get(first), "inference_mode", False)
         warnings.warn(
             f"from_peft: the LoRA factors of {len(frozen)} of {len(found)} layers are frozen"
             + (" (the adapter was loaded with inference_mode=True, PeftModel.from_pretrained's "
@@ -666,18 +776,83 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     bases.keep_training_layout(model, "from_peft")
     for name, m in found.items():
         base = m.get_base_layer()
-        # init False: random factors that are replaced at once by PEFT's parameters
-        layer = FastLoRALinear.from_linear(
-            base, r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=rslora, init_lora_weights=False
-        )
-        layer.init_lora_weights = config.init_lora_weights
-        layer.lora_A = m.lora_A[adapter].weight
-        layer.lora_B = m.lora_B[adapter].weight
-        if use_dora:
-            layer.use_dora = True
-            layer.lora_magnitude_vector = m.lora_magnitude_vector[adapter].weight
+        here = [a for a in order if a in m.lora_A]
+        layer = None
+        for adapter in here:
+            r, alpha, p, rslora, use_dora = hparams_of[adapter]
+            if layer is None:
+                # init False: random factors that are replaced at once by PEFT's parameters
+                layer = FastLoRALinear.from_linear(
+                    base, r=r, lora_alpha=alpha, lora_dropout=p, use_rslora=rslora,
+                    init_lora_weights=False
+                )
+                if adapter != DEFAULT_ADAPTER:
+                    layer.adapter_name = adapter
+                ad = layer
+            else:
+                ad = layer.add_adapter(adapter, r=r, lora_alpha=alpha, lora_dropout=p,
+                                       use_rslora=rslora, init_lora_weights=False)
+            ad.init_lora_weights = fl_configs[adapter].init_lora_weights
+            ad.lora_A = m.lora_A[adapter].weight
+            ad.lora_B = m.lora_B[adapter].weight
+            if use_dora:
+                ad.use_dora = True
+                ad.lora_magnitude_vector = m.lora_magnitude_vector[adapter].weight
         layer.train(m.training)
         _set_submodule(model, name, layer)
-    heads.unwrap_peft(model, ModulesToSaveWrapper, adapter)
-    model.fastlora_config = config
+    heads.unwrap_peft(model, ModulesToSaveWrapper, first)
+    if not frozen and len(order) > 1:  # PEFT froze its inactive adapters; fastlora trains all
+        for layer in lora_layers(model).values():
+            for a in layer.adapter_names():
+                layer.adapter(a).lora_A.requires_grad_(True)
+                layer.adapter(a).lora_B.requires_grad_(True)
+    for adapter in order:
+        register_adapter(model, adapter, fl_configs[adapter])
+    from fastlora.multi_adapter import set_adapter
+
+    set_adapter(model, order[0])
     return model
+
+
+def _peft_adapter_problems(found: dict, adapter: str, tag: str, problems: list) -> set:
+    """Append to ``problems`` what of ``adapter`` on the PEFT layers ``found`` fastlora cannot
+    represent; return the set of its (r, lora_alpha, lora_dropout, use_rslora, use_dora)."""
+    hparams = set()
+    for name, m in found.items():
+        base = m.get_base_layer()
+        variants = {type(v).__name__ for k, v in m.lora_variant.items() if k == adapter}
+        variants -= {"DoraLinearVariant"}
+        if variants:
+            problems.append(
+                f"{tag}{name}: LoRA variant {sorted(variants)} is not supported "
+                "(only plain LoRA and DoRA)"
+            )
+        dora_here = bool(m.use_dora.get(adapter))
+        if dora_here != (adapter in m.lora_magnitude_vector):
+            problems.append(f"{tag}{name}: use_dora={dora_here} but the magnitude vector is "
+                            f"{'missing' if dora_here else 'present'}")
+        if m.lora_bias.get(adapter):
+            problems.append(f"{tag}{name}: lora_bias=True is not supported")
+        if m.merged:
+            problems.append(
+                f"{tag}{name}: the adapter is merged into the base weight; unmerge() it first"
+            )
+        if m.disable_adapters:
+            problems.append(f"{tag}{name}: adapters are disabled; enable them first")
+        if getattr(m, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
+            problems.append(
+                f"{tag}{name}: base layer {type(base).__name__} (fan_in_fan_out/Conv1D or "
+                "8-bit layers are not supported; fastlora needs nn.Linear or Linear4bit)"
+            )
+        drop = m.lora_dropout[adapter]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+        r, alpha, scaling = m.r[adapter], m.lora_alpha[adapter], m.scaling[adapter]
+        rslora = bool(m.use_rslora.get(adapter, False))
+        expected = alpha / (math.sqrt(r) if rslora else r)
+        if not math.isclose(scaling, expected, rel_tol=1e-12):
+            problems.append(
+                f"{tag}{name}: scaling {scaling} differs from lora_alpha/r ({expected}); "
+                "set_scale/scale_layer changes are not supported"
+            )
+        hparams.add((r, alpha, p, rslora, dora_here))
+    return hparams

@@ -428,12 +428,6 @@ def test_from_peft_with_dropout_in_eval_and_pissa():
     torch.testing.assert_close(hidden(model, ids), hidden(base, ids), atol=1e-4, rtol=1e-4)
 
 
-def _two_adapters():
-    pm = peft_model(tiny_bert(), r=2, target_modules=["query"])
-    pm.add_adapter("other", peft.LoraConfig(r=2, target_modules=["query"]))
-    return pm
-
-
 def _merged():
     pm = peft_model(tiny_bert(), r=2, target_modules=["query"])
     pm.base_model.model.encoder.layer[0].attention.self.query.merge()
@@ -441,8 +435,8 @@ def _merged():
 
 
 REFUSALS = {
-    "two-adapters": (_two_adapters, r"several adapters \['default', 'other'\]"),
-    # a SEQ_CLS head (modules_to_save) converts: tests/test_heads.py
+    # several adapters convert (tests/test_multi_adapter.py); a SEQ_CLS head (modules_to_save)
+    # converts too (tests/test_heads.py)
     "trainable-tokens": (
         lambda: peft_model(tiny_bert(), r=2, target_modules=["query"],
                            trainable_token_indices=[1, 2]),
