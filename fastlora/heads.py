@@ -130,7 +130,8 @@ def adopt_trainable(model: nn.Module) -> list[str]:
         params = list(module.parameters())
         if (not name or not params or any(name.startswith(f + ".") for f in found + list(known))
                 or name in known or not all(p.requires_grad for p in params)
-                or any(t == name or t.startswith(name + ".") for t in lora)):  # fmt: skip
+                or any(t == name or t.startswith(name + ".") or name.startswith(t + ".")
+                       for t in lora)):  # a LoRA layer's own submodules (named adapters) too
             continue
         found.append(name)
     if found:
