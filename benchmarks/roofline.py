@@ -508,22 +508,21 @@ def _reduce(s: Shape, parts_a: int, parts_b: int) -> Launch:
 
 
 def forward_candidates(s: Shape) -> dict[str, list[Launch]]:
-    """Forward launches of every candidate, by the dispatcher's names: "fused" (the kernels
-    as they are), "fused_ws" (the same with a warp-specialized forward whose epilogue
-    overlaps the next tile's mainloop) and "composition" (cuBLAS, derived)."""
-    today = fused(s)["fwd"]
-    ws = [Launch(k.name + " (warp-specialized)", k.bytes, k.flops, k.alu,
-                 Cost("gemm", tiles=k.cost.tiles)) if k.cost.epilogue else k for k in today]
-    return {"fused": today, "fused_ws": ws, "composition": composition(s)["fwd"]}
+    """Forward launches of every dense-base candidate, by the dispatcher's names
+    (``fastlora.kernels.api.FORWARD_CANDIDATES``, the 4-bit-only ones aside): "fused" (the
+    kernels as they are) and "composition" (cuBLAS, derived)."""
+    return {"fused": fused(s)["fwd"], "composition": composition(s)["fwd"]}
 
 
 def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
-    """Backward launches of every candidate: "fused" (as they are), "fused_dy2d" (today's
-    dx after the machine-filling dy pass), "dx_gemm" (that dy pass; dx as one pure GEMM with
-    g A as an extra K step of width r, its epilogue serialized only to mask the low-rank
-    term when p > 0; dA in a skinny pass over x; a small reduce) and "composition"."""
+    """Backward launches of every dense-base candidate, by the dispatcher's names
+    (``fastlora.kernels.api.BACKWARD_CANDIDATES``, the 4-bit-only ones aside): "fused" (as
+    they are), "dx_gemm" (today's dy pass; dx as one pure GEMM with g A as an extra K step of
+    width r, its epilogue serialized only to mask the low-rank term when p > 0; a tail launch:
+    dA in one pass over x beside the sum of the dB partials), "split_dy" (as dx_gemm after
+    the machine-filling 2-D dy pass, with fewer dB partials) and "composition"."""
     M, K, N, e, R, r = s.M, s.K, s.N, s.esize, s.r_pad, s.r
-    dy, dx, _ = fused(s)["bwd"]
+    dy, dx, reduce = fused(s)["bwd"]
     parts_a = math.ceil(M / tile("dx", s, K)[0])
     philox = PHILOX_OPS * M * K if s.p > 0 else 0.0
     bm, bn = DX_GEMM_TILE
@@ -531,14 +530,18 @@ def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
                   (M * N + M * r + r * K + M * K) * e + N * K * e,
                   2.0 * M * K * (N + R), philox,
                   Cost("gemm", "dx" if s.p > 0 else "", math.ceil(M / bm) * math.ceil(K / bn)))
-    da = Launch("dA: g^T D(x) (skinny pass over x)",
-                (M * K + M * r) * e + DY_FILLED_PARTIALS * r * K * 4, 2.0 * M * K * R, philox,
-                Cost("stream"))
+
+    def tail(db_partial_bytes: float) -> Launch:
+        return Launch("tail: dA = g^T D(x) (one pass over x), dB partials summed",
+                      (M * K + M * r) * e + db_partial_bytes + (r * K + N * r) * e,
+                      2.0 * M * K * R, philox, Cost("stream"))
+
+    # today's dy pass leaves the reduce's bytes less the dA partials (dx_gemm writes none)
+    todays_db = reduce.bytes - parts_a * r * K * 4 - (r * K + N * r) * e
     return {
-        "fused": fused(s)["bwd"],
-        "fused_dy2d": [_dy_filled(s), dx, _reduce(s, parts_a, DY_FILLED_PARTIALS)],
-        "dx_gemm": [_dy_filled(s), gemm, da,
-                    _reduce(s, DY_FILLED_PARTIALS, DY_FILLED_PARTIALS)],
+        "fused": [dy, dx, reduce],
+        "dx_gemm": [dy, gemm, tail(todays_db)],
+        "split_dy": [_dy_filled(s), gemm, tail(DY_FILLED_PARTIALS * N * r * 4)],
         "composition": composition(s)["bwd"],
     }
 
