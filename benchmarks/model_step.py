@@ -23,7 +23,6 @@ line reads::
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time

@@ -6,7 +6,7 @@ module-shaped; autograd and op registration live in ``fastlora.triton_backend``.
 package would shadow the unrelated ``kernels`` package that transformers and bitsandbytes
 import; a namespace portion yields to any regular package of that name on ``sys.path``."""
 
-from . import _configs, _launch
+from . import _configs, _launch  # noqa: F401  (the backend reads them through this module)
 from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
 from ._launch import dot_precision
 from .backward_candidates import decode_once_backward, decode_once_forward, dx_gemm_backward

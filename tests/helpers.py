@@ -119,3 +119,32 @@ def load_script(relpath: str, name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def spawn_ranks(worker, out, world: int, timeout_s: float) -> None:
+    """Run ``worker(rank, str(out))`` in ``world`` spawned processes (torch.distributed over
+    gloo); fail the test with the workers' ``rank*.err`` logs if one raises, or if they do not
+    finish within ``timeout_s`` (the workers are killed then)."""
+    import time
+
+    import pytest
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    ctx = mp.start_processes(worker, args=(str(out),), nprocs=world, join=False,
+                             start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"workers did not finish within {timeout_s} s")
+    except mp.ProcessRaisedException as exc:
+        logs = "\n".join(f.read_text() for f in sorted(out.glob("rank*.err")))
+        pytest.fail(f"a worker failed:\n{logs or exc}")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)

@@ -18,19 +18,17 @@ has a deadline, after which the workers are killed and the test fails.
 from __future__ import annotations
 
 import datetime
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import fastlora
-from helpers import max_err
+from helpers import max_err, spawn_ranks
 
 # every test here reads the results of two spawned gloo process groups (DDP, FSDP2)
 pytestmark = pytest.mark.slow
@@ -160,7 +158,7 @@ def _fsdp(rank: int, out: Path) -> dict:
         get_model_state_dict,
         set_model_state_dict,
     )
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     results: dict = {"trained": {}}
     for p in DROPOUTS:
@@ -279,25 +277,8 @@ def _worker(rank: int, out: str) -> None:
 def launch(out: Path) -> list[dict]:
     """Spawn WORLD workers and return each rank's results; fail (and kill the workers) if
     they do not finish within JOIN_TIMEOUT_S."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this build")
     out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(
-        _worker, args=(str(out),), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {JOIN_TIMEOUT_S} s")
-    except mp.ProcessRaisedException as exc:
-        logs = "\n".join(f.read_text() for f in sorted(out.glob("rank*.err")))
-        pytest.fail(f"a worker failed:\n{logs or exc}")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+    spawn_ranks(_worker, out, WORLD, JOIN_TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

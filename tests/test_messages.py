@@ -51,7 +51,7 @@ def test_load_wrong_shapes_lists_a_few_and_a_count(tmp_path):
     tensors = load_file(file)
     save_file({k: torch.cat([v, v]) if "lora_A" in k else v for k, v in tensors.items()}, file)
     n_bad = sum("lora_A" in k for k in tensors)
-    with pytest.raises(ValueError, match=rf"expected shape \[2, \d+\], got \[4, \d+\]") as info:
+    with pytest.raises(ValueError, match=r"expected shape \[2, \d+\], got \[4, \d+\]") as info:
         load_adapter(fm.apply_lora(copy.deepcopy(base), "all-linear", r=2), tmp_path)
     msg = str(info.value)
     assert msg.count("expected shape") == 5 and f"({n_bad} tensors of the wrong shape" in msg

@@ -19,7 +19,7 @@ import fastlora  # noqa: E402
 from benchmarks.memory import saved_bytes  # noqa: E402
 from fastlora import bases  # noqa: E402
 from fastlora.reference import lora_linear_reference  # noqa: E402
-from helpers import ATOL, assert_matches_reference, compute_dtypes, max_err, triton_runs_here  # noqa: E402
+from helpers import assert_matches_reference, compute_dtypes, max_err, triton_runs_here  # noqa: E402
 from qlora_helpers import decode64, dequantized, linear4bit, params4bit  # noqa: E402
 
 QUANT = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]

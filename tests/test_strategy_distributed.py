@@ -9,14 +9,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import spawn_ranks
 
 pytestmark = pytest.mark.slow  # a spawn of two processes (~10 s)
 
@@ -66,21 +66,7 @@ def test_every_rank_runs_rank_zero_picks(tmp_path):
     env_interpret = os.environ.get("TRITON_INTERPRET")
     if not torch.cuda.is_available() and env_interpret != "1":
         pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
-    ctx = mp.start_processes(_worker, args=(str(tmp_path),), nprocs=WORLD, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {JOIN_TIMEOUT_S} s")
-    except mp.ProcessRaisedException as exc:
-        logs = "\n".join(f.read_text() for f in sorted(tmp_path.glob("rank*.err")))
-        pytest.fail(f"a worker failed:\n{logs or exc}")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+    spawn_ranks(_worker, tmp_path, WORLD, JOIN_TIMEOUT_S)
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert got[0]["alone"] != got[1]["alone"]  # alone, the ranks would disagree
     expected = [["fused", "composition"]] * len(SHAPES)
