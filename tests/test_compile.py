@@ -142,7 +142,8 @@ x = torch.randn(64, 32, dtype=torch.float16, requires_grad=True)
 w, b = torch.randn(48, 32, dtype=torch.float16), torch.randn(48, dtype=torch.float16)
 A = torch.randn(4, 32, dtype=torch.float16, requires_grad=True)
 B = torch.randn(48, 4, dtype=torch.float16, requires_grad=True)
-fn = torch.compile(lambda *a: tb._fused(*a, 0.5, 0.1), backend=backend, fullgraph=True)
+plan = tb._plan_of(tb.Picks("fused", "fused"), 0.1)  # the fused kernels both ways
+fn = torch.compile(lambda *a: tb._fused(*a, 0.5, 0.1, plan), backend=backend, fullgraph=True)
 try:
     fn(x, w, b, A, B)
 except Exception as exc:
