@@ -172,7 +172,8 @@ def import_kernels(src: Path):
     sys.modules[SOURCE_PACKAGE] = package
     _compile = importlib.import_module(SOURCE_PACKAGE + "._compile")
     _configs = importlib.import_module(SOURCE_PACKAGE + "._configs")
-    return dict(_compile.JIT_KERNELS), _configs
+    # the C API's kernels; the composition's dropout pass is the Python backend's alone
+    return {k: fn for k, fn in _compile.JIT_KERNELS.items() if k in KERNEL_ARGS}, _configs
 
 
 def check_args(fns) -> None:
