@@ -12,53 +12,18 @@ g A)`` (two GEMMs over W), the unpacked mask reused in place for ``x * mask`` of
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
 from fastlora import _autograd, bases
-from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask, unpack_mask_into
-
-
-class _Workspace(threading.local):
-    """Per-thread CPU buffers for the [M, K] and [N, K] temporaries that die inside one call
-    (the unpacked mask times x, the column-scaled weight): a fresh tensor of that size costs
-    its page faults on top of the write (~2.7 ms for 8 MB on a 2-core VM, as much as ~15% of
-    the layer's GEMM), a reused one only the write. One flat buffer per role and dtype, grown
-    to the largest size asked for; never handed out as (part of) an output. (The launchers'
-    ``kernels/_workspace.py`` does the same per stream, but ``fastlora.kernels`` imports
-    Triton, which this path must not need, and kernels/ stays free of fastlora imports for
-    the C build.)"""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
-
-
-_WORKSPACE = _Workspace()
-
-
-def _scratch(role: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A flat buffer of ``numel`` elements whose contents are garbage; on a GPU (the caching
-    allocator already reuses memory) a new tensor."""
-    if device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    buf = _WORKSPACE.buffers.get((role, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
-
-
-def _keep(mask_bits: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
-    """The unpacked 0/1 keep mask [M, cols] in ``dtype``, in the workspace: the callers then
-    use it in place (x * mask is formed in it)."""
-    numel = mask_bits.shape[0] * mask_bits.shape[1] * 8
-    return unpack_mask_into(mask_bits, cols, _scratch("mask", numel, dtype, mask_bits.device))
+from fastlora._scratch import scratch
+from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
+from fastlora.dropout import keep_in_scratch as _keep
 
 
 def _scaled_rows(weight: Tensor, col: Tensor) -> Tensor:
     """``col * W`` [N, K] (col [N]) in the workspace."""
-    out = _scratch("weight", weight.numel(), weight.dtype, weight.device).view(weight.shape)
+    out = scratch("weight", weight.numel(), weight.dtype, weight.device).view(weight.shape)
     return torch.mul(weight, col.unsqueeze(1), out=out)
 
 
@@ -77,7 +42,7 @@ def _column_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     if M == 0:
         return a.new_zeros(N, dtype=acc)
     rows = min(M, _DOT_ROWS)
-    block = _scratch("dot", rows * N, acc, a.device).view(rows, N)
+    block = scratch("dot", rows * N, acc, a.device).view(rows, N)
     torch.mul(a[:rows].to(acc), b[:rows], out=block)
     for i in range(rows, M, rows):
         n = min(rows, M - i)

@@ -19,6 +19,8 @@ import sys
 import numpy as np
 import torch
 
+from fastlora._scratch import scratch
+
 _BITS = 8
 _LEVELS = 1 << 16  # resolution of one uniform draw
 
@@ -122,3 +124,11 @@ def unpack_mask_into(packed: torch.Tensor, cols: int, buffer: torch.Tensor) -> t
     table = _byte_table(buffer.dtype, buffer.device)
     torch.index_select(table, 0, packed.reshape(-1).int(), out=lanes)
     return lanes.view(rows, width)[:, :cols]
+
+
+def keep_in_scratch(packed: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """``unpack_mask(packed, cols, dtype)`` (a floating ``dtype``) in this thread's "mask"
+    scratch buffer (``fastlora._scratch``): valid until the next call, so a caller uses it,
+    or forms ``x * mask`` in it in place, before asking again."""
+    numel = packed.shape[0] * packed.shape[1] * _BITS
+    return unpack_mask_into(packed, cols, scratch("mask", numel, dtype, packed.device))

@@ -22,12 +22,13 @@ a fresh tensor the caching allocator recycles (GPU).
 
 from __future__ import annotations
 
-import threading
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastlora._scratch import scratch
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -136,35 +137,14 @@ def dequantize(
     return out
 
 
-class _Workspace(threading.local):
-    """Per-thread CPU buffers for the transient ``W``: one flat buffer per dtype (and the
-    int32 code indices), grown to the largest layer asked for and reused by every layer, so a
-    decode costs its writes and no page faults; never handed out beyond one call."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[torch.dtype, Tensor] = {}
-
-
-_WORKSPACE = _Workspace()
-
-
-def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if device.type != "cpu":  # the caching allocator already reuses GPU memory
-        return torch.empty(numel, dtype=dtype, device=device)
-    buf = _WORKSPACE.buffers.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE.buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
-
-
 def transient(codes: Tensor, scale_inv: Tensor, block_size: BlockSize | None,
               dtype: torch.dtype) -> Tensor:
     """``dequantize`` into the workspace: valid until the next transient decode of this
     dtype on this thread. Use it for one GEMM and drop it."""
     numel = codes.numel()
-    out = _scratch(numel, dtype, codes.device).view(codes.shape)
+    out = scratch("fp8 weight", numel, dtype, codes.device).view(codes.shape)
     return dequantize(codes, scale_inv, block_size, dtype, out,
-                      _scratch(numel, torch.int32, codes.device))  # fmt: skip
+                      scratch("fp8 codes", numel, torch.int32, codes.device))  # fmt: skip
 
 
 def attach(weight: Tensor, scale_inv: Tensor, block_size: BlockSize | None = None) -> Tensor:

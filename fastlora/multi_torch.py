@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastlora import bases
-from fastlora.dropout import _byte_table, pack_mask
+from fastlora.dropout import keep_in_scratch, pack_mask
 
 
 def draw_row_mask(row_low: Tensor, cols: int) -> Tensor:
@@ -56,10 +56,9 @@ def _(seed, row_low, cols):
 
 
 def _keep(bits: Tensor, cols: int, dtype: torch.dtype) -> Tensor:
-    """Packed bits [M, ceil(K/8)] -> 0/1 [M, K] in ``dtype``."""
-    rows = bits.shape[0]
-    lanes = torch.nn.functional.embedding(bits.long(), _byte_table(dtype, bits.device))
-    return lanes.view(rows, -1)[:, :cols]
+    """Packed bits [M, ceil(K/8)] -> 0/1 [M, K] in ``dtype``, in the reused scratch buffer
+    (``x * mask`` is then formed in it in place)."""
+    return keep_in_scratch(bits, cols, dtype)
 
 
 def pad_factors(As: tuple, Bs: tuple, ranks: tuple, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -84,7 +83,7 @@ def _forward(x3, weight, bias, A_pad, B_pad, onehot, factor, mask_bits) -> tuple
     # threaded; an index_select/index_add pair costs far more on the CPU)
     A_s = torch.mm(onehot, A_pad.view(E, R * K)).view(S, R, K)
     B_s = torch.mm(onehot, B_pad.view(E, R * N)).view(S, R, N)
-    xk = x3 if mask_bits is None else x3 * _keep(mask_bits, K, x3.dtype).view(S, T, K)
+    xk = x3 if mask_bits is None else _keep(mask_bits, K, x3.dtype).view(S, T, K).mul_(x3)
     u = torch.bmm(xk, A_s.transpose(1, 2)).mul_(factor.unsqueeze(1))  # [S, T, R]
     y3 = torch.bmm(u, B_s) if bias is None else torch.baddbmm(bias, u, B_s)
     y3.view(S * T, N).addmm_(x3.reshape(S * T, K), bases.dense_weight(weight, x3.dtype).t())
@@ -110,7 +109,7 @@ def _backward(ctx, dy3, x3, weight, A_pad, B_pad, onehot, factor, mask_bits, u, 
                 dx3.mul_(keep)
             dx3.view(S * T, K).addmm_(dy2d, bases.dense_weight(weight, dy3.dtype))
         if need_A:
-            xk = x3 if keep is None else x3 * keep
+            xk = x3 if keep is None else keep.mul_(x3)  # the mask's last use
             dA_s = torch.bmm(g.transpose(1, 2), xk).view(S, R * K)
             dA = torch.mm(onehot.t(), dA_s).view(E * R, K)  # padded rows are 0
     if need_B:

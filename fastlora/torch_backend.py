@@ -1,7 +1,8 @@
 """The lean PyTorch backend: DESIGN.md section 1 with no extra [M, N] temporaries.
 
 Forward is one GEMM for the base (with bias), one skinny GEMM for ``u``, and one in-place
-``addmm_`` of ``u B^T`` into the output. Backward is one GEMM ``dy W`` with the low-rank
+``addmm_`` of ``u B^T`` into the output. The unpacked mask and ``x * mask`` live in a reused
+scratch buffer (``fastlora._scratch``), never in a fresh [M, K] tensor. Backward is one GEMM ``dy W`` with the low-rank
 term accumulated into it in place. Saved for backward: ``x``, ``u`` [M, r] and the dropout
 mask packed to one bit per element. This path serves the CPU, float64, devices without
 Triton, and on CUDA it is the "cuBLAS composition" the fused kernels are measured against.
@@ -16,12 +17,14 @@ import torch
 from torch import Tensor
 
 from fastlora import _autograd, bases
-from fastlora.dropout import draw_packed_mask, keep_scale, unpack_mask
+from fastlora.dropout import draw_packed_mask, keep_in_scratch, keep_scale
 
 
 def _keep(x: Tensor, mask_bits: Tensor) -> Tensor:
-    """The keep mask as 0/1 in x's dtype: masking is then a plain multiply."""
-    return unpack_mask(mask_bits, x.shape[1], x.dtype)
+    """The keep mask as 0/1 in x's dtype, in the reused "mask" scratch buffer: masking is
+    then a plain multiply, and ``x * mask`` is formed in place in the same buffer (no fresh
+    [M, K] tensor: on the CPU each would cost its page faults)."""
+    return keep_in_scratch(mask_bits, x.shape[1], x.dtype)
 
 
 def forward(
@@ -41,7 +44,7 @@ def forward(
     if mask_bits is None:
         u = torch.mm(x, (lora_A * scaling).to(x.dtype).t())
     else:
-        xk = x * _keep(x, mask_bits)
+        xk = _keep(x, mask_bits).mul_(x)
         u = torch.mm(xk, (lora_A * (scaling * keep_scale(dropout_p))).to(x.dtype).t())
     # low-rank part (and bias) first, then the base GEMM accumulates onto it (beta = 1):
     # y is written once by the small GEMM and once by the big one, never re-read by a pass
@@ -82,7 +85,7 @@ def backward(
                 dx.mul_(keep)
             dx.addmm_(dy, bases.dense_weight(weight, dy.dtype))
         if need_dA:
-            xk = x if keep is None else x * keep
+            xk = x if keep is None else keep.mul_(x)  # the mask's last use: x * mask in place
             dA = torch.mm(g.t(), xk).to(lora_A.dtype)
     if need_dB:
         # (u^T dy)^T: the reduction over M runs faster with dy untransposed
