@@ -114,6 +114,10 @@ MUTANTS: list[Mutant] = [
        "        keep = None if mask_bits is None else _keep(\n"
        "            x, draw_packed_mask(x.shape[0], x.shape[1], dropout_p, x.device))\n",
        "tests/test_dropout.py::test_backward_uses_the_forward_mask"),
+    _m("scratch buffers shared across roles", "fastlora/_scratch.py",
+       "    buf = _WORKSPACE.buffers.get((role, dtype))\n",
+       "    role = \"shared\"\n    buf = _WORKSPACE.buffers.get((role, dtype))\n",
+       "tests/test_fp8.py::test_dropout_matches_the_dense_base_of_the_same_values"),
     # ---- Triton kernels, shared tiles: the dropout mask, the TMA epilogue
     _m("mask keyed by a shifted column", "kernels/_tiles.py",
        "    groups = k0 // 4 + tl.arange(0, BLOCK_K // 4)\n",

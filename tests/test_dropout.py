@@ -219,6 +219,41 @@ def test_given_mask_matches_reference(p):
         assert max_err(got, want) <= tol * max(1.0, want.abs().max().item())
 
 
+def test_interleaved_calls_keep_their_own_masks():
+    """The torch backend forms the unpacked mask and x * mask in one scratch buffer reused by
+    every call. Two dropout layers run forward, forward, then backward in reverse order (as
+    autograd does), with K growing so the second call also regrows the buffer: each call's
+    output and gradients equal the float64 reference with the mask the test handed it."""
+    shapes = [(29, 16, 12), (29, 44, 9)]  # (M, K, N): K not a multiple of 8 in the second
+    p, s, r = 0.3, 0.7, 4
+    cases = []
+    for i, (M, K, N) in enumerate(shapes):
+        x, w, b, A, B = make_inputs(M, K, N, r, torch.float64, "cpu", seed=10 + i)
+        keep = torch.rand(M, K, generator=torch.Generator().manual_seed(20 + i),
+                          dtype=torch.float64) >= p
+        packed = torch.from_numpy(np.packbits(keep.numpy(), axis=1, bitorder="little"))
+        dy = torch.randn(M, N, generator=torch.Generator().manual_seed(30 + i), dtype=torch.float64)
+        cases.append((x, w, b, A, B, keep, packed, dy))
+    outs = []
+    with fastlora.use_backend("torch"):
+        for x, w, b, A, B, keep, packed, dy in cases:
+            leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+            with mock.patch.object(torch_backend, "draw_packed_mask", lambda *a, _p=packed: _p):
+                outs.append((leaves, fastlora.lora_linear(leaves[0], w, b, leaves[1], leaves[2], s,
+                                                          dropout_p=p, training=True)))
+        for (leaves, y), case in reversed(list(zip(outs, cases))):
+            y.backward(case[-1])
+    for (leaves, y), (x, w, b, A, B, keep, packed, dy) in zip(outs, cases):
+        ref_leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+        ref = lora_linear_reference(ref_leaves[0], w, b, ref_leaves[1], ref_leaves[2], s, keep,
+                                    rounded_rate(p))
+        ref.backward(dy)
+        M, K = x.shape
+        tol = 64 * (K + dy.shape[1] + M) * U64
+        for got, want in [(y, ref)] + [(a.grad, c.grad) for a, c in zip(leaves, ref_leaves)]:
+            assert max_err(got, want) <= tol * max(1.0, want.abs().max().item())
+
+
 def test_backward_uses_the_forward_mask(backend, device):
     """Under a fixed seed the layer is linear in x, A and B separately, so the central
     difference (f(t + v) - f(t - v)) / 2 is J v exactly up to rounding; the backward's
