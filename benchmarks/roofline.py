@@ -507,11 +507,26 @@ def _reduce(s: Shape, parts_a: int, parts_b: int) -> Launch:
                   + (s.r * s.K + s.N * s.r) * s.esize, cost=Cost("stream"))
 
 
+def _skinny(name: str, m: int, n: int, k: int, s: Shape) -> Launch:
+    """A hybrid candidate's cuBLAS GEMM with one side of width r (charged as cuBLAS)."""
+    return _mm(name, m, n, k, s.esize)
+
+
 def forward_candidates(s: Shape) -> dict[str, list[Launch]]:
     """Forward launches of every dense-base candidate, by the dispatcher's names
     (``fastlora.kernels.api.FORWARD_CANDIDATES``, the 4-bit-only ones aside): "fused" (the
-    kernels as they are) and "composition" (cuBLAS, derived)."""
-    return {"fused": fused(s)["fwd"], "composition": composition(s)["fwd"]}
+    kernels as they are), "cublas_shrink" (u = s D(x) A^T by cuBLAS, with p > 0 after the
+    Triton dropout pass writing D(x); then the fused forward GEMM) and "composition"
+    (cuBLAS, derived)."""
+    M, K, e = s.M, s.K, s.esize
+    fwd = fused(s)["fwd"]
+    hybrid = [k for k in fwd if k.name.startswith("seed")]
+    if s.p > 0:
+        hybrid.append(Launch("dropout pass: D(x) written", 2 * M * K * e,
+                             alu=PHILOX_OPS * M * K, cost=Cost("stream")))
+    hybrid.append(_skinny("cuBLAS: u = s D(x) A^T", M, s.r, K, s))
+    hybrid.append(fwd[-1])  # the fused forward GEMM, unchanged
+    return {"fused": fwd, "cublas_shrink": hybrid, "composition": composition(s)["fwd"]}
 
 
 def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
@@ -520,7 +535,9 @@ def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
     they are), "dx_gemm" (today's dy pass; dx as one pure GEMM with g A as an extra K step of
     width r, its epilogue serialized only to mask the low-rank term when p > 0; a tail launch:
     dA in one pass over x beside the sum of the dB partials), "split_dy" (as dx_gemm after
-    the machine-filling 2-D dy pass, with fewer dB partials) and "composition"."""
+    the machine-filling 2-D dy pass, with fewer dB partials), "dx_gemm_cublas" (g = s dy B
+    and dB = dy^T u by cuBLAS, dx_gemm's GEMM; dA = g^T x by cuBLAS at p = 0, by the tail's
+    pass over x with the mask in registers when p > 0) and "composition"."""
     M, K, N, e, R, r = s.M, s.K, s.N, s.esize, s.r_pad, s.r
     dy, dx, reduce = fused(s)["bwd"]
     parts_a = math.ceil(M / tile("dx", s, K)[0])
@@ -542,6 +559,13 @@ def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
         "fused": [dy, dx, reduce],
         "dx_gemm": [dy, gemm, tail(todays_db)],
         "split_dy": [_dy_filled(s), gemm, tail(DY_FILLED_PARTIALS * N * r * 4)],
+        "dx_gemm_cublas": [
+            _skinny("cuBLAS: g = s dy B", M, r, N, s), _skinny("cuBLAS: dB = dy^T u", N, r, M, s),
+            gemm,
+            Launch("tail: dA = g^T D(x) (one pass over x)", (M * K + M * r + r * K) * e,
+                   2.0 * M * K * R, philox, Cost("stream"))
+            if s.p > 0 else _skinny("cuBLAS: dA = g^T x", r, K, M, s),
+        ],
         "composition": composition(s)["bwd"],
     }
 

@@ -52,6 +52,9 @@ CANDIDATE_KERNELS = {
     ("backward", "dx_gemm"): ("dy", "dx_gemm", "tail"),
     ("backward", "split_dy"): ("dy_split", "dx_gemm_split", "tail_split"),
     ("forward", "decode_once"): ("shrink", "forward"),
+    # the hybrids: their skinny GEMMs are cuBLAS's (no Triton build), the rest Triton's
+    ("forward", "cublas_shrink"): ("dropout", "forward"),
+    ("backward", "dx_gemm_cublas"): ("dx_gemm", "tail"),
     ("backward", "decode_once"): ("dy", "dx", "reduce"),
 }
 # the backward candidates (backward_candidates.py) and DoRA's norm: built by the report, not

@@ -9,8 +9,8 @@ import; a namespace portion yields to any regular package of that name on ``sys.
 from . import _configs, _launch  # noqa: F401  (the backend reads them through this module)
 from ._configs import MAX_R, MMA_MIN_R, configs_for, pad_rank
 from ._launch import dot_precision
-from .backward_candidates import decode_once_backward, decode_once_forward, dx_gemm_backward
-from .backward_candidates import split_dy_backward
+from .backward_candidates import cublas_shrink_forward, decode_once_backward, decode_once_forward
+from .backward_candidates import dx_gemm_backward, dx_gemm_cublas_backward, split_dy_backward
 from .dequant_4bit import dequantize_4bit
 from .dora_norm import dora_weight_norm, norm_kernel_ok
 from .dropout_mask import dropout_apply
@@ -20,13 +20,19 @@ from .lora_sgmv import sgmv_backward, sgmv_forward, stack_adapters
 
 # Candidates per direction, name -> launcher with lora_forward's / lora_backward's signature
 # (base4= included); the dispatcher times each per shape bucket.  Every one regenerates the
-# same dropout mask (_tiles.dropout_keep), so any forward pairs with any backward.
-FORWARD_CANDIDATES = {"fused": lora_forward, "decode_once": decode_once_forward}
+# same dropout mask (_tiles.dropout_keep), so any forward pairs with any backward.  The
+# hybrids ("cublas_shrink", "dx_gemm_cublas") run their skinny GEMMs on cuBLAS (torch.mm).
+FORWARD_CANDIDATES = {
+    "fused": lora_forward,
+    "decode_once": decode_once_forward,
+    "cublas_shrink": cublas_shrink_forward,
+}
 BACKWARD_CANDIDATES = {
     "fused": lora_backward,
     "dx_gemm": dx_gemm_backward,
     "split_dy": split_dy_backward,
     "decode_once": decode_once_backward,
+    "dx_gemm_cublas": dx_gemm_cublas_backward,
 }
 # candidates that differ from "fused" only on a 4-bit base (a dense base runs "fused")
 CANDIDATES_4BIT_ONLY = frozenset({"decode_once"})

@@ -41,7 +41,8 @@ from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, l
 from ._tiles import store_rows, tile_coords, w_source
 from .dequant_fp8 import BASES_FP8, TMA_ALIGN_CODES
 
-__all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "lora_forward", "use_tma"]
+__all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "forward_gemm", "lora_forward",
+           "use_tma"]
 
 # TMA: 16-byte aligned base addresses and row strides, unit last stride (CUDA's
 # cuTensorMapEncodeTiled rules for a 2-D tensor).
@@ -293,6 +294,28 @@ def lora_forward(
     return y, u
 
 
+def forward_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    traceable: bool = False,
+    tma: bool | None = None,
+    base4: dict | None = None,
+) -> torch.Tensor:
+    """``lora_forward``'s GEMM launch alone, with u = s D(x) A^T [M, r] given (contiguous,
+    x.dtype: made elsewhere, e.g. by cuBLAS): y = x W^T + b + u B^T [M, N] in one launch.
+    ``lora_A`` [r, K] is read for its shape only."""
+    weight = fp8_codes(weight, base4)
+    # no dropout in a LoRA GEMM: the seed is never read (u stands in for its pointer)
+    y, _, _ = _forward(x, weight, bias, lora_A, lora_B, None, None, 1.0, 0.0, u, traceable,
+                       tma, base4, u_given=u)
+    return y
+
+
 def dora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -317,14 +340,15 @@ def dora_forward(
 
 
 def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
-             traceable, tma, base4):
+             traceable, tma, base4, u_given=None):
+    """The shrink and GEMM launches; with ``u_given`` the GEMM alone, reading it as u."""
     dora = magnitude is not None
     M, K = x.shape
     N = lora_B.shape[0]
     R = lora_A.shape[0]
     dev, dtype = x.device, x.dtype
     y = torch.empty(M, N, device=dev, dtype=dtype)
-    u = torch.empty(M, R, device=dev, dtype=dtype)
+    u = torch.empty(M, R, device=dev, dtype=dtype) if u_given is None else u_given
     z = torch.empty(M, N, device=dev, dtype=dtype) if dora else None
     if M == 0:
         return y, u, z
@@ -341,14 +365,17 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
                lora_A.data_ptr() & 15, lora_B.data_ptr() & 15, seed.data_ptr() & 15,
                None if bias is None else operand_key(bias),
                None if base4 is None else base4_key(base4),
-               dora and (operand_key(magnitude), operand_key(norm)))  # fmt: skip
+               dora and (operand_key(magnitude), operand_key(norm)),
+               None if u_given is None else operand_key(u_given))  # fmt: skip
         call = _calls.get(key) or _calls.put(key, _call(
             info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p, traceable,
             tma, base4))  # fmt: skip
     shrink, fwd, shrink_scalars, fwd_scalars, serial = call
     q_ptrs = _NO_Q if base4 is None else q_pointers(base4)
     ctx = context(traceable)
-    launch(shrink, (x, lora_A, u, seed), shrink_scalars, traceable=traceable, ctx=ctx, key=serial)
+    if u_given is None:
+        launch(shrink, (x, lora_A, u, seed), shrink_scalars, traceable=traceable, ctx=ctx,
+               key=serial)  # fmt: skip
     launch(
         fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y, *q_ptrs,
               *((z, magnitude, norm) if dora else (None, None, None)), seed),

@@ -32,6 +32,17 @@ SCALING = 2.0
 SHAPES = [(37, 40, 72, 3), (19, 72, 40, 16), (1, 40, 24, 1)]
 FWD = sorted(api.FORWARD_CANDIDATES)
 BWD = sorted(api.BACKWARD_CANDIDATES)
+# the hybrids, whose skinny GEMMs are cuBLAS's (torch ops): their launches as they run, at
+# p = 0 and p > 0 (same-dtype adapters), on a dense base and with a 4-bit base's decode
+HYBRID_LAUNCHES = {
+    ("forward", "cublas_shrink"): (
+        ["torch:aten::addmm_", "_lora_forward_kernel"],
+        ["_dropout_kernel", "torch:aten::addmm_", "_lora_forward_kernel"]),
+    ("backward", "dx_gemm_cublas"): (
+        ["torch:aten::mm", "torch:aten::addmm_", "_lora_dx_gemm_kernel", "torch:aten::mm"],
+        ["torch:aten::mm", "torch:aten::addmm_", "_lora_dx_gemm_kernel", "_lora_tail_kernel"]),
+}
+HYBRIDS = {name for _, name in HYBRID_LAUNCHES}
 
 
 def inputs(M, K, N, r, seed=0):
@@ -97,9 +108,10 @@ def test_backward_candidate_matches_reference(name, shape, dtype, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
 @pytest.mark.parametrize("name", FWD)
-def test_forward_candidate_matches_reference(name, p):
-    (x, w, b, A, B, dy), s, mask = setup(SHAPES[0], torch.float32, p)
+def test_forward_candidate_matches_reference(name, shape, p):
+    (x, w, b, A, B, dy), s, mask = setup(shape, torch.float32, p)
     y, u = api.FORWARD_CANDIDATES[name](x, w, b, A, B, SCALING, p, s)
     check((y,), (x, w, b, A, B, dy), mask, p, torch.float32, names=("y",))
     xd = x.double() if mask is None else x.double() * mask / (1 - p)
@@ -209,8 +221,12 @@ def test_every_forward_pairs_with_every_backward_on_a_4bit_base(dtype):
             got = api.BACKWARD_CANDIDATES[name](dy, x, wq, A, B, u, SCALING, p, s, base4=base4)
             check((y, *got), (x, dense, b, A, B, dy), mask, p, dtype)
             grads[f, name] = got
-    for name in BWD:  # u is the same whichever forward made it: so are the gradients
-        assert all(torch.equal(a, c) for a, c in zip(grads[FWD[0], name], grads[FWD[1], name]))
+    # the forwards with the shrink kernel make the same u: so are the gradients (cuBLAS's u
+    # rounds its own way: checked against the reference above)
+    triton_fwd = [f for f in FWD if f not in HYBRIDS]
+    for name in BWD:
+        assert all(torch.equal(a, c) for a, c in zip(grads[triton_fwd[0], name],
+                                                     grads[triton_fwd[1], name]))
 
 
 def test_decode_once_reuses_one_workspace():
@@ -285,7 +301,7 @@ class _Launches:
         return out, [launch.name for launch in self.log.launches]
 
 
-@pytest.mark.parametrize("name", BWD)
+@pytest.mark.parametrize("name", [n for n in BWD if n not in HYBRIDS])
 def test_backward_candidate_launches_at_most_three(name, monkeypatch):
     count = _Launches(monkeypatch)
     (x, w, b, A, B, dy), s, _ = setup(SHAPES[0], torch.float32, 0.25)
@@ -295,7 +311,36 @@ def test_backward_candidate_launches_at_most_three(name, monkeypatch):
     assert all(n.startswith("_") for n in names), names  # kernels only: no torch op
 
 
-@pytest.mark.parametrize("name", BWD)
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("direction, name", sorted(HYBRID_LAUNCHES))
+def test_hybrid_launches(direction, name, p, monkeypatch):
+    """A hybrid's launches: its cuBLAS GEMMs and the Triton kernels it keeps, no more (no
+    scaled or cast copy of an adapter in the adapters' own dtype); a 4-bit base adds its
+    decode before the dx GEMM, backward only (the forward GEMM decodes in its mainloop)."""
+    count = _Launches(monkeypatch)
+    (x, w, b, A, B, dy), s, _ = setup(SHAPES[0], torch.float32, p)
+    _, u = api.lora_forward(x, w, b, A, B, SCALING, p, s)
+    if direction == "forward":
+        _, names = count(lambda: api.FORWARD_CANDIDATES[name](x, w, b, A, B, SCALING, p, s))
+    else:
+        _, names = count(lambda: api.BACKWARD_CANDIDATES[name](dy, x, w, A, B, u, SCALING, p,
+                                                               s))
+    assert names == HYBRID_LAUNCHES[direction, name][p > 0]
+    (x, wq, _, b, A, B, dy), base4 = _base4((9, 64, 24, 2), torch.float32)
+    _, u = api.lora_forward(x, wq, b, A, B, SCALING, p, s, base4=base4)
+    if direction == "forward":
+        _, names = count(lambda: api.FORWARD_CANDIDATES[name](x, wq, b, A, B, SCALING, p, s,
+                                                              base4=base4))
+        assert names == HYBRID_LAUNCHES[direction, name][p > 0]
+    else:
+        _, names = count(lambda: api.BACKWARD_CANDIDATES[name](dy, x, wq, A, B, u, SCALING, p,
+                                                               s, base4=base4))
+        want = list(HYBRID_LAUNCHES[direction, name][p > 0])
+        want.insert(want.index("_lora_dx_gemm_kernel"), "_dequant_4bit_kernel")
+        assert names == want
+
+
+@pytest.mark.parametrize("name", [n for n in BWD if n not in HYBRIDS])
 def test_4bit_launches_at_most_four(name, monkeypatch):
     count = _Launches(monkeypatch)
     (x, wq, _, b, A, B, dy), base4 = _base4((9, 64, 24, 2), torch.float32)
