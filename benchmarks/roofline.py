@@ -294,18 +294,19 @@ TMA_BUILD = True
 
 
 @functools.lru_cache(maxsize=None)
-def config(kernel: str, s: Shape, cols: int):
-    """The ``_configs.TileConfig`` the kernel launches with for this shape (bf16)."""
+def config(kernel: str, s: Shape, cols: int, base: str = "dense"):
+    """The ``_configs.TileConfig`` the kernel launches with for this shape (bf16); ``base``
+    "nf4" for the tiles of a 4-bit base (every 4-bit kind shares them)."""
     from fastlora.kernels import _configs
 
     # the GPU tables also under TRITON_INTERPRET=1 (which has one small interpreter tile)
     return _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD,
-                         interpreter=False)
+                         interpreter=False, base=base)
 
 
-def tile(kernel: str, s: Shape, cols: int) -> tuple[int, int, int]:
+def tile(kernel: str, s: Shape, cols: int, base: str = "dense") -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) the kernel launches with for this shape (bf16)."""
-    c = config(kernel, s, cols)
+    c = config(kernel, s, cols, base)
     return c.block_m, c.block_n, c.block_k
 
 
@@ -341,12 +342,13 @@ def fused(s: Shape, base: "Quant | None" = None, adapter: str = "lora") -> Plan:
     philox = PHILOX_OPS * M * K if drop else 0.0
     scale = N * 4 if dora else 0  # m / norm, fp32
     bits = M * K / 8 if twin else 0.0
-    fm, _, _ = tile("forward", s, N)
+    wbase = "dense" if base is None else "nf4"  # a 4-bit forward has its own tiles
+    fm, _, _ = tile("forward", s, N, wbase)
     ym, _, _ = tile("dy", s, 1)
     xm, _, _ = tile("dx", s, K)
     parts_b, parts_a = math.ceil(M / ym), math.ceil(M / xm)
 
-    fc, xc = config("forward", s, N), config("dx", s, K)
+    fc, xc = config("forward", s, N, wbase), config("dx", s, K)
     fwd_cost = Cost("gemm", "forward", math.ceil(M / fc.block_m) * math.ceil(N / fc.block_n))
     dx_cost = Cost("gemm", "dx", math.ceil(M / xc.block_m) * math.ceil(K / xc.block_k))
     fwd = []

@@ -355,11 +355,14 @@ _DORA_CONFIGS = {
 
 # A 4-bit base decodes each W tile in registers inside the forward's K loop (decode-in-
 # mainloop): LoRA's forward tiles spill there in the cubins (24 B on sm_90, 176-536 B on
-# sm_80), so the 4-bit forward launches its own, smaller decoded tiles.
+# sm_80; with fp32 operands 16-752 B), so the 4-bit forward launches its own, smaller
+# decoded tiles.  The decoded tile is [BLOCK_N, BLOCK_K]: the output tile's long side goes
+# to the rows, which also decodes each W tile half as often.
 _4BIT_CONFIGS = {
     ("16bit", "forward"): [
-        T(128, 256, 32, 8, 3, "large M and N: K steps of 32 halve the decoded W tile (64 "
-          "spills 24 B on sm_90)", SMALL_R, builds="tma"),
+        T(256, 128, 32, 8, 3, "large M and N: a decoded W tile [128, 32] (128 x 256 x 32 "
+          "spills 8 B on sm_90 with FP4 codes; 256 x 128 x 64, 16-wide K steps wait with "
+          "depth 0)", SMALL_R, builds="tma"),
         T(128, 128, 64, 8, 3, "every rank block (190 registers at r_pad 128)", builds="tma"),
         T(128, 128, 64, 8, 3, "large M, r_pad <= 32 (sm_80 spills 432 B at r_pad 128)", 32,
           builds="ptr"),
@@ -369,6 +372,24 @@ _4BIT_CONFIGS = {
           builds="ptr"),
         T(32, 64, 64, 4, 3, "small M: many CTAs along N (32 x 64 x 128 spills 24 B on "
           "sm_90)", builds="ptr"),
+    ],
+    # TF32: every pointer tile of the dense table spills on sm_80 (16-208 B) and the small
+    # 32 x 64 x 64 one on sm_90; 8 warps hold the decoded tile in the pointer build
+    ("tf32", "forward"): [
+        T(128, 128, 32, 8, 3, "large M and N", SMALL_R, builds="tma"),
+        T(64, 128, 32, 4, 4, "mid M", 32, builds="tma"),
+        T(64, 64, 32, 4, 3, "r_pad 128, and small M (wgmma's 64 rows)", builds="tma"),
+        T(64, 128, 32, 8, 3, "large and mid M (4 warps spill 48 B on sm_80)", SMALL_R,
+          builds="ptr"),
+        T(64, 64, 32, 8, 3, "small M, and r_pad 128 (4 warps spill 208 B on sm_80; 32 x 64 "
+          "x 32 16 B on sm_90; at r_pad 16 it spills 16 B with double-quantized codes on "
+          "sm_80)", min_r_pad=32, builds="ptr"),
+    ],
+    # IEEE fp32: FMA dots with both operands in registers beside the decode; the dense
+    # 32 x 32 x 32 tile spills 650-750 B at r_pad 64 and 16 B at r_pad 32 (sm_90)
+    ("fp32", "forward"): [
+        T(16, 16, 32, 4, 3, "the FMA tile that fits the decode at every rank block (32 x 16 "
+          "and 16 x 32 spill 8-64 B, FP4 codes on sm_90 or r_pad 64 on sm_80)"),
     ],
 }
 

@@ -131,7 +131,7 @@ def test_4bit_plans_by_hand():
         k4, k = _by_name(fused4[phase])[name], _by_name(dense[phase])[name]
         assert k.bytes - k4.bytes == 64 * 128 * (2 - 0.5625)  # W read packed
         assert k4.flops == k.flops
-    bm = R.tile("forward", S, 64)[0]
+    bm = R.tile("forward", S, 64, "nf4")[0]  # the 4-bit forward's own tiles
     k4 = _by_name(fused4["fwd"])["forward: y = x W^T + u B^T"]
     assert k4.alu == R.DECODE_OPS * 64 * 128 * -(-256 // bm)  # once per CTA loading a tile
     comp4 = R.composition_4bit(S, q)
