@@ -518,8 +518,8 @@ def forward_candidates(s: Shape) -> dict[str, list[Launch]]:
     """Forward launches of every dense-base candidate, by the dispatcher's names
     (``fastlora.kernels.api.FORWARD_CANDIDATES``, the 4-bit-only ones aside): "fused" (the
     kernels as they are), "cublas_shrink" (u = s D(x) A^T by cuBLAS, with p > 0 after the
-    Triton dropout pass writing D(x); then the fused forward GEMM) and "composition"
-    (cuBLAS, derived)."""
+    Triton dropout pass writing D(x); then the fused forward GEMM), "warp_spec" (sm_90:
+    ``_warp_spec``) and "composition" (cuBLAS, derived)."""
     M, K, e = s.M, s.K, s.esize
     fwd = fused(s)["fwd"]
     hybrid = [k for k in fwd if k.name.startswith("seed")]
@@ -528,7 +528,23 @@ def forward_candidates(s: Shape) -> dict[str, list[Launch]]:
                              alu=PHILOX_OPS * M * K, cost=Cost("stream")))
     hybrid.append(_skinny("cuBLAS: u = s D(x) A^T", M, s.r, K, s))
     hybrid.append(fwd[-1])  # the fused forward GEMM, unchanged
-    return {"fused": fwd, "cublas_shrink": hybrid, "composition": composition(s)["fwd"]}
+    return {"fused": fwd, "cublas_shrink": hybrid, "warp_spec": _warp_spec(s, fwd),
+            "composition": composition(s)["fwd"]}
+
+
+def _warp_spec(s: Shape, fwd: list[Launch]) -> list[Launch]:
+    """"warp_spec": the fused launches, the GEMM warp-specialized on its own tiles (the
+    consumer warps still run each tile's epilogue, u B^T among it, after the main loop);
+    the fused launches themselves where it has no tile (larger ranks)."""
+    from fastlora.kernels import _configs
+
+    if not _configs.configs_for("forward_ws", "16bit", s.r_pad, tma=True, interpreter=False):
+        return fwd
+    c = config("forward_ws", s, s.N)
+    g = fwd[-1]
+    tiles = math.ceil(s.M / c.block_m) * math.ceil(s.N / c.block_n)
+    return [*fwd[:-1], Launch(g.name + " (warp-specialized)", g.bytes, g.flops, g.alu,
+                              Cost("gemm", "forward", tiles))]
 
 
 def backward_candidates(s: Shape) -> dict[str, list[Launch]]:

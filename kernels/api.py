@@ -15,7 +15,7 @@ from .dequant_4bit import dequantize_4bit
 from .dora_norm import dora_weight_norm, norm_kernel_ok
 from .dropout_mask import dropout_apply
 from .lora_backward import dora_backward, lora_backward
-from .lora_forward import dora_forward, fused_4bit_ok, lora_forward
+from .lora_forward import dora_forward, fused_4bit_ok, lora_forward, warp_spec_forward
 from .lora_sgmv import sgmv_backward, sgmv_forward, stack_adapters
 
 # Candidates per direction, name -> launcher with lora_forward's / lora_backward's signature
@@ -26,6 +26,7 @@ FORWARD_CANDIDATES = {
     "fused": lora_forward,
     "decode_once": decode_once_forward,
     "cublas_shrink": cublas_shrink_forward,
+    "warp_spec": warp_spec_forward,
 }
 BACKWARD_CANDIDATES = {
     "fused": lora_backward,
@@ -36,9 +37,13 @@ BACKWARD_CANDIDATES = {
 }
 # candidates that differ from "fused" only on a 4-bit base (a dense base runs "fused")
 CANDIDATES_4BIT_ONLY = frozenset({"decode_once"})
+# candidates that differ from "fused" only on sm_90 with a dense base (elsewhere they run
+# "fused": the dispatcher does not time them there)
+CANDIDATES_SM90_DENSE_ONLY = frozenset({"warp_spec"})
 
 __all__ = [
-    "BACKWARD_CANDIDATES", "CANDIDATES_4BIT_ONLY", "FORWARD_CANDIDATES",
+    "BACKWARD_CANDIDATES", "CANDIDATES_4BIT_ONLY", "CANDIDATES_SM90_DENSE_ONLY",
+    "FORWARD_CANDIDATES",
     "MAX_R", "MMA_MIN_R", "configs_for", "dequantize_4bit", "dora_backward", "dora_forward",
     "dora_weight_norm", "dropout_apply", "norm_kernel_ok",
     "dot_precision", "fused_4bit_ok",

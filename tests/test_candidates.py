@@ -381,3 +381,52 @@ def test_traceable_launch_path_gives_the_same_bits(name):
     eager = fn(dy, x, w, A, B, u, SCALING, 0.25, s)
     traced = fn(dy, x, w, A, B, u, SCALING, 0.25, s, traceable=True)
     assert all(torch.equal(a, c) for a, c in zip(eager, traced))
+
+
+# --------------------------------------------------------------------------- warp_spec
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("adapters", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(37, 40, 72, 16), (19, 72, 40, 8)],
+                         ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
+def test_warp_spec_build_matches_reference(shape, adapters, p, monkeypatch):
+    """"warp_spec" through its own build (forced with ``tma=True``: x, W, u, B and y
+    through descriptors, u B^T after the main loop), odd M, fp16 and PEFT's fp32
+    adapters: the float64 reference with the test's mask."""
+    from fastlora.kernels import lora_forward as lf
+
+    (x, w, b, A, B, dy), s, mask = setup(shape, torch.float16, p)
+    ran = []
+    real = lf._forward
+    monkeypatch.setattr(lf, "_forward", lambda *a, **k: ran.append(k.get("warp_spec"))
+                        or real(*a, **k))  # fmt: skip
+    y, u = api.FORWARD_CANDIDATES["warp_spec"](x, w, b, A.to(adapters), B.to(adapters),
+                                               SCALING, p, s, tma=True)  # fmt: skip
+    assert ran == [True]
+    check((y,), (x, w, b, A, B, dy), mask, p, torch.float16, names=("y",))
+    xd = x.double() if mask is None else x.double() * mask / (1 - p)
+    assert max_err(u, SCALING * xd @ A.double().t()) <= 1e-2 * max(1.0, u.abs().max().item())
+
+
+def test_warp_spec_runs_fused_where_its_build_cannot():
+    """No descriptor-aligned rows (r = 3 in fp16: 6-byte rows of u and B), 32-bit
+    operands, a 4-bit base, torch.compile's tracing, the pointer build, or a rank block
+    without a warp-specialized tile: the plain fused forward."""
+    from fastlora.kernels import lora_forward as lf
+
+    (x, w, _, A, B, _), _, _ = setup((19, 72, 40, 8), torch.float16, 0.0)
+    assert lf.warp_spec_ok(x, w, A, B, True, False, None)
+    (x3, w3, _, A3, B3, _), _, _ = setup((19, 72, 40, 3), torch.float16, 0.0)
+    assert not lf.warp_spec_ok(x3, w3, A3, B3, True, False, None)
+    assert not lf.warp_spec_ok(x.float(), w.float(), A, B, True, False, None)
+    assert not lf.warp_spec_ok(x, w, A, B, True, False, {"BASE": "nf4"})
+    assert not lf.warp_spec_ok(x, w, A, B, True, True, None)
+    assert not lf.warp_spec_ok(x, w, A, B, False, False, None)
+    from fastlora.kernels import _configs
+
+    # on a GPU rank blocks above 32 have no tile (the staged u and B tiles outgrow shared
+    # memory with fp32 adapters): the GPU table, whatever the interpreter's
+    assert _configs.configs_for("forward_ws", "16bit", 32, tma=True, interpreter=False)
+    assert not _configs.configs_for("forward_ws", "16bit", 64, tma=True, interpreter=False)
+    assert not _configs.configs_for("forward_ws", "16bit", 16, tma=False, interpreter=False)

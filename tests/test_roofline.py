@@ -282,6 +282,16 @@ def test_hybrid_candidates_by_hand():
         1.272, abs=0.005)
 
 
+def test_warp_spec_is_the_fused_forward_on_its_own_tiles():
+    fwd = R.forward_candidates(BIG)
+    ws, fused = fwd["warp_spec"], fwd["fused"]
+    assert [k.bytes for k in ws] == [k.bytes for k in fused]
+    assert ws[-1].cost.tiles == (8192 // 128) * (4096 // 128)  # 128 x 128 tiles
+    # no warp-specialized tile at r_pad 64 (shared memory): the fused launches themselves
+    wide = R.Shape(8192, 4096, 4096, 64)
+    assert R.forward_candidates(wide)["warp_spec"] == R.forward_candidates(wide)["fused"]
+
+
 def test_cli_prints_the_band_labelled_a_model(capsys):
     R.main(["--shapes", "256x512", "--m", "512", "--r", "8", "--p", "0,0.1",
             "--variants", "", "--launches", "", "--band", "256x512"])

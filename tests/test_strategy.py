@@ -387,3 +387,12 @@ def test_a_dora_layer_never_runs_a_lora_candidate(monkeypatch):
         layer.zero_grad()
     for name, a, b in zip(("y", "dx", "dA"), out["torch"], out["triton"]):
         assert max_err(a, b) <= 1e-5 * max(1.0, a.abs().max().item()), name
+
+
+def test_an_sm90_dense_candidate_is_fused_on_a_4bit_base():
+    """"warp_spec" differs from "fused" only on a dense base (sm_90): forced on a 4-bit
+    base the dispatcher runs "fused", and on a dense one the candidate itself."""
+    args = (19, 40, 24, 8, torch.float16, 0.0, DEVICE)
+    with strategy(forward="warp_spec", backward="fused"):
+        assert tb.picks_for(*args) == ("warp_spec", "fused")
+        assert tb.picks_for(*args, base="nf4") == ("fused", "fused")
