@@ -96,6 +96,7 @@ KERNEL_ARGS = {
         # DoRA's operands: the C API builds LoRA only (ADAPTER "lora"), None as LoRA passes
         "z_ptr": C("none"), "mag_ptr": C("none"), "norm_ptr": C("none"), "seed_ptr": P("seed"),
         "dropout_p": F("dropout_p"), "ADAPTER": C("lora"), "HAS_DROPOUT": C("off"),
+        "WARP_SPEC": C("off"),  # the "warp_spec" candidate's build: not in the C API
         "M": I("M", False), "N": I("N"), "K": I("K"), "R": I("R", False),
         "stride_xm": I("ldx"), "stride_xk": U, "stride_wn": I("ldw"), "stride_wk": U,
         "stride_um": I("ldu", False), "stride_ur": U, "stride_bn": I("ldb", False),

@@ -294,18 +294,19 @@ TMA_BUILD = True
 
 
 @functools.lru_cache(maxsize=None)
-def config(kernel: str, s: Shape, cols: int):
-    """The ``_configs.TileConfig`` the kernel launches with for this shape (bf16)."""
+def config(kernel: str, s: Shape, cols: int, base: str = "dense"):
+    """The ``_configs.TileConfig`` the kernel launches with for this shape (bf16); ``base``
+    "nf4" for the tiles of a 4-bit base (every 4-bit kind shares them)."""
     from fastlora.kernels import _configs
 
     # the GPU tables also under TRITON_INTERPRET=1 (which has one small interpreter tile)
     return _configs.pick(kernel, "16bit", s.r_pad, s.M, cols, SMS_FOR_TILES, TMA_BUILD,
-                         interpreter=False)
+                         interpreter=False, base=base)
 
 
-def tile(kernel: str, s: Shape, cols: int) -> tuple[int, int, int]:
+def tile(kernel: str, s: Shape, cols: int, base: str = "dense") -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K) the kernel launches with for this shape (bf16)."""
-    c = config(kernel, s, cols)
+    c = config(kernel, s, cols, base)
     return c.block_m, c.block_n, c.block_k
 
 
@@ -341,12 +342,13 @@ def fused(s: Shape, base: "Quant | None" = None, adapter: str = "lora") -> Plan:
     philox = PHILOX_OPS * M * K if drop else 0.0
     scale = N * 4 if dora else 0  # m / norm, fp32
     bits = M * K / 8 if twin else 0.0
-    fm, _, _ = tile("forward", s, N)
+    wbase = "dense" if base is None else "nf4"  # a 4-bit forward has its own tiles
+    fm, _, _ = tile("forward", s, N, wbase)
     ym, _, _ = tile("dy", s, 1)
     xm, _, _ = tile("dx", s, K)
     parts_b, parts_a = math.ceil(M / ym), math.ceil(M / xm)
 
-    fc, xc = config("forward", s, N), config("dx", s, K)
+    fc, xc = config("forward", s, N, wbase), config("dx", s, K)
     fwd_cost = Cost("gemm", "forward", math.ceil(M / fc.block_m) * math.ceil(N / fc.block_n))
     dx_cost = Cost("gemm", "dx", math.ceil(M / xc.block_m) * math.ceil(K / xc.block_k))
     fwd = []
@@ -507,11 +509,42 @@ def _reduce(s: Shape, parts_a: int, parts_b: int) -> Launch:
                   + (s.r * s.K + s.N * s.r) * s.esize, cost=Cost("stream"))
 
 
+def _skinny(name: str, m: int, n: int, k: int, s: Shape) -> Launch:
+    """A hybrid candidate's cuBLAS GEMM with one side of width r (charged as cuBLAS)."""
+    return _mm(name, m, n, k, s.esize)
+
+
 def forward_candidates(s: Shape) -> dict[str, list[Launch]]:
     """Forward launches of every dense-base candidate, by the dispatcher's names
     (``fastlora.kernels.api.FORWARD_CANDIDATES``, the 4-bit-only ones aside): "fused" (the
-    kernels as they are) and "composition" (cuBLAS, derived)."""
-    return {"fused": fused(s)["fwd"], "composition": composition(s)["fwd"]}
+    kernels as they are), "cublas_shrink" (u = s D(x) A^T by cuBLAS, with p > 0 after the
+    Triton dropout pass writing D(x); then the fused forward GEMM), "warp_spec" (sm_90:
+    ``_warp_spec``) and "composition" (cuBLAS, derived)."""
+    M, K, e = s.M, s.K, s.esize
+    fwd = fused(s)["fwd"]
+    hybrid = [k for k in fwd if k.name.startswith("seed")]
+    if s.p > 0:
+        hybrid.append(Launch("dropout pass: D(x) written", 2 * M * K * e,
+                             alu=PHILOX_OPS * M * K, cost=Cost("stream")))
+    hybrid.append(_skinny("cuBLAS: u = s D(x) A^T", M, s.r, K, s))
+    hybrid.append(fwd[-1])  # the fused forward GEMM, unchanged
+    return {"fused": fwd, "cublas_shrink": hybrid, "warp_spec": _warp_spec(s, fwd),
+            "composition": composition(s)["fwd"]}
+
+
+def _warp_spec(s: Shape, fwd: list[Launch]) -> list[Launch]:
+    """"warp_spec": the fused launches, the GEMM warp-specialized on its own tiles (the
+    consumer warps still run each tile's epilogue, u B^T among it, after the main loop);
+    the fused launches themselves where it has no tile (larger ranks)."""
+    from fastlora.kernels import _configs
+
+    if not _configs.configs_for("forward_ws", "16bit", s.r_pad, tma=True, interpreter=False):
+        return fwd
+    c = config("forward_ws", s, s.N)
+    g = fwd[-1]
+    tiles = math.ceil(s.M / c.block_m) * math.ceil(s.N / c.block_n)
+    return [*fwd[:-1], Launch(g.name + " (warp-specialized)", g.bytes, g.flops, g.alu,
+                              Cost("gemm", "forward", tiles))]
 
 
 def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
@@ -520,7 +553,9 @@ def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
     they are), "dx_gemm" (today's dy pass; dx as one pure GEMM with g A as an extra K step of
     width r, its epilogue serialized only to mask the low-rank term when p > 0; a tail launch:
     dA in one pass over x beside the sum of the dB partials), "split_dy" (as dx_gemm after
-    the machine-filling 2-D dy pass, with fewer dB partials) and "composition"."""
+    the machine-filling 2-D dy pass, with fewer dB partials), "dx_gemm_cublas" (g = s dy B
+    and dB = dy^T u by cuBLAS, dx_gemm's GEMM; dA = g^T x by cuBLAS at p = 0, by the tail's
+    pass over x with the mask in registers when p > 0) and "composition"."""
     M, K, N, e, R, r = s.M, s.K, s.N, s.esize, s.r_pad, s.r
     dy, dx, reduce = fused(s)["bwd"]
     parts_a = math.ceil(M / tile("dx", s, K)[0])
@@ -542,6 +577,13 @@ def backward_candidates(s: Shape) -> dict[str, list[Launch]]:
         "fused": [dy, dx, reduce],
         "dx_gemm": [dy, gemm, tail(todays_db)],
         "split_dy": [_dy_filled(s), gemm, tail(DY_FILLED_PARTIALS * N * r * 4)],
+        "dx_gemm_cublas": [
+            _skinny("cuBLAS: g = s dy B", M, r, N, s), _skinny("cuBLAS: dB = dy^T u", N, r, M, s),
+            gemm,
+            Launch("tail: dA = g^T D(x) (one pass over x)", (M * K + M * r + r * K) * e,
+                   2.0 * M * K * R, philox, Cost("stream"))
+            if s.p > 0 else _skinny("cuBLAS: dA = g^T x", r, K, M, s),
+        ],
         "composition": composition(s)["bwd"],
     }
 

@@ -570,6 +570,9 @@ def _strategy(M, K, N, r, dtype, adapter_dtype, has_bias, dropout_p, device, bac
     if base == "dense" and four_bit_only.intersection(forced):
         # a 4-bit-only candidate on a dense base is the fused kernels it decodes for
         forced = Picks(*("fused" if n in four_bit_only else n for n in forced))
+    dense_only = getattr(_kernels, "CANDIDATES_SM90_DENSE_ONLY", frozenset())
+    if base != "dense" and dense_only.intersection(forced):
+        forced = Picks(*("fused" if n in dense_only else n for n in forced))  # (it runs them)
     if "auto" not in forced:
         return forced
     if not _measurable(device):
@@ -692,6 +695,10 @@ def _time_candidates(
         _, u = composition_forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
         skip = getattr(_kernels, "CANDIDATES_4BIT_ONLY", frozenset()) if base == "dense" \
             else frozenset()
+        # candidates that are "fused" itself below sm_90 or on a 4-bit base: not timed there
+        if base != "dense" or (device.type == "cuda"
+                               and torch.cuda.get_device_capability(device)[0] < 9):
+            skip = skip | getattr(_kernels, "CANDIDATES_SM90_DENSE_ONLY", frozenset())
         runs = {("forward", name): (lambda fn=fn: fn(x, weight, bias, lora_A, lora_B, 1.0, p,
                                                       seed, base4=base4))
                 for name, fn in forward_launchers().items() if name not in skip}  # fmt: skip

@@ -52,6 +52,10 @@ CANDIDATE_KERNELS = {
     ("backward", "dx_gemm"): ("dy", "dx_gemm", "tail"),
     ("backward", "split_dy"): ("dy_split", "dx_gemm_split", "tail_split"),
     ("forward", "decode_once"): ("shrink", "forward"),
+    ("forward", "warp_spec"): ("shrink", "forward_ws"),
+    # the hybrids: their skinny GEMMs are cuBLAS's (no Triton build), the rest Triton's
+    ("forward", "cublas_shrink"): ("dropout", "forward"),
+    ("backward", "dx_gemm_cublas"): ("dx_gemm", "tail"),
     ("backward", "decode_once"): ("dy", "dx", "reduce"),
 }
 # the backward candidates (backward_candidates.py) and DoRA's norm: built by the report, not
@@ -61,6 +65,7 @@ CANDIDATE_JIT_KERNELS = {
     "dx_gemm": _lora_dx_gemm_kernel,
     "dx_gemm_split": _lora_dx_gemm_kernel,
     "dx_gemm_p0": _lora_dx_gemm_kernel,
+    "forward_ws": _lora_forward_kernel,
     "tail": _lora_tail_kernel,
     "tail_split": _lora_tail_kernel,
     "dora_norm": _dora_norm_kernel,
@@ -75,6 +80,7 @@ _CANDIDATE_BUILDS = {
     "dx_gemm": {"G_PARTS": 1, "WARP_SPEC": False},
     "dx_gemm_split": {"G_PARTS": _configs.MAX_G_PARTS, "WARP_SPEC": False},
     "dx_gemm_p0": {"G_PARTS": 1, "WARP_SPEC": False, "HAS_DROPOUT": False},  # p = 0 only
+    "forward_ws": {"WARP_SPEC": True},
     "tail": {"G_PARTS": 1},
     "tail_split": {"G_PARTS": _configs.MAX_G_PARTS},
 }
@@ -133,6 +139,7 @@ _UNIT_STRIDES = {
 }
 _UNIT_STRIDES["dx_gemm_split"] = _UNIT_STRIDES["dx_gemm_p0"] = _UNIT_STRIDES["dx_gemm"]
 _UNIT_STRIDES["tail_split"] = _UNIT_STRIDES["tail"]
+_UNIT_STRIDES["forward_ws"] = _UNIT_STRIDES["forward"]
 _UNIT_STRIDES["dora_norm"] = {"stride_wk", "stride_ak", "stride_br"}
 # sizes that are r (or counts) and so not known to be multiples of 16
 _NOT_DIVISIBLE = {
@@ -200,6 +207,7 @@ def compile_kernel(
         **({n: None for n in _DORA_PTRS} if variant == "lora" else {}),
         **(config.meta(kernel) if kernel not in STANDALONE else
            {"BLOCK_M": config.block_m, "BLOCK_K": config.block_k}),
+        "WARP_SPEC": False,  # a constexpr with a default: passed, or it would be an i32
         **_CANDIDATE_BUILDS.get(kernel, {}),
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
@@ -266,12 +274,40 @@ class Resources:
     wait_depth: int  # deepest wgmma.wait_group N (-1 without wgmma)
     persistent: bool  # programs loop over tiles (grid = SM count)
     ctas_per_sm: int
+    producer_split: bool = False  # every TMA load in a producer partition (``producer_split``)
 
 
 def ptx_facts(ptx: str) -> tuple[bool, bool, int]:
     """(uses wgmma, uses TMA, deepest wgmma.wait_group) read from a kernel's PTX."""
     waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     return "wgmma.mma_async" in ptx, "cp.async.bulk.tensor" in ptx, max(waits, default=-1)
+
+
+_SETMAXNREG = re.compile(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+);")
+_TMA_LOAD = re.compile(r"cp\.async\.bulk\.tensor\.\d+d\.shared::(?:cta|cluster)\.global")
+
+
+def producer_split(ptx: str) -> bool:
+    """Whether a warp-specialized build keeps its loads apart from its MMAs, read from the
+    PTX Triton lowers each partition into: the code from a ``setmaxnreg.dec`` to the lowest
+    register budget (the producer warps) up to the next ``setmaxnreg`` holds every TMA load
+    (``cp.async.bulk.tensor`` global -> shared) and no wgmma, and wgmma runs only in code
+    after a ``setmaxnreg.inc`` (the consumers).  A build Triton did not specialize has no
+    ``setmaxnreg``: False."""
+    marks = list(_SETMAXNREG.finditer(ptx))
+    if not marks:
+        return False
+    regions = [(m.group(1), int(m.group(2)), ptx[m.end():nxt.start() if nxt else len(ptx)])
+               for m, nxt in zip(marks, [*marks[1:], None])]  # fmt: skip
+    decs = [n for kind, n, _ in regions if kind == "dec"]
+    if not decs:
+        return False
+    producer = [text for kind, n, text in regions if kind == "dec" and n == min(decs)]
+    loads = len(_TMA_LOAD.findall(ptx))
+    produced = sum(len(_TMA_LOAD.findall(text)) for text in producer)
+    consumers_mma = any("wgmma.mma_async" in text for kind, _, text in regions if kind == "inc")
+    return (loads > 0 and produced == loads and consumers_mma
+            and not any("wgmma.mma_async" in text for text in producer))
 
 
 def ctas_per_sm(arch: int, shared: int, registers: int, num_warps: int) -> int:
@@ -317,4 +353,5 @@ def resources(compiled, arch: int, num_warps: int, persistent: bool) -> Resource
     wgmma, tma, depth = ptx_facts(compiled.asm["ptx"])
     shared = compiled.metadata.shared
     occupancy = ctas_per_sm(arch, shared, regs, num_warps)
-    return Resources(shared, regs, spills, wgmma, tma, depth, persistent, occupancy)
+    return Resources(shared, regs, spills, wgmma, tma, depth, persistent, occupancy,
+                     producer_split(compiled.asm["ptx"]))

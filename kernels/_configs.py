@@ -39,12 +39,15 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 KERNELS = ("shrink", "forward", "dy", "dx", "reduce")
 # the backward candidates' kernels (kernels/backward_candidates.py): "_split" builds read
 # the split dy pass's fp32 g partials
-CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_p0", "dx_gemm_split", "tail", "tail_split")
+CANDIDATE_KERNELS = ("dy_split", "dx_gemm", "dx_gemm_p0", "dx_gemm_split", "tail", "tail_split",
+                     "forward_ws")
 # DoRA's row norms (kernels/dora_norm.py): fp32 arithmetic whatever W's dtype, one table
 DORA_NORM = "dora_norm"
 # kernels whose main loop is a big GEMM (the report holds them to a wgmma wait depth >= 1)
 GEMM_KERNELS = ("forward", "dx")
-CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_p0", "dx_gemm_split")
+CANDIDATE_GEMM_KERNELS = ("dx_gemm", "dx_gemm_p0", "dx_gemm_split", "forward_ws")
+# kernels whose tile loop Triton warp-specializes: a producer partition issues the loads
+WARP_SPEC_KERNELS = ("forward_ws",)
 # the report (python -m fastlora.kernels.report) builds every kernel of these
 KERNELS += CANDIDATE_KERNELS + (DORA_NORM,)
 GEMM_KERNELS += CANDIDATE_GEMM_KERNELS
@@ -100,6 +103,7 @@ class TileConfig:
         names = {
             "shrink": ("BLOCK_M", "BLOCK_K"),
             "forward": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+            "forward_ws": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "dy": ("BLOCK_M", "BLOCK_N"),
             "dx": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             "reduce": (),
@@ -219,6 +223,13 @@ _CANDIDATE_CONFIGS = {
             T(64, 64, 64, 8, 3, "mid and small M, and r_pad 128 (4 warps spill)",
               builds="ptr"),
         ],
+        # the warp-specialized forward (sm_90 TMA build): Triton 3.9 specializes 4 warps
+        # only (8, or a flattened loop, and the PTX is the plain build's)
+        "forward_ws": [
+            T(128, 128, 64, 4, 3, "one consumer warpgroup, the producer's 3 stages (u and B "
+              "tiles staged too: r_pad 64 with fp32 adapters needs 279 KB)", 32,
+              builds="tma"),
+        ],
         # without dropout (no Philox tile in registers beside the accumulator): the
         # cuBLAS-class tile, two consumer warpgroups of 64 x 256 (with the mask it spills; on
         # sm_80 the mma.sync accumulators spill in it)
@@ -278,6 +289,7 @@ SPLIT_MAX_R_PAD = 32
 for _kind, _table in _CANDIDATE_CONFIGS.items():
     _table["dx_gemm_split"] = _table["dx_gemm"]
     _table.setdefault("dx_gemm_p0", [])
+    _table.setdefault("forward_ws", [])
     # the 32-column tail spills summing 4 fp32 g partials (sm_90 TMA build)
     _table["tail_split"] = [c for c in _table["tail"] if c.block_k != 32 or _kind != "16bit"]
     _table["dy_split"] = [c for c in _table["dy_split"] if c.min_r_pad <= SPLIT_MAX_R_PAD]
@@ -355,11 +367,14 @@ _DORA_CONFIGS = {
 
 # A 4-bit base decodes each W tile in registers inside the forward's K loop (decode-in-
 # mainloop): LoRA's forward tiles spill there in the cubins (24 B on sm_90, 176-536 B on
-# sm_80), so the 4-bit forward launches its own, smaller decoded tiles.
+# sm_80; with fp32 operands 16-752 B), so the 4-bit forward launches its own, smaller
+# decoded tiles.  The decoded tile is [BLOCK_N, BLOCK_K]: the output tile's long side goes
+# to the rows, which also decodes each W tile half as often.
 _4BIT_CONFIGS = {
     ("16bit", "forward"): [
-        T(128, 256, 32, 8, 3, "large M and N: K steps of 32 halve the decoded W tile (64 "
-          "spills 24 B on sm_90)", SMALL_R, builds="tma"),
+        T(256, 128, 32, 8, 3, "large M and N: a decoded W tile [128, 32] (128 x 256 x 32 "
+          "spills 8 B on sm_90 with FP4 codes; 256 x 128 x 64, 16-wide K steps wait with "
+          "depth 0)", SMALL_R, builds="tma"),
         T(128, 128, 64, 8, 3, "every rank block (190 registers at r_pad 128)", builds="tma"),
         T(128, 128, 64, 8, 3, "large M, r_pad <= 32 (sm_80 spills 432 B at r_pad 128)", 32,
           builds="ptr"),
@@ -369,6 +384,24 @@ _4BIT_CONFIGS = {
           builds="ptr"),
         T(32, 64, 64, 4, 3, "small M: many CTAs along N (32 x 64 x 128 spills 24 B on "
           "sm_90)", builds="ptr"),
+    ],
+    # TF32: every pointer tile of the dense table spills on sm_80 (16-208 B) and the small
+    # 32 x 64 x 64 one on sm_90; 8 warps hold the decoded tile in the pointer build
+    ("tf32", "forward"): [
+        T(128, 128, 32, 8, 3, "large M and N", SMALL_R, builds="tma"),
+        T(64, 128, 32, 4, 4, "mid M", 32, builds="tma"),
+        T(64, 64, 32, 4, 3, "r_pad 128, and small M (wgmma's 64 rows)", builds="tma"),
+        T(64, 128, 32, 8, 3, "large and mid M (4 warps spill 48 B on sm_80)", SMALL_R,
+          builds="ptr"),
+        T(64, 64, 32, 8, 3, "small M, and r_pad 128 (4 warps spill 208 B on sm_80; 32 x 64 "
+          "x 32 16 B on sm_90; at r_pad 16 it spills 16 B with double-quantized codes on "
+          "sm_80)", min_r_pad=32, builds="ptr"),
+    ],
+    # IEEE fp32: FMA dots with both operands in registers beside the decode; the dense
+    # 32 x 32 x 32 tile spills 650-750 B at r_pad 64 and 16 B at r_pad 32 (sm_90)
+    ("fp32", "forward"): [
+        T(16, 16, 32, 4, 3, "the FMA tile that fits the decode at every rank block (32 x 16 "
+          "and 16 x 32 spill 8-64 B, FP4 codes on sm_90 or r_pad 64 on sm_80)"),
     ],
 }
 
@@ -401,6 +434,7 @@ def smem_estimate(kernel: str, cfg: TileConfig, esize: int, r_pad: int) -> int:
     bm, bn, bk, s = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
     loop = {
         "forward": (bm * bk + bn * bk),
+        "forward_ws": (bm * bk + bn * bk),
         "shrink": (bm * bk + r_pad * bk),
         "dy": (bm * bn + bn * r_pad),
         "dx": (bm * bn + bn * bk),
@@ -479,7 +513,7 @@ def pick(
             f"fastlora {kernel} kernel: no tile config for {kind} operands with rank block "
             f"{r_pad} (largest: {max_r_pad(kind)}); use the composition strategy"
         )
-    col_block = {"forward": "block_n", "dx": "block_k", "dx_gemm": "block_k",
+    col_block = {"forward": "block_n", "forward_ws": "block_n", "dx": "block_k", "dx_gemm": "block_k",
                  "dx_gemm_split": "block_k", "dx_gemm_p0": "block_k", "tail": "block_k",
                  "tail_split": "block_k", "dora_norm": "block_n"}.get(kernel)
 

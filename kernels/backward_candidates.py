@@ -1,5 +1,6 @@
-"""LoRA backward candidates beside today's ``lora_backward`` ("fused"), each in 3 launches
-(4 on a 4-bit base: its decode first).  The dispatcher times them per shape bucket.
+"""LoRA candidates beside today's ``lora_forward`` / ``lora_backward`` ("fused").  The
+dispatcher times them per shape bucket.  The Triton ones run 3 launches (4 on a 4-bit base:
+its decode first).
 
     dx_gemm     row dy pass (``_lora_dy_kernel``: g, dB partials) -> dx as a pure GEMM with
                 the low-rank step first (``_lora_dx_gemm_kernel``; on sm_90 128 x 256 tiles at
@@ -9,6 +10,16 @@
                 fewer dB partials) in place of the row pass
     decode_once today's fused kernels on a 4-bit base decoded once per call into a reused
                 workspace (``decode_once``): a dense main loop instead of a decode per tile
+
+Hybrids: the skinny GEMMs (one operand of width r, bound by reading x or dy once) on
+cuBLAS, where a Triton streaming pass is weak; the Triton fusion kept where it saves HBM
+traffic (u B^T starting the forward GEMM's accumulator, g A as dx's first K step):
+
+    cublas_shrink   forward: u = s D(x) A^T by cuBLAS (D(x) by ``dropout_apply``, the
+                    kernels' Philox, when p > 0), then the fused forward GEMM with that u
+    dx_gemm_cublas  backward: g = s dy B and dB = dy^T u by cuBLAS, dx by the dx_gemm
+                    kernel; dA = g^T x by cuBLAS at p = 0, by the tail kernel when p > 0
+                    (the mask regenerated in registers: D(x) never written)
 
 Not a candidate: warp specialization of the dx tile loop (``WARP_SPEC`` of the dx GEMM
 kernel).  Triton 3.9 specializes it on sm_90 only with 4 warps, no flattening and every
@@ -32,13 +43,15 @@ from . import _configs
 from ._launch import CallCache, LaunchSpec, context, current_device_info, dot_precision
 from ._launch import launch, next_serial, operand_key, transient
 from .dequant_4bit import dequantize_4bit
+from .dropout_mask import dropout_apply
 from .lora_backward import _lora_dy_kernel, lora_backward
 from .lora_dx_gemm import _lora_dx_gemm_kernel, _lora_tail_kernel
 from .lora_dy_pass import _lora_dy_split_kernel
-from .lora_forward import lora_forward, use_tma
+from .lora_forward import forward_gemm, lora_forward, use_tma
 
-# the dy pass of each candidate ("row": ``_lora_dy_kernel``, "split": the 2-D pass)
-CANDIDATES = {"dx_gemm": "row", "split_dy": "split"}
+# the dy pass of each candidate ("row": ``_lora_dy_kernel``, "split": the 2-D pass; "cublas":
+# none, g and dB by cuBLAS)
+CANDIDATES = {"dx_gemm": "row", "split_dy": "split", "dx_gemm_cublas": "cublas"}
 _calls = CallCache()
 
 
@@ -92,12 +105,32 @@ def _candidate(name: str):
 
 dx_gemm_backward = _candidate("dx_gemm")
 split_dy_backward = _candidate("split_dy")
+dx_gemm_cublas_backward = _candidate("dx_gemm_cublas")
+
+
+def cublas_shrink_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *,
+                          traceable=False, tma=None, base4=None):  # fmt: skip
+    """The "cublas_shrink" forward (module docstring), with ``lora_forward``'s signature and
+    results: u = s D(x) A^T [M, r] in one cuBLAS GEMM (D(x) from the kernels' Philox when
+    p > 0: any backward regenerates the same mask), then ``forward_gemm`` with that u."""
+    M, R = x.shape[0], lora_A.shape[0]
+    xd = x if dropout_p == 0.0 else dropout_apply(x, seed, dropout_p, traceable=traceable)
+    u = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    # the scale as cuBLAS's alpha (applied to the fp32 sum, as the shrink kernel does): one
+    # launch, no scaled copy of A; beta = 0: u's uninitialised contents are never read
+    u.addmm_(xd, lora_A.to(x.dtype).t(), beta=0.0, alpha=scaling)
+    y = forward_gemm(x, weight, bias, lora_A, lora_B, u, traceable=traceable, tma=tma,
+                     base4=base4)
+    return y, u
 
 
 def _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA,
               need_dB, traceable, tma, base4, dy_pass):
     """dy: [M, N], x: [M, K], weight: [N, K], lora_A: [r, K], lora_B: [N, r], u: [M, r]
     -> dx [M, K], dA [r, K], dB [N, r] (None where not needed)."""
+    if dy_pass == "cublas":
+        return _cublas_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed,
+                                need_dx, need_dA, need_dB, traceable, tma, base4)
     M, K = x.shape
     N, R = lora_B.shape[0], lora_A.shape[0]
     dev = x.device
@@ -145,6 +178,51 @@ def _backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_d
     return dx, dA, dB
 
 
+def _cublas_backward(dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx,
+                     need_dA, need_dB, traceable, tma, base4):
+    """The "dx_gemm_cublas" backward: ``_backward``'s arguments and results."""
+    M, K = x.shape
+    N, R = lora_B.shape[0], lora_A.shape[0]
+    dev = x.device
+    # dB = dy^T u: cuBLAS reads dy's transpose in place; an empty M gives zeros
+    dB = torch.mm(dy.t(), u).to(lora_B.dtype) if need_dB else None
+    if not (need_dx or need_dA):
+        return None, None, dB
+    # g = s dy B [M, r] in dy's dtype (as the row dy pass writes it), s as cuBLAS's alpha
+    g = torch.empty(M, R, device=dev, dtype=dy.dtype)
+    g.addmm_(dy, lora_B.to(dy.dtype), beta=0.0, alpha=scaling)
+    # with dropout dA = g^T D(x) by the tail kernel (the mask in registers, no D(x) written)
+    tail_dA = need_dA and dropout_p > 0.0
+    dx = torch.empty(M, K, device=dev, dtype=x.dtype) if need_dx else None
+    dA = torch.empty(R, K, device=dev, dtype=lora_A.dtype) if tail_dA else None
+    if M > 0 and (need_dx or tail_dA):
+        if base4 is not None and need_dx:
+            weight = decoded_weight(base4, (N, K), x.dtype, traceable)
+        info = current_device_info()
+        args = (info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_dx,
+                tail_dA, False, traceable, tma, "cublas")  # fmt: skip
+        if traceable:
+            call = _call(*args)
+        else:
+            key = (info, tma, M, K, N, R, need_dx, tail_dA, float(scaling), float(dropout_p),
+                   "cublas", *(operand_key(t) for t in (dy, x, lora_A, seed)),
+                   operand_key(weight) if need_dx else None)  # fmt: skip
+            call = _calls.get(key) or _calls.put(key, _call(*args))
+        _, dx_spec, tail_spec, _, dx_scalars, tail_scalars, _, _, serial = call
+        ctx = context(traceable)
+        if dx_spec is not None:
+            launch(dx_spec, (dy, weight, g, lora_A, seed, dx), dx_scalars, traceable=traceable,
+                   ctx=ctx, key=serial)  # fmt: skip
+        if tail_spec is not None:  # dA only: no dB partials to sum (NB = 0)
+            launch(tail_spec, (x, g, seed, dA, g, g), tail_scalars, traceable=traceable,
+                   ctx=ctx, key=serial)  # fmt: skip
+    elif tail_dA:
+        dA.zero_()
+    if need_dA and not tail_dA:
+        dA = torch.mm(g.t(), x).to(lora_A.dtype)
+    return dx, dA, dB
+
+
 def _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_dx, need_dA,
           need_dB, traceable, tma, dy_pass):  # fmt: skip
     """Launch specs, scalar arguments, workspace sizes (g, dB partials) and a serial."""
@@ -159,7 +237,9 @@ def _call(info, dy, x, weight, lora_A, lora_B, u, dx, scaling, dropout_p, need_d
     need_g = need_dx or need_dA
     # g: [parts_g, M, R] row-major (one part, in x's dtype, from the row pass)
     g_strides = (M * R, R, 1)
-    if dy_pass == "split":
+    if dy_pass == "cublas":
+        dy_scalars = None
+    elif dy_pass == "split":
         dy_scalars = (M, N, R, n_per, *dy.stride(), *lora_B.stride(), *u.stride(), M * R, R,
                       N * R, R, float(scaling))  # fmt: skip
     else:
@@ -195,9 +275,11 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
     r_pad = _configs.pad_rank(R)
     kind = _configs.operand_kind(esize, prec)
     need_g = need_dx or need_dA
-    if r_pad > _configs.SPLIT_MAX_R_PAD:
+    if r_pad > _configs.SPLIT_MAX_R_PAD and dy_pass == "split":
         dy_pass = "row"  # (the split pass's readers have tiles up to this rank block)
-    if dy_pass == "split":
+    if dy_pass == "cublas":  # g [M, r] in x's dtype and dB come from cuBLAS: no dy pass
+        dy_spec, parts_g, parts_b, n_per = None, 1, 0, 0
+    elif dy_pass == "split":
         # row blocks for a quarter of the SMs: the column splits (up to MAX_G_PARTS) fill it
         c = _configs.pick("dy_split", kind, r_pad, M, 1,
                           max(1, sms // _configs.MAX_G_PARTS), tma)  # fmt: skip
@@ -212,6 +294,7 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
             c.num_warps, c.num_stages,
         )  # fmt: skip
         parts_g = split
+        parts_b = _configs.cdiv(M, c.block_m) if need_dB else 0
     else:
         c = _configs.pick("dy", kind, r_pad, M, 1, sms, tma)
         dy_spec = LaunchSpec(
@@ -221,7 +304,7 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
             c.num_warps, c.num_stages,
         )  # fmt: skip
         parts_g, n_per = 1, 0
-    parts_b = _configs.cdiv(M, c.block_m) if need_dB else 0
+        parts_b = _configs.cdiv(M, c.block_m) if need_dB else 0
     dx_spec = None
     if need_dx:
         # tf32 has pointer builds only (see _configs); the TMA build needs aligned operands

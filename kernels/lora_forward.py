@@ -15,6 +15,11 @@ Two builds of the same kernels, chosen per call (``use_tma``):
   stride or base address is not 16-byte aligned;
 - on sm_90: persistent programs (grid = SM count, grouped tile order) that load x and W
   and store y through tensor descriptors (TMA), the epilogue stored in subtiles.
+- ``warp_spec_forward`` (the "warp_spec" candidate): the TMA build with Triton's warp
+  specialization of the tile loop (a producer warp issues every TMA load, u and B^T too,
+  through descriptors; the 4 consumer warps run the wgmma and the epilogue).  Triton 3.9
+  specializes only a loop whose every load is a descriptor load and fails the pass with
+  the low-rank step before the main loop, so there u B^T is the epilogue's first step.
 Under torch.compile (``traceable``) the pointer build is launched: the TMA build's
 in-kernel descriptors need Triton's per-launch scratch allocator, which code compiled by
 Inductor is not known to provide (not testable without a GPU).
@@ -41,7 +46,8 @@ from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, l
 from ._tiles import store_rows, tile_coords, w_source
 from .dequant_fp8 import BASES_FP8, TMA_ALIGN_CODES
 
-__all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "lora_forward", "use_tma"]
+__all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "forward_gemm", "lora_forward",
+           "use_tma", "warp_spec_forward"]
 
 # TMA: 16-byte aligned base addresses and row strides, unit last stride (CUDA's
 # cuTensorMapEncodeTiled rules for a 2-D tensor).
@@ -135,9 +141,14 @@ def _lora_forward_kernel(
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr,
     Q_BLOCKSIZE: tl.constexpr, Q_NESTED_BLOCKSIZE: tl.constexpr,
     ADAPTER: tl.constexpr = "lora", HAS_DROPOUT: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr = False,
 ):  # fmt: skip
     """y[M, N] = x W^T + b + u B^T.  Programs walk tiles tile = pid, pid + NUM_PROGS, ...
     (NUM_PROGS = tile count without TMA: one tile each).
+
+    WARP_SPEC (TMA build, dense base, LoRA): the tile loop warp-specialized, u [M, r] and
+    B [N, r] read through descriptors (16-byte aligned rows), u B^T added after the main
+    loop.
 
     ADAPTER "dora" (dense base): also z [M, N] (y's strides) and DoRA's epilogue; with
     HAS_DROPOUT the main loop runs a second accumulator D(x) W^T on the same W tiles (mask
@@ -164,7 +175,11 @@ def _lora_forward_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=FLATTEN):
+    if WARP_SPEC:  # every load of the specialized loop through a descriptor
+        u_src = tl.make_tensor_descriptor(u_ptr, [M, R], [stride_um, 1], [BLOCK_M, R_PAD])
+        b_src = tl.make_tensor_descriptor(b_ptr, [N, R], [stride_bn, 1], [BLOCK_N, R_PAD])
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPEC):  # fmt: skip
         pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
@@ -172,15 +187,29 @@ def _lora_forward_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # the low-rank step first, into the fresh accumulator: u and B^T are loaded at the
         # tile's start (not after the main loop) and their registers are free before it
-        u = tl.load(
-            u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
-            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0,
-        )  # fmt: skip
-        b_t = tl.load(
-            b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0,
-        ).to(dtype)  # [R_PAD, BLOCK_N]: B^T in x's dtype, cast in registers
-        if BASE == "dense" or BASE == "dense_tma":
+        # (warp-specialized: loaded by the producer, zero past [M, r] and [N, r])
+        if WARP_SPEC:
+            u = u_src.load([tl.cast(m0, tl.int32), 0])
+            b_t = b_src.load([tl.cast(n0, tl.int32), 0]).to(dtype).T
+        else:
+            u = tl.load(
+                u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0,
+            )  # fmt: skip
+            b_t = tl.load(
+                b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0,
+            ).to(dtype)  # [R_PAD, BLOCK_N]: B^T in x's dtype, cast in registers
+        if WARP_SPEC:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = load_rows(x_src, m0, k0, M, K, stride_xm, stride_xk, USE_TMA, BLOCK_M,
+                              BLOCK_K)  # fmt: skip
+                w = load_w(w_src, n0, k0, N, K, stride_wn, stride_wk, BASE, BLOCK_N, BLOCK_K)
+                acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+            # after the main loop: the specialization pass fails with it before
+            acc = tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
+        elif BASE == "dense" or BASE == "dense_tma":
             acc = tl.dot(u, b_t, input_precision=DOT_PRECISION)
             if ADAPTER == "dora" and HAS_DROPOUT:
                 acc_d = acc  # z's accumulator: u B^T + D(x) W^T
@@ -293,6 +322,60 @@ def lora_forward(
     return y, u
 
 
+def forward_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    traceable: bool = False,
+    tma: bool | None = None,
+    base4: dict | None = None,
+) -> torch.Tensor:
+    """``lora_forward``'s GEMM launch alone, with u = s D(x) A^T [M, r] given (contiguous,
+    x.dtype: made elsewhere, e.g. by cuBLAS): y = x W^T + b + u B^T [M, N] in one launch.
+    ``lora_A`` [r, K] is read for its shape only."""
+    weight = fp8_codes(weight, base4)
+    # no dropout in a LoRA GEMM: the seed is never read (u stands in for its pointer)
+    y, _, _ = _forward(x, weight, bias, lora_A, lora_B, None, None, 1.0, 0.0, u, traceable,
+                       tma, base4, u_given=u)
+    return y
+
+
+def warp_spec_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, *,
+                      traceable=False, tma=None, base4=None):  # fmt: skip
+    """The "warp_spec" forward candidate: ``lora_forward``'s signature, results and launches
+    (shrink, GEMM), the GEMM warp-specialized (module docstring).  Where that build cannot
+    run it is ``lora_forward``: no sm_90 TMA build (or ``tma=False``, or under
+    torch.compile), a 4-bit or FP8 base, 32-bit operands, rows of u or B not 16-byte
+    aligned (r times the element size)."""
+    if warp_spec_ok(x, weight, lora_A, lora_B, tma, traceable, base4):
+        y, u, _ = _forward(x, weight, bias, lora_A, lora_B, None, None, scaling, dropout_p,
+                           seed, traceable, True, None, warp_spec=True)  # fmt: skip
+        return y, u
+    return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed,
+                        traceable=traceable, tma=tma, base4=base4)
+
+
+def warp_spec_ok(x, weight, lora_A, lora_B, tma, traceable, base4) -> bool:
+    """Whether ``warp_spec_forward`` runs its warp-specialized build for these operands."""
+    R = lora_A.shape[0]
+    if traceable or base4 is not None or tma is False or x.element_size() != 2:
+        return False
+    # the descriptors' 16-byte rows: x, W, B, and the fresh u [M, r] and y [M, N]
+    N = lora_B.shape[0]
+    if (R * x.element_size()) % TMA_ALIGN or (N * x.element_size()) % TMA_ALIGN:
+        return False
+    if not _tma_ok(x, weight, lora_B):
+        return False
+    kind = _configs.operand_kind(x.element_size(), dot_precision(x.dtype))
+    if not _configs.configs_for("forward_ws", kind, _configs.pad_rank(R), tma=True):
+        return False
+    return tma or current_device_info()[0] >= 90
+
+
 def dora_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -317,21 +400,22 @@ def dora_forward(
 
 
 def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
-             traceable, tma, base4):
+             traceable, tma, base4, u_given=None, warp_spec=False):
+    """The shrink and GEMM launches; with ``u_given`` the GEMM alone, reading it as u."""
     dora = magnitude is not None
     M, K = x.shape
     N = lora_B.shape[0]
     R = lora_A.shape[0]
     dev, dtype = x.device, x.dtype
     y = torch.empty(M, N, device=dev, dtype=dtype)
-    u = torch.empty(M, R, device=dev, dtype=dtype)
+    u = torch.empty(M, R, device=dev, dtype=dtype) if u_given is None else u_given
     z = torch.empty(M, N, device=dev, dtype=dtype) if dora else None
     if M == 0:
         return y, u, z
     info = current_device_info()
     if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
         call = _call(info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p,
-                     traceable, tma, base4)  # fmt: skip
+                     traceable, tma, base4, warp_spec)  # fmt: skip
     else:
         # everything the launches depend on besides y, u, z (fresh: aligned, contiguous)
         # (operand_key of each operand, flattened: this runs on every call)
@@ -341,14 +425,17 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
                lora_A.data_ptr() & 15, lora_B.data_ptr() & 15, seed.data_ptr() & 15,
                None if bias is None else operand_key(bias),
                None if base4 is None else base4_key(base4),
-               dora and (operand_key(magnitude), operand_key(norm)))  # fmt: skip
+               dora and (operand_key(magnitude), operand_key(norm)),
+               None if u_given is None else operand_key(u_given), warp_spec)  # fmt: skip
         call = _calls.get(key) or _calls.put(key, _call(
             info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p, traceable,
-            tma, base4))  # fmt: skip
+            tma, base4, warp_spec))  # fmt: skip
     shrink, fwd, shrink_scalars, fwd_scalars, serial = call
     q_ptrs = _NO_Q if base4 is None else q_pointers(base4)
     ctx = context(traceable)
-    launch(shrink, (x, lora_A, u, seed), shrink_scalars, traceable=traceable, ctx=ctx, key=serial)
+    if u_given is None:
+        launch(shrink, (x, lora_A, u, seed), shrink_scalars, traceable=traceable, ctx=ctx,
+               key=serial)  # fmt: skip
     launch(
         fwd, (x, weight, bias if bias is not None else weight, u, lora_B, y, *q_ptrs,
               *((z, magnitude, norm) if dora else (None, None, None)), seed),
@@ -358,7 +445,7 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
 
 
 def _call(info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p, traceable, tma,
-          base4):  # fmt: skip
+          base4, warp_spec=False):  # fmt: skip
     """The launches of a forward call, their scalar arguments and a serial (``launch``'s
     key), for ``_forward``'s key; ``info``: (arch, SMs)."""
     M, K = x.shape
@@ -368,7 +455,8 @@ def _call(info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p,
         tma = not traceable and use_tma(arch, x, y, *(() if base4 else (weight,)))
     base, _, w_strides, q_sizes = w_arguments(weight, base4, K, tma)
     shrink, fwd = _plan(M, N, K, R, dot_precision(x.dtype), x.dtype.itemsize, bias is not None,
-                        dropout_p > 0.0, tma, sms, base, q_sizes, dora)  # fmt: skip
+                        dropout_p > 0.0, tma, sms, base, q_sizes, dora,
+                        warp_spec)  # fmt: skip
     shrink_scalars = (M, K, R, *x.stride(), *lora_A.stride(), *u.stride(), float(scaling),
                       float(dropout_p))  # fmt: skip
     fwd_scalars = (M, N, K, R, *x.stride(), *w_strides, *u.stride(), *lora_B.stride(),
@@ -378,7 +466,7 @@ def _call(info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p,
 
 @functools.lru_cache(maxsize=1024)
 def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense",
-          q_sizes=(None, None), dora=False):
+          q_sizes=(None, None), dora=False, warp_spec=False):
     """The two launches of a forward call: configs, grids, constexprs (per shape)."""
     r_pad = _configs.pad_rank(R)
     kind = _configs.operand_kind(esize, prec)
@@ -390,7 +478,8 @@ def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense"
         c.num_warps, c.num_stages,
     )  # fmt: skip
     variant = _configs.adapter_variant(dora, has_dropout)
-    c = _configs.pick("forward", kind, r_pad, M, N, sms, tma, adapter=variant, base=base)
+    c = _configs.pick("forward_ws" if warp_spec else "forward", kind, r_pad, M, N, sms, tma,
+                      adapter=variant, base=base)  # fmt: skip
     tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(N, c.block_n)
     fwd = LaunchSpec(
         _lora_forward_kernel, (min(tiles, sms) if tma else tiles,),
@@ -399,7 +488,8 @@ def _plan(M, N, K, R, prec, esize, has_bias, has_dropout, tma, sms, base="dense"
              BLOCK_M=c.block_m, BLOCK_N=c.block_n,
              BLOCK_K=c.block_k, GROUP_M=_configs.GROUP_M, FLATTEN=tma and c.flatten,
              EPI_SPLIT=2 if tma else 1, Q_BLOCKSIZE=q_sizes[0], Q_NESTED_BLOCKSIZE=q_sizes[1],
-             ADAPTER="dora" if dora else "lora", HAS_DROPOUT=dora and has_dropout),
+             ADAPTER="dora" if dora else "lora", HAS_DROPOUT=dora and has_dropout,
+             WARP_SPEC=warp_spec),
         c.num_warps, c.num_stages,
     )  # fmt: skip
     return shrink, fwd

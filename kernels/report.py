@@ -12,7 +12,9 @@ shared memory, registers, spill bytes, whether the PTX uses wgmma and TMA
 (``cp.async.bulk.tensor``), the deepest ``wgmma.wait_group``, persistent or not, and
 resident CTAs per SM.  Exit status 1 when a build fails to compile, needs more shared
 memory than the arch has, spills, is an sm_90 TMA build that uses wgmma without TMA, or
-is a GEMM main loop (forward, dx) on sm_90 whose wgmma waits only with depth 0, or an
+is a GEMM main loop (forward, dx) on sm_90 whose wgmma waits only with depth 0 (a
+warp-specialized build may: its loads run in a producer partition, checked from the PTX
+by ``_compile.producer_split``, which it fails without), or an
 sm_90 TMA build of an FP8 main loop whose PTX has no TMA load.  Every
 kernel the launchers can start is built (``_configs.configs_for``), through
 ``triton.compile`` (so Triton's cache holds each build's PTX).  No GPU is needed.
@@ -110,7 +112,11 @@ def problems_of(job, res) -> list[str]:
         problems.append("wgmma without TMA")
     if arch >= 90 and build == "tma" and job[6] == "e4m3" and not res.tma:
         problems.append("FP8 codes not loaded through TMA")
-    if arch >= 90 and kernel in _configs.GEMM_KERNELS and res.wgmma and res.wait_depth < 1:
+    specialized = kernel in _configs.WARP_SPEC_KERNELS and arch >= 90 and build == "tma"
+    if specialized and not res.producer_split:
+        problems.append("not warp-specialized: no producer partition holds the TMA loads")
+    if arch >= 90 and kernel in _configs.GEMM_KERNELS and res.wgmma and res.wait_depth < 1 \
+            and not (specialized and res.producer_split):
         problems.append(f"main loop waits with depth {res.wait_depth}")
     return problems
 

@@ -32,6 +32,17 @@ SCALING = 2.0
 SHAPES = [(37, 40, 72, 3), (19, 72, 40, 16), (1, 40, 24, 1)]
 FWD = sorted(api.FORWARD_CANDIDATES)
 BWD = sorted(api.BACKWARD_CANDIDATES)
+# the hybrids, whose skinny GEMMs are cuBLAS's (torch ops): their launches as they run, at
+# p = 0 and p > 0 (same-dtype adapters), on a dense base and with a 4-bit base's decode
+HYBRID_LAUNCHES = {
+    ("forward", "cublas_shrink"): (
+        ["torch:aten::addmm_", "_lora_forward_kernel"],
+        ["_dropout_kernel", "torch:aten::addmm_", "_lora_forward_kernel"]),
+    ("backward", "dx_gemm_cublas"): (
+        ["torch:aten::mm", "torch:aten::addmm_", "_lora_dx_gemm_kernel", "torch:aten::mm"],
+        ["torch:aten::mm", "torch:aten::addmm_", "_lora_dx_gemm_kernel", "_lora_tail_kernel"]),
+}
+HYBRIDS = {name for _, name in HYBRID_LAUNCHES}
 
 
 def inputs(M, K, N, r, seed=0):
@@ -97,9 +108,10 @@ def test_backward_candidate_matches_reference(name, shape, dtype, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
 @pytest.mark.parametrize("name", FWD)
-def test_forward_candidate_matches_reference(name, p):
-    (x, w, b, A, B, dy), s, mask = setup(SHAPES[0], torch.float32, p)
+def test_forward_candidate_matches_reference(name, shape, p):
+    (x, w, b, A, B, dy), s, mask = setup(shape, torch.float32, p)
     y, u = api.FORWARD_CANDIDATES[name](x, w, b, A, B, SCALING, p, s)
     check((y,), (x, w, b, A, B, dy), mask, p, torch.float32, names=("y",))
     xd = x.double() if mask is None else x.double() * mask / (1 - p)
@@ -209,8 +221,12 @@ def test_every_forward_pairs_with_every_backward_on_a_4bit_base(dtype):
             got = api.BACKWARD_CANDIDATES[name](dy, x, wq, A, B, u, SCALING, p, s, base4=base4)
             check((y, *got), (x, dense, b, A, B, dy), mask, p, dtype)
             grads[f, name] = got
-    for name in BWD:  # u is the same whichever forward made it: so are the gradients
-        assert all(torch.equal(a, c) for a, c in zip(grads[FWD[0], name], grads[FWD[1], name]))
+    # the forwards with the shrink kernel make the same u: so are the gradients (cuBLAS's u
+    # rounds its own way: checked against the reference above)
+    triton_fwd = [f for f in FWD if f not in HYBRIDS]
+    for name in BWD:
+        assert all(torch.equal(a, c) for a, c in zip(grads[triton_fwd[0], name],
+                                                     grads[triton_fwd[1], name]))
 
 
 def test_decode_once_reuses_one_workspace():
@@ -285,7 +301,7 @@ class _Launches:
         return out, [launch.name for launch in self.log.launches]
 
 
-@pytest.mark.parametrize("name", BWD)
+@pytest.mark.parametrize("name", [n for n in BWD if n not in HYBRIDS])
 def test_backward_candidate_launches_at_most_three(name, monkeypatch):
     count = _Launches(monkeypatch)
     (x, w, b, A, B, dy), s, _ = setup(SHAPES[0], torch.float32, 0.25)
@@ -295,7 +311,36 @@ def test_backward_candidate_launches_at_most_three(name, monkeypatch):
     assert all(n.startswith("_") for n in names), names  # kernels only: no torch op
 
 
-@pytest.mark.parametrize("name", BWD)
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("direction, name", sorted(HYBRID_LAUNCHES))
+def test_hybrid_launches(direction, name, p, monkeypatch):
+    """A hybrid's launches: its cuBLAS GEMMs and the Triton kernels it keeps, no more (no
+    scaled or cast copy of an adapter in the adapters' own dtype); a 4-bit base adds its
+    decode before the dx GEMM, backward only (the forward GEMM decodes in its mainloop)."""
+    count = _Launches(monkeypatch)
+    (x, w, b, A, B, dy), s, _ = setup(SHAPES[0], torch.float32, p)
+    _, u = api.lora_forward(x, w, b, A, B, SCALING, p, s)
+    if direction == "forward":
+        _, names = count(lambda: api.FORWARD_CANDIDATES[name](x, w, b, A, B, SCALING, p, s))
+    else:
+        _, names = count(lambda: api.BACKWARD_CANDIDATES[name](dy, x, w, A, B, u, SCALING, p,
+                                                               s))
+    assert names == HYBRID_LAUNCHES[direction, name][p > 0]
+    (x, wq, _, b, A, B, dy), base4 = _base4((9, 64, 24, 2), torch.float32)
+    _, u = api.lora_forward(x, wq, b, A, B, SCALING, p, s, base4=base4)
+    if direction == "forward":
+        _, names = count(lambda: api.FORWARD_CANDIDATES[name](x, wq, b, A, B, SCALING, p, s,
+                                                              base4=base4))
+        assert names == HYBRID_LAUNCHES[direction, name][p > 0]
+    else:
+        _, names = count(lambda: api.BACKWARD_CANDIDATES[name](dy, x, wq, A, B, u, SCALING, p,
+                                                               s, base4=base4))
+        want = list(HYBRID_LAUNCHES[direction, name][p > 0])
+        want.insert(want.index("_lora_dx_gemm_kernel"), "_dequant_4bit_kernel")
+        assert names == want
+
+
+@pytest.mark.parametrize("name", [n for n in BWD if n not in HYBRIDS])
 def test_4bit_launches_at_most_four(name, monkeypatch):
     count = _Launches(monkeypatch)
     (x, wq, _, b, A, B, dy), base4 = _base4((9, 64, 24, 2), torch.float32)
@@ -336,3 +381,52 @@ def test_traceable_launch_path_gives_the_same_bits(name):
     eager = fn(dy, x, w, A, B, u, SCALING, 0.25, s)
     traced = fn(dy, x, w, A, B, u, SCALING, 0.25, s, traceable=True)
     assert all(torch.equal(a, c) for a, c in zip(eager, traced))
+
+
+# --------------------------------------------------------------------------- warp_spec
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["p0", "p0.25"])
+@pytest.mark.parametrize("adapters", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("shape", [(37, 40, 72, 16), (19, 72, 40, 8)],
+                         ids=lambda s: "M{}-K{}-N{}-r{}".format(*s))
+def test_warp_spec_build_matches_reference(shape, adapters, p, monkeypatch):
+    """"warp_spec" through its own build (forced with ``tma=True``: x, W, u, B and y
+    through descriptors, u B^T after the main loop), odd M, fp16 and PEFT's fp32
+    adapters: the float64 reference with the test's mask."""
+    from fastlora.kernels import lora_forward as lf
+
+    (x, w, b, A, B, dy), s, mask = setup(shape, torch.float16, p)
+    ran = []
+    real = lf._forward
+    monkeypatch.setattr(lf, "_forward", lambda *a, **k: ran.append(k.get("warp_spec"))
+                        or real(*a, **k))  # fmt: skip
+    y, u = api.FORWARD_CANDIDATES["warp_spec"](x, w, b, A.to(adapters), B.to(adapters),
+                                               SCALING, p, s, tma=True)  # fmt: skip
+    assert ran == [True]
+    check((y,), (x, w, b, A, B, dy), mask, p, torch.float16, names=("y",))
+    xd = x.double() if mask is None else x.double() * mask / (1 - p)
+    assert max_err(u, SCALING * xd @ A.double().t()) <= 1e-2 * max(1.0, u.abs().max().item())
+
+
+def test_warp_spec_runs_fused_where_its_build_cannot():
+    """No descriptor-aligned rows (r = 3 in fp16: 6-byte rows of u and B), 32-bit
+    operands, a 4-bit base, torch.compile's tracing, the pointer build, or a rank block
+    without a warp-specialized tile: the plain fused forward."""
+    from fastlora.kernels import lora_forward as lf
+
+    (x, w, _, A, B, _), _, _ = setup((19, 72, 40, 8), torch.float16, 0.0)
+    assert lf.warp_spec_ok(x, w, A, B, True, False, None)
+    (x3, w3, _, A3, B3, _), _, _ = setup((19, 72, 40, 3), torch.float16, 0.0)
+    assert not lf.warp_spec_ok(x3, w3, A3, B3, True, False, None)
+    assert not lf.warp_spec_ok(x.float(), w.float(), A, B, True, False, None)
+    assert not lf.warp_spec_ok(x, w, A, B, True, False, {"BASE": "nf4"})
+    assert not lf.warp_spec_ok(x, w, A, B, True, True, None)
+    assert not lf.warp_spec_ok(x, w, A, B, False, False, None)
+    from fastlora.kernels import _configs
+
+    # on a GPU rank blocks above 32 have no tile (the staged u and B tiles outgrow shared
+    # memory with fp32 adapters): the GPU table, whatever the interpreter's
+    assert _configs.configs_for("forward_ws", "16bit", 32, tma=True, interpreter=False)
+    assert not _configs.configs_for("forward_ws", "16bit", 64, tma=True, interpreter=False)
+    assert not _configs.configs_for("forward_ws", "16bit", 16, tma=False, interpreter=False)

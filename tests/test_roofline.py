@@ -131,7 +131,7 @@ def test_4bit_plans_by_hand():
         k4, k = _by_name(fused4[phase])[name], _by_name(dense[phase])[name]
         assert k.bytes - k4.bytes == 64 * 128 * (2 - 0.5625)  # W read packed
         assert k4.flops == k.flops
-    bm = R.tile("forward", S, 64)[0]
+    bm = R.tile("forward", S, 64, "nf4")[0]  # the 4-bit forward's own tiles
     k4 = _by_name(fused4["fwd"])["forward: y = x W^T + u B^T"]
     assert k4.alu == R.DECODE_OPS * 64 * 128 * -(-256 // bm)  # once per CTA loading a tile
     comp4 = R.composition_4bit(S, q)
@@ -225,6 +225,9 @@ def test_band_of_todays_kernels_and_the_best_pairing():
     assert comp[0] == pytest.approx(comp[1])  # cuBLAS is the yardstick in both lines
     best = min(v[1] for v in pairs.values())
     assert best <= 1.30
+    # the best all-fused pairing (hybrids included) too: the band's goal for the kernels
+    fused = R.band_pairs(BIG, H100, fused_only=True)
+    assert min(v[1] for v in fused.values()) <= 1.30
     # with dropout the best fused pairing is below the composition's line
     drop = R.band_pairs(R.Shape(8192, 4096, 4096, 16, p=0.1), H100, fused_only=True)
     comp_drop = R.band_pairs(R.Shape(8192, 4096, 4096, 16, p=0.1), H100)["composition/composition"]
@@ -248,6 +251,45 @@ def test_candidates_follow_their_structure():
     assert bwd["fused"][0].cost.inflight > 0 and bwd["split_dy"][0].cost.inflight == 0
     assert bwd["dx_gemm"][0].cost.inflight > 0  # it keeps today's dy pass
     assert len(bwd["dx_gemm"]) == len(bwd["split_dy"]) == 3  # dy pass, dx GEMM, tail
+
+
+def test_hybrid_candidates_by_hand():
+    """cublas_shrink and dx_gemm_cublas: their skinny GEMMs charged as cuBLAS, the Triton
+    GEMMs they keep as the other candidates' (the same Launch), the dropout pass and the
+    tail as Triton streams."""
+    M, K, N, r = 8192, 4096, 4096, 16
+    fwd, bwd = R.forward_candidates(BIG)["cublas_shrink"], R.backward_candidates(BIG)
+    assert [k.name for k in fwd] == ["cuBLAS: u = s D(x) A^T", "forward: y = x W^T + u B^T"]
+    assert fwd[0].bytes == (M * K + r * K + M * r) * 2 and fwd[0].flops == 2 * M * K * r
+    assert fwd[0].cost.kind == "cublas" and fwd[1] == R.fused(BIG)["fwd"][-1]
+    hyb = bwd["dx_gemm_cublas"]
+    assert [k.cost.kind for k in hyb] == ["cublas", "cublas", "gemm", "cublas"]
+    assert hyb[0].bytes == (M * N + N * r + M * r) * 2  # g = s dy B: dy read once
+    assert hyb[1].bytes == (M * N + M * r + N * r) * 2  # dB = dy^T u
+    assert hyb[3].bytes == (M * r + M * K + r * K) * 2  # dA = g^T x
+    assert hyb[2] == bwd["dx_gemm"][1]  # dx_gemm's GEMM
+    drop = R.Shape(M, K, N, 16, p=0.1)
+    fwd_d = R.forward_candidates(drop)["cublas_shrink"]
+    assert [k.name.split(":")[0] for k in fwd_d] == ["seed", "dropout pass", "cuBLAS",
+                                                     "forward"]  # fmt: skip
+    assert fwd_d[1].bytes == 2 * M * K * 2 and fwd_d[1].cost.kind == "stream"
+    tail = R.backward_candidates(drop)["dx_gemm_cublas"][3]
+    assert tail.name.startswith("tail") and tail.cost.kind == "stream"
+    assert tail.bytes == (M * K + M * r + r * K) * 2  # x, g read; dA written (no dB)
+    assert tail.alu == R.PHILOX_OPS * M * K  # the mask regenerated in registers
+    # the band's estimate for the pairing: about 1.27x the frozen layer on an H100
+    assert R.band_pairs(BIG, H100)["cublas_shrink/dx_gemm_cublas"][1] == pytest.approx(
+        1.272, abs=0.005)
+
+
+def test_warp_spec_is_the_fused_forward_on_its_own_tiles():
+    fwd = R.forward_candidates(BIG)
+    ws, fused = fwd["warp_spec"], fwd["fused"]
+    assert [k.bytes for k in ws] == [k.bytes for k in fused]
+    assert ws[-1].cost.tiles == (8192 // 128) * (4096 // 128)  # 128 x 128 tiles
+    # no warp-specialized tile at r_pad 64 (shared memory): the fused launches themselves
+    wide = R.Shape(8192, 4096, 4096, 64)
+    assert R.forward_candidates(wide)["warp_spec"] == R.forward_candidates(wide)["fused"]
 
 
 def test_cli_prints_the_band_labelled_a_model(capsys):

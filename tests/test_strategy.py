@@ -29,7 +29,10 @@ SCALING = 1.5
 P = 0.3
 SEED = 11
 COMBOS = [("fused", "fused"), ("fused", "composition"), ("composition", "fused"),
-          ("composition", "composition")]  # fmt: skip
+          ("composition", "composition"),
+          # the hybrids (cuBLAS skinny GEMMs around the fused GEMMs) against all-fused
+          ("cublas_shrink", "fused"), ("fused", "dx_gemm_cublas"),
+          ("cublas_shrink", "dx_gemm_cublas")]  # fmt: skip
 # the same math from the same mask: the candidates differ only by fp32 rounding
 AGREE_TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
@@ -351,3 +354,45 @@ def test_a_4bit_only_candidate_is_fused_on_a_dense_base(monkeypatch):
     with strategy(forward="decode_x", backward="composition"):
         assert tb.picks_for(*args) == ("fused", "composition")
         assert tb.picks_for(*args, base="nf4").forward == "decode_x"
+
+
+def test_a_dora_layer_never_runs_a_lora_candidate(monkeypatch):
+    """LoRA's candidates (the hybrids among them) have no DoRA epilogue (column scale, z,
+    dm): with them forced, a DoRA layer runs DoRA's own kernels, no LoRA launcher is called,
+    and the result is the torch backend's."""
+    from fastlora.kernels import api
+
+    import fastlora
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a LoRA candidate ran for a DoRA layer")
+
+    torch.manual_seed(0)
+    layer = fastlora.FastLoRALinear(24, 40, r=4, lora_alpha=8, use_dora=True).to(DEVICE)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(7, 24, device=DEVICE)
+    out = {}
+    for backend in ("torch", "triton"):
+        xg = x.clone().requires_grad_()
+        with fastlora.use_backend(backend), monkeypatch.context() as m:
+            if backend == "triton":
+                for table in (api.FORWARD_CANDIDATES, api.BACKWARD_CANDIDATES):
+                    for name in table:
+                        m.setitem(table, name, refuse)
+            with strategy(forward="cublas_shrink", backward="dx_gemm_cublas"):
+                y = layer(xg)
+                y.backward(torch.ones_like(y))
+        out[backend] = (y.detach(), xg.grad, layer.lora_A.grad.clone())
+        layer.zero_grad()
+    for name, a, b in zip(("y", "dx", "dA"), out["torch"], out["triton"]):
+        assert max_err(a, b) <= 1e-5 * max(1.0, a.abs().max().item()), name
+
+
+def test_an_sm90_dense_candidate_is_fused_on_a_4bit_base():
+    """"warp_spec" differs from "fused" only on a dense base (sm_90): forced on a 4-bit
+    base the dispatcher runs "fused", and on a dense one the candidate itself."""
+    args = (19, 40, 24, 8, torch.float16, 0.0, DEVICE)
+    with strategy(forward="warp_spec", backward="fused"):
+        assert tb.picks_for(*args) == ("warp_spec", "fused")
+        assert tb.picks_for(*args, base="nf4") == ("fused", "fused")

@@ -55,6 +55,50 @@ def test_spills_are_read_from_the_cubin(monkeypatch, report):
     assert report.problems_of(job, res) == ["spills 88 B"]
 
 
+_WS_PTX = """
+    setmaxnreg.inc.sync.aligned.u32 256;
+    mbarrier.init.shared::cta.b64 [%r1], 1;
+    setmaxnreg.dec.sync.aligned.u32 40;
+    @%p1 cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r2], [%rd1, {%r3, %r4}], [%r5];
+    @%p2 cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r6], [%rd2, {%r3, %r4}], [%r5];
+    setmaxnreg.dec.sync.aligned.u32 120;
+    setmaxnreg.inc.sync.aligned.u32 232;
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r7}, %rd3, %rd4, %p3, 1, 1, 0, 0;
+    wgmma.wait_group.sync.aligned 0;
+    @%p4 cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd5, {%r8, %r9}], [%r10];
+"""
+
+
+def test_producer_split_is_read_from_the_ptx():
+    """The loads in the lowest-budget setmaxnreg.dec region, the MMAs after an .inc (the TMA
+    store of y may stay with the consumers); a load beside the MMAs, an MMA in the producer
+    or no specialization at all is not a split."""
+    assert _compile.producer_split(_WS_PTX)
+    load = "cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r1];"
+    assert not _compile.producer_split(_WS_PTX + "    " + load + "\n")
+    mma = "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r7};"
+    assert not _compile.producer_split(_WS_PTX.replace(
+        "setmaxnreg.dec.sync.aligned.u32 40;", "setmaxnreg.dec.sync.aligned.u32 40;\n" + mma))
+    plain = "\n".join(line for line in _WS_PTX.splitlines() if "setmaxnreg" not in line)
+    assert not _compile.producer_split(plain)
+
+
+def test_depth_zero_passes_only_a_warp_specialized_build_with_a_producer():
+    from fastlora.kernels import report
+
+    def res(split, depth=0):
+        return _compile.Resources(1024, 168, 0, True, True, depth, True, 1, split)
+
+    cfg = _configs.TileConfig(128, 128, 64, 4, 3, "test")
+    ws = (90, "bf16", 16, "forward_ws", cfg, "tma", "dense", "lora")
+    plain = (90, "bf16", 16, "forward", cfg, "tma", "dense", "lora")
+    assert report.problems_of(ws, res(True)) == []
+    assert any("not warp-specialized" in p for p in report.problems_of(ws, res(False)))
+    assert any("depth 0" in p for p in report.problems_of(ws, res(False)))
+    assert any("depth 0" in p for p in report.problems_of(plain, res(True)))
+    assert report.problems_of(plain, res(False, depth=1)) == []
+
+
 def test_cuobjdump_without_usage_is_an_error(monkeypatch):
     monkeypatch.setattr(_compile, "cuobjdump_path", lambda: "/triton/bin/cuobjdump")
     monkeypatch.setattr(subprocess, "run",
