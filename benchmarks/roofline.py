@@ -637,7 +637,7 @@ def band_table(shapes: list[Shape], gpus=("H100", "H200", "A100")) -> list[str]:
         best = min(pairs, key=lambda k: pairs[k][1])
         fused_best = min((k for k in pairs if "composition" not in k), key=lambda k: pairs[k][1])
         lines.append(f"\n{s.label()}, {gpus[0]} pessimistic: best pairing {best} "
-                     f"{pairs[best][1]:.3f}, best all-fused {fused_best} "
+                     f"{pairs[best][1]:.3f}, best of fused candidates {fused_best} "
                      f"{pairs[fused_best][1]:.3f}, composition "
                      f"{pairs['composition/composition'][1]:.3f} (x the frozen layer; a model)")
     return lines

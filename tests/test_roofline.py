@@ -225,7 +225,7 @@ def test_band_of_todays_kernels_and_the_best_pairing():
     assert comp[0] == pytest.approx(comp[1])  # cuBLAS is the yardstick in both lines
     best = min(v[1] for v in pairs.values())
     assert best <= 1.30
-    # the best all-fused pairing (hybrids included) too: the band's goal for the kernels
+    # the best pairing of fused candidates (hybrids included, no composition side) too: the band's goal for the kernels
     fused = R.band_pairs(BIG, H100, fused_only=True)
     assert min(v[1] for v in fused.values()) <= 1.30
     # with dropout the best fused pairing is below the composition's line
