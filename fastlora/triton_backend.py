@@ -426,7 +426,10 @@ def apply(
         base4 = bases.base_of(weight).kernel_args()
         base = base4["BASE"] if _kernels.fused_4bit_ok(K, base4) else "unaligned"
     elif bases.is_fp8(weight):
-        base = "e4m3"  # the FP8 loader masks any K (kernels route what it cannot take)
+        # the FP8 loader masks any K (the launchers decode once where it cannot run); the
+        # traced ops take tensors alone, and the scales attached to the codes (fp8.attach)
+        # are not known to reach them: a torch.compile trace takes the torch path
+        base = "unaligned" if torch.compiler.is_compiling() else "e4m3"
     else:
         base = "dense"
     plan = None

@@ -198,3 +198,23 @@ def test_auto_times_the_fp8_candidates_and_runs_the_pick(monkeypatch, decodes):
     got = _step(weight, x, dy, b, A, B, p)  # the measured pair, from the cache
     assert decodes[0] == 1  # the forward's decode once; the fused backward decodes in-loop
     _check(got, weight, x, dy, b, A, B, p, dtype)
+
+
+def test_a_torch_compile_trace_takes_the_torch_path(monkeypatch):
+    """Traced, an FP8 layer runs the torch path (the traced ops take tensors alone, not the
+    scales attached to the codes): the Triton launchers are never called, and the compiled
+    step gives the eager step's y and gradients."""
+    M, K, N, r = 8, 64, 40, 4
+    weight, x, dy, b, A, B = _inputs(M, K, N, r, torch.float32, seed=9)
+    fused = []
+    real = tb._fused
+    monkeypatch.setattr(tb, "_fused", lambda *a: fused.append(1) or real(*a))
+    eager = _step(weight, x, dy, b, A, B, 0.0)
+    assert fused == [1]
+    step = torch.compile(lambda x, A, B: lora_linear(x, weight, b, A, B, SCALING))
+    xc, Ac, Bc = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    y = step(xc, Ac, Bc)
+    got = (y.detach(), *torch.autograd.grad(y, (xc, Ac, Bc), dy))
+    assert fused == [1]
+    for name, a, e in zip(("y", "dx", "dA", "dB"), got, eager):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=name)
