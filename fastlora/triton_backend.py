@@ -41,7 +41,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from fastlora import _autograd, bases
+from fastlora import _autograd, bases, fp8
 
 log = logging.getLogger("fastlora")
 
@@ -176,8 +176,50 @@ def _launchers(direction: str) -> dict[str, Callable]:
 
 
 def _base4(weight: Tensor) -> dict | None:
-    """The 4-bit tile loader's arguments for a bitsandbytes 4-bit ``weight``, else None."""
-    return bases.base_of(weight).kernel_args() if bases.is_4bit(weight) else None
+    """The tile loader's arguments for a bitsandbytes 4-bit or an FP8 ``weight``, else None."""
+    return bases.base_of(weight).kernel_args() if bases.is_quantized(weight) else None
+
+
+# --------------------------------------------------------------------------- FP8 base
+
+# The candidates an FP8 base is timed with: "fused" (the codes decoded in the forward and dx
+# main loops; on sm_90 through TMA only, else the launchers decode once themselves),
+# "decode_once" (W decoded once into a reused workspace, then the dense kernels) and the
+# composition (W decoded for cuBLAS).  Another fused candidate forced by name runs on W
+# decoded once.
+FP8_CANDIDATES = ("fused", "decode_once", "composition")
+_fp8_decode = importlib.import_module("fastlora.kernels.dequant_fp8").decoded_weight
+
+
+def _on_decoded_fp8(fn: Callable, weight_arg: int) -> Callable:
+    """``fn`` (a dense-or-4-bit launcher) run on an FP8 base decoded once into the compute
+    dtype: positional argument ``weight_arg`` is the weight, and no ``base4`` is passed."""
+
+    def run(*args, traceable: bool = False, tma: bool | None = None, base4: dict | None = None):
+        if base4 is not None:
+            args = list(args)
+            args[weight_arg] = _fp8_decode(base4, args[weight_arg - 1].dtype, traceable)
+        return fn(*args, traceable=traceable, tma=tma)
+
+    run.__name__ = run.__qualname__ = f"fp8_decoded_{getattr(fn, '__name__', 'launcher')}"
+    return run
+
+
+def _fp8_launcher(direction: str, name: str) -> Callable:
+    """The launcher of candidate ``name`` over an FP8 base."""
+    fn = _launchers(direction)[name]
+    if name in ("fused", "composition"):  # they read the FP8 base themselves
+        return fn
+    return _on_decoded_fp8(fn, 1 if direction == "forward" else 2)
+
+
+def _launcher(direction: str, name: str, base: str) -> Callable:
+    """The launcher of candidate ``name`` for a base kind ("dense", a 4-bit kind, "e4m3")."""
+    return _fp8_launcher(direction, name) if base == "e4m3" else _launchers(direction)[name]
+
+
+def _base_kind(weight: Tensor) -> str:
+    return "e4m3" if bases.is_fp8(weight) else "dense"
 
 
 # triton_op lets torch.compile trace into the op body and see each wrap_triton launch.  Under
@@ -204,7 +246,7 @@ def lora_fwd_triton(
     seed: int64 [1]. Returns y: [M, N] and u = s D(x) A^T: [M, r], both in x.dtype.
     ``forward``: the candidate that runs; ``backward``: the one autograd runs later."""
     with _launch_lock:
-        return forward_launchers()[forward](
+        return _launcher("forward", forward, _base_kind(weight))(
             x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, traceable=True,
             base4=_base4(weight),
         )
@@ -235,7 +277,7 @@ def lora_bwd_triton(
     """Returns (dx [M, K], dA [r, K], dB [N, r]) from the ``backward`` candidate; a
     gradient not asked for comes back empty and its work is skipped."""
     with _launch_lock:
-        dx, dA, dB = backward_launchers()[backward](
+        dx, dA, dB = _launcher("backward", backward, _base_kind(weight))(
             dy, x, weight, lora_A, lora_B, u, scaling, dropout_p, seed, need_dx, need_dA,
             need_dB, traceable=True, base4=_base4(weight),
         )  # fmt: skip
@@ -345,10 +387,11 @@ class _Plan(NamedTuple):
     torch_path: bool
 
 
-def _plan_of(picks: Picks, dropout_p: float) -> _Plan:
+def _plan_of(picks: Picks, dropout_p: float, base: str = "dense") -> _Plan:
     torch_path = picks == ("composition", "composition") and dropout_p == 0.0
-    return _Plan(picks, forward_launchers()[picks.forward],
-                 _eager_grads(backward_launchers()[picks.backward]), torch_path)  # fmt: skip
+    return _Plan(picks, _launcher("forward", picks.forward, base),
+                 _eager_grads(_launcher("backward", picks.backward, base)),
+                 torch_path)  # fmt: skip
 
 
 def _fused(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float,
@@ -383,7 +426,10 @@ def apply(
         base4 = bases.base_of(weight).kernel_args()
         base = base4["BASE"] if _kernels.fused_4bit_ok(K, base4) else "unaligned"
     elif bases.is_fp8(weight):
-        base = "unaligned"  # FP8: the composition (W decoded once per call) until timed
+        # the FP8 loader masks any K (the launchers decode once where it cannot run); the
+        # traced ops take tensors alone, and the scales attached to the codes (fp8.attach)
+        # are not known to reach them: a torch.compile trace takes the torch path
+        base = "unaligned" if torch.compiler.is_compiling() else "e4m3"
     else:
         base = "dense"
     plan = None
@@ -543,7 +589,7 @@ def _plan_for(M, K, N, r, dtype, adapter_dtype, has_bias, dropout_p, device, bac
         device = torch.device(device)
         picks = _strategy(M, K, N, r, dtype, adapter_dtype, has_bias, dropout_p, device,
                           backward, base, forced)  # fmt: skip
-        plan = _plan_of(picks, dropout_p)
+        plan = _plan_of(picks, dropout_p, base)
         # not remembered: a traced "fused" (not measured), or "cuda" without an index (the
         # pick is per device, and the current one may change)
         unindexed = device.type == "cuda" and device.index is None
@@ -672,7 +718,8 @@ def _time_candidates(
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Median ms of ``BENCH_ROUNDS`` interleaved ``bench`` runs (``do_bench``), by
     direction and candidate, on random data of the bucket's shape (a 4-bit ``base`` is
-    quantized by bitsandbytes for it; the adapters in their own dtype; a bias only if the
+    quantized by bitsandbytes for it, an FP8 one by ``fastlora.fp8``, timing
+    ``FP8_CANDIDATES``; the adapters in their own dtype; a bias only if the
     layer has one; dropout rate ``p`` if the bucket has dropout).  "backward" is absent for
     a forward-only bucket.  ``device``: default ``cuda:<index>``."""
     M, K, N, r, dtype, adapter_dtype, has_bias, has_dropout, backward, base = bucket
@@ -684,7 +731,9 @@ def _time_candidates(
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         x = torch.randn(M, K, device=device, dtype=dtype)
         weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
-        if base != "dense":
+        if base == "e4m3":
+            weight = fp8.attach(*fp8.quantize(weight))
+        elif base != "dense":
             weight = bases.quantize_4bit(weight, base)
         base4 = _base4(weight)
         bias = torch.zeros(N, device=device, dtype=dtype) if has_bias else None
@@ -693,20 +742,14 @@ def _time_candidates(
         seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
         dy = torch.randn(M, N, device=device, dtype=dtype)
         _, u = composition_forward(x, weight, bias, lora_A, lora_B, 1.0, p, seed)
-        skip = getattr(_kernels, "CANDIDATES_4BIT_ONLY", frozenset()) if base == "dense" \
-            else frozenset()
-        # candidates that are "fused" itself below sm_90 or on a 4-bit base: not timed there
-        if base != "dense" or (device.type == "cuda"
-                               and torch.cuda.get_device_capability(device)[0] < 9):
-            skip = skip | getattr(_kernels, "CANDIDATES_SM90_DENSE_ONLY", frozenset())
         runs = {("forward", name): (lambda fn=fn: fn(x, weight, bias, lora_A, lora_B, 1.0, p,
                                                       seed, base4=base4))
-                for name, fn in forward_launchers().items() if name not in skip}  # fmt: skip
+                for name, fn in _timed("forward", base, device).items()}  # fmt: skip
         if backward:
             runs.update({("backward", name): (
                 lambda fn=fn: fn(dy, x, weight, lora_A, lora_B, u, 1.0, p, seed, True, True,
                                  True, base4=base4))
-                for name, fn in backward_launchers().items() if name not in skip})
+                for name, fn in _timed("backward", base, device).items()})
         samples: dict[tuple, list[float]] = {k: [] for k in runs}
         for _ in range(BENCH_ROUNDS):
             for k, run in runs.items():
@@ -715,3 +758,17 @@ def _time_candidates(
     for (direction, name), ms in samples.items():
         times.setdefault(direction, {})[name] = statistics.median(ms)
     return times
+
+
+def _timed(direction: str, base: str, device: torch.device) -> dict[str, Callable]:
+    """The candidates timed for a base kind: ``FP8_CANDIDATES`` for an FP8 base; every
+    launcher of the direction otherwise, less the 4-bit-only ones on a dense base and the
+    sm_90 dense-only ones (``fused`` itself elsewhere) on a 4-bit base or below sm_90."""
+    if base == "e4m3":
+        return {name: _fp8_launcher(direction, name) for name in FP8_CANDIDATES}
+    skip = getattr(_kernels, "CANDIDATES_4BIT_ONLY", frozenset()) if base == "dense" \
+        else frozenset()
+    if base != "dense" or (device.type == "cuda"
+                           and torch.cuda.get_device_capability(device)[0] < 9):
+        skip = skip | getattr(_kernels, "CANDIDATES_SM90_DENSE_ONLY", frozenset())
+    return {name: fn for name, fn in _launchers(direction).items() if name not in skip}

@@ -405,12 +405,42 @@ _4BIT_CONFIGS = {
     ],
 }
 
-# bases decoded in registers (4-bit, FP8): the decoded W tile is the MMA's register operand;
-# on sm_80 (mma.sync) the forward's 64- and 128-row pointer tiles then spill (python -m
-# fastlora.kernels.report --base e4m3 nf4_dq), so their pointer forward keeps the small tile
-_DECODED_PTR_FORWARD = {
-    "16bit": [T(32, 64, 128, 4, 4, "decoded W: many CTAs along N, long K steps (the only "
-                "pointer tile that fits registers on sm_80)", builds="ptr")],
+# The FP8 base (e4m3 codes decoded in registers in the forward and dx main loops): the
+# dense tables, less the tiles that spill with the decoded W tile (python -m
+# fastlora.kernels.report --base e4m3).  Per (kind, kernel, build); a build absent here
+# runs the dense table's tiles of that build.  IEEE fp32 has none (its FMA tiles spill
+# 8-688 B with a decoded W on sm_80 and sm_90): an FP8 call there decodes W once and runs
+# the dense kernels (lora_forward.fp8_fused_ok), as does an sm_90 call that cannot load
+# the codes through TMA (the pointer build's decoded tile makes wgmma wait with depth 0).
+_FP8_CONFIGS = {
+    # on sm_80 (mma.sync) the forward's 64- and 128-row pointer tiles spill
+    ("16bit", "forward", "ptr"): [
+        T(32, 64, 128, 4, 4, "decoded W: many CTAs along N, long K steps (the only pointer "
+          "tile that fits registers on sm_80)", builds="ptr"),
+    ],
+    ("16bit", "dx", "tma"): [
+        T(128, 128, 64, 8, 3, "large M, r_pad <= 32 (fp32 adapters spill 64 B at r_pad 64)",
+          32, builds="tma"),
+        T(64, 64, 64, 8, 3, "mid and small M, and r_pad >= 64", builds="tma"),
+    ],
+    ("tf32", "forward", "ptr"): [
+        T(64, 128, 32, 4, 4, "large and mid M, r_pad <= 32 (128 x 128 spills 8 B at r_pad 32 "
+          "on sm_80)", 32, builds="ptr"),
+        T(32, 64, 64, 4, 4, "small M, and r_pad >= 64 (64 x 64 spills 96 B at r_pad 128)",
+          builds="ptr"),
+    ],
+    ("tf32", "forward", "tma"): [
+        T(128, 128, 32, 8, 3, "large M and N", SMALL_R, builds="tma"),
+        T(64, 128, 32, 4, 4, "mid M", 32, builds="tma"),
+        T(64, 64, 32, 4, 3, "r_pad 128, and mid M on narrow layers", builds="tma"),
+        T(32, 64, 64, 4, 4, "small M (spills 48 B at r_pad 128)", SMALL_R, builds="tma"),
+    ],
+    # the decoded W^T is wgmma's register operand (dy^T from shared memory is K-major for
+    # tf32): dx tiles 32 columns wide wait with depth 0 (below wgmma's 64 rows); r_pad 128
+    # spills in every 64-column tile tried, and decodes once
+    ("tf32", "dx", "tma"): [
+        T(64, 64, 64, 8, 3, "every M, r_pad <= 64", SMALL_R, builds="tma"),
+    ],
 }
 
 # adapter variants a kernel build can be: LoRA, DoRA, DoRA with dropout (forward and dx then
@@ -478,9 +508,10 @@ def configs_for(
     if kernel in ("dy_split", "dx_gemm_split", "tail_split") and r_pad > SPLIT_MAX_R_PAD:
         return []
     if base not in ("dense", "dense_tma") and adapter == "lora":
-        if base.startswith("e4m3"):  # FP8: the dense tables, a small pointer forward
-            if kernel == "forward" and not tma and kind in _DECODED_PTR_FORWARD:
-                table = _DECODED_PTR_FORWARD[kind]
+        if base.startswith("e4m3"):  # FP8: its own tiles where the dense ones spill
+            if kind == "fp32" and kernel in ("forward", "dx"):
+                return []
+            table = _FP8_CONFIGS.get((kind, kernel, "tma" if tma else "ptr"), table)
         else:
             table = _4BIT_CONFIGS.get((kind, kernel), table)
     return [

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import LaunchSpec, launch
+from ._launch import LaunchSpec, context, launch, transient
 
 BASES_FP8 = ("e4m3", "e4m3_tma")
 # the standalone decode's tile
@@ -99,10 +99,13 @@ def dequantize_fp8(
     block_size: tuple[int, int],
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    *,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """The whole FP8 weight decoded: W [N, K] in ``dtype`` (into ``out`` when given, e.g. a
     reused workspace). codes: uint8 [N, K]; scale: fp32 [ceil(N/bn), ceil(K/bk)]; the
-    arguments are what ``fastlora.bases.BlockFp8.kernel_args()`` returns."""
+    arguments are what ``fastlora.bases.BlockFp8.kernel_args()`` returns. ``traceable``:
+    launch through wrap_triton (inside a triton_op)."""
     N, K = codes.shape
     if out is None:
         out = torch.empty((N, K), device=codes.device, dtype=dtype)
@@ -112,5 +115,16 @@ def dequantize_fp8(
     spec = LaunchSpec(_dequant_fp8_kernel, grid,
                       dict(QBN=block_size[0], QBK=block_size[1], BLOCK_N=DECODE_BLOCK_N,
                            BLOCK_K=DECODE_BLOCK_K), 4, 1)  # fmt: skip
-    launch(spec, (codes, scale, out), (N, K, out.stride(0), out.stride(1)))
+    launch(spec, (codes, scale, out), (N, K, out.stride(0), out.stride(1)), traceable=traceable)
     return out
+
+
+def decoded_weight(base4: dict, dtype: torch.dtype, traceable: bool = False) -> torch.Tensor:
+    """An FP8 base (``base4`` = ``BlockFp8.kernel_args()``) decoded in one launch into a
+    buffer reused by later calls on the same stream (a fresh one under CUDA graph capture or
+    tracing): W [N, K] in ``dtype``, for the dense kernels ("decode once")."""
+    codes = base4["codes"]
+    N, K = codes.shape
+    out = transient(context(traceable), "decoded W", codes.device, dtype, N * K)
+    return dequantize_fp8(codes, base4["absmax"], (base4["blocksize"], base4["nested_blocksize"]),
+                          dtype, out[: N * K].view(N, K), traceable=traceable)  # fmt: skip

@@ -32,7 +32,7 @@ from . import _configs
 from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_info
 from ._launch import dot_precision, launch, next_serial, operand_key, transient
 from ._tiles import dropout_keep, load_rows, load_w, store_rows, tile_coords, w_source
-from .lora_forward import _NO_Q, fp8_codes, q_pointers, use_tma, w_arguments
+from .lora_forward import _NO_Q, fp8_codes, fp8_route, q_pointers, use_tma, w_arguments
 
 # per-call plans (``_backward``): launches, TMA decision, scalars and workspace sizes by key
 _calls = CallCache()
@@ -329,6 +329,8 @@ def _backward(dy, x, weight, lora_A, lora_B, magnitude, norm, u, z, scaling, dro
     if not (need_dx or need_dA or need_dB or need_dm):
         return None, None, None, None
     info = current_device_info()
+    if need_dx:  # dA alone never reads W
+        weight, base4 = fp8_route(info, x, R, weight, base4, tma, traceable, "dx", dy, x, dx)
     if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
         call = _call(info, dy, x, weight, lora_A, lora_B, u, z, dx, dora, scaling, dropout_p,
                      need_dx, need_dA, need_dB, need_dm, traceable, tma, base4)  # fmt: skip
@@ -424,8 +426,11 @@ def _plan(M, N, K, R, prec, esize, need_dx, need_dA, need_dB, has_dropout, tma, 
     if need_g:
         variant = _configs.adapter_variant(dora, has_dropout)
         # a variant with no TMA tile (DoRA's tf32 dx) runs the pointer build of the kernel
-        tma = tma and bool(_configs.configs_for("dx", kind, r_pad, tma=True, adapter=variant))
-        c = _configs.pick("dx", kind, r_pad, M, K, sms, tma, adapter=variant)
+        # dA alone (no dx) has no W main loop: the dense tiles, whatever the base
+        tiles_of = base if need_dx else "dense"
+        tma = tma and bool(_configs.configs_for("dx", kind, r_pad, tma=True, adapter=variant,
+                                                base=tiles_of))  # fmt: skip
+        c = _configs.pick("dx", kind, r_pad, M, K, sms, tma, adapter=variant, base=tiles_of)
         parts_a = _configs.cdiv(M, c.block_m) if need_dA else 0
         tiles = _configs.cdiv(M, c.block_m) * _configs.cdiv(K, c.block_k)
         dx_spec = LaunchSpec(

@@ -23,6 +23,9 @@ Two builds of the same kernels, chosen per call (``use_tma``):
 Under torch.compile (``traceable``) the pointer build is launched: the TMA build's
 in-kernel descriptors need Triton's per-launch scratch allocator, which code compiled by
 Inductor is not known to provide (not testable without a GPU).
+An FP8 base decodes its codes in the main loop only where that build is spill-free and,
+on sm_90, loads them through TMA (``fp8_fused_ok``); any other call decodes W once into a
+reused workspace and runs the dense kernels.
 A new base kind is a ``BASE`` branch of ``_tiles.load_w``; a new adapter epilogue goes
 beside ``lora_epilogue``.
 
@@ -44,7 +47,7 @@ from ._launch import CallCache, LaunchSpec, base4_key, context, current_device_i
 from ._launch import dot_precision, launch, next_serial, operand_key
 from ._tiles import RNG_COLS_PER_DRAW, apply_dropout, dropout_keep, load_rows, load_w
 from ._tiles import store_rows, tile_coords, w_source
-from .dequant_fp8 import BASES_FP8, TMA_ALIGN_CODES
+from .dequant_fp8 import BASES_FP8, TMA_ALIGN_CODES, decoded_weight
 
 __all__ = ["RNG_COLS_PER_DRAW", "dora_forward", "dropout_keep", "forward_gemm", "lora_forward",
            "use_tma", "warp_spec_forward"]
@@ -276,6 +279,38 @@ def fp8_codes(weight: torch.Tensor, base4: dict | None) -> torch.Tensor:
     return base4["codes"] if base4 is not None and "codes" in base4 else weight
 
 
+def fp8_fused_ok(arch: int, kind: str, K: int, r_pad: int, tma: bool, kernel: str,
+                 *, interpreter: bool | None = None) -> bool:  # fmt: skip
+    """Whether the FP8 tile loader runs in ``kernel``'s ("forward", "dx") main loop for a
+    call, else the launcher decodes W once (``decoded_weight``) and runs the dense kernels.
+
+    - a config must exist for the base (``_configs.configs_for``): none for IEEE fp32
+      operands, whose FMA tiles spill with a decoded W in registers on sm_80 and sm_90;
+    - on sm_90, only the TMA build with the codes through 1-byte TMA loads (``tma``, and
+      ``K % 16 == 0`` for a 16-byte row stride): the pointer build's decoded tile makes
+      wgmma wait with depth 0, so it is never launched there (under torch.compile, with
+      unaligned activations or an odd K the call decodes once instead)."""
+    if arch >= 90 and not (tma and K % TMA_ALIGN_CODES == 0):
+        return False
+    return bool(_configs.configs_for(kernel, kind, r_pad, interpreter=interpreter, tma=tma,
+                                     base="e4m3_tma" if tma else "e4m3"))  # fmt: skip
+
+
+def fp8_route(info, x, R, weight, base4, tma, traceable, kernel, *operands):
+    """(weight, base4) for a call's launches: an FP8 base as it is where ``fp8_fused_ok``,
+    else W decoded once into x's dtype and no base4 (the dense kernels). ``info``: (arch,
+    SMs); ``R``: the rank; ``operands``: the activations whose alignment decides TMA."""
+    if base4 is None or base4["BASE"] not in BASES_FP8:
+        return weight, base4
+    arch = info[0]
+    if tma is None:
+        tma = not traceable and use_tma(arch, *operands)
+    kind = _configs.operand_kind(x.dtype.itemsize, dot_precision(x.dtype))
+    if fp8_fused_ok(arch, kind, x.shape[1], _configs.pad_rank(R), tma, kernel):
+        return weight, base4
+    return decoded_weight(base4, x.dtype, traceable), None
+
+
 def fused_4bit_ok(K: int, base4: dict) -> bool:
     """The GEMMs' 4-bit tile loader reads whole quantization blocks per row: K must be a
     multiple of the blocksize (true of real models); other shapes take the composition."""
@@ -413,6 +448,7 @@ def _forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_
     if M == 0:
         return y, u, z
     info = current_device_info()
+    weight, base4 = fp8_route(info, x, R, weight, base4, tma, traceable, "forward", x, y)
     if traceable:  # fake tensors (no data_ptr), maybe symbolic strides: planned per trace
         call = _call(info, x, weight, bias, lora_A, lora_B, u, y, dora, scaling, dropout_p,
                      traceable, tma, base4, warp_spec)  # fmt: skip

@@ -7,7 +7,9 @@ Registers and spills are read from the cubins Triton builds (``cuobjdump
 kernels' worst registers and spills.
 
 One row per kernel / config / dtype / rank block / arch / build (sm_90: "tma", the
-persistent tensor-descriptor build, and "ptr", its fallback for unaligned strides):
+persistent tensor-descriptor build, and "ptr", its fallback for unaligned strides and
+torch.compile; an FP8 base has no sm_90 "ptr" build: such calls decode W once and run the
+dense kernels):
 shared memory, registers, spill bytes, whether the PTX uses wgmma and TMA
 (``cp.async.bulk.tensor``), the deepest ``wgmma.wait_group``, persistent or not, and
 resident CTAs per SM.  Exit status 1 when a build fails to compile, needs more shared
@@ -35,8 +37,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # today's default, minus
 
 from . import _compile, _configs  # noqa: E402
 from .dequant_4bit import BASES_4BIT as _BASES_4BIT  # noqa: E402
+from .dequant_fp8 import BASES_FP8  # noqa: E402
 
 _configs._INTERPRETING = False  # the package may have been imported with the interpreter on
+# the bases built by default (CI): dense, and the FP8 loader (its builds are few: no sm_90
+# pointer build, no IEEE fp32 tiles); the 4-bit decode's builds are asked for by --base
+DEFAULT_BASES = ("dense", "e4m3")
 
 
 def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adapters=("lora",)):
@@ -68,6 +74,8 @@ def jobs(archs, dtypes, r_pads, kernels=_configs.KERNELS, bases=("dense",), adap
                     kinds = bases if kernel in _compile.BASE_KERNELS and adapter == "lora" \
                         else ("dense",)
                     for base in kinds:  # a 4-bit base may launch its own tiles
+                        if base in BASES_FP8 and arch >= 90 and build != "tma":
+                            continue  # never launched: sm_90 FP8 calls off TMA decode once
                         seen = {}
                         for r_pad in _configs.R_PADS:
                             for cfg in _configs.configs_for(
@@ -145,12 +153,12 @@ def main(argv=None) -> int:
                     help="rank blocks to build (default: each config at its largest)")  # fmt: skip
     kernels = [*_configs.KERNELS, *_compile.STANDALONE, *_configs.SGMV_KERNELS]
     ap.add_argument("--kernel", nargs="+", default=kernels, choices=kernels)
-    ap.add_argument("--base", nargs="+", default=["dense"],
+    ap.add_argument("--base", nargs="+", default=list(DEFAULT_BASES),
                     choices=["dense", *_BASES_4BIT, "e4m3"],
-                    help="base kinds of the forward/dx main loops (default: dense; nf4_dq is "
-                         "QLoRA's default 4-bit base; FP4 and non-nested differ only in the "
-                         "decode's constants and one load; e4m3: FP8 codes with 128x128 "
-                         "block scales)")  # fmt: skip
+                    help="base kinds of the forward/dx main loops (default: dense e4m3; "
+                         "nf4_dq is QLoRA's default 4-bit base; FP4 and non-nested differ "
+                         "only in the decode's constants and one load; e4m3: FP8 codes with "
+                         "128x128 block scales)")  # fmt: skip
     ap.add_argument("--adapter", nargs="+", default=list(_compile.ADAPTERS),
                     choices=_compile.ADAPTERS)  # fmt: skip
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))

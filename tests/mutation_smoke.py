@@ -295,6 +295,11 @@ MUTANTS: list[Mutant] = [
     _m("dx stored with x's strides", "kernels/lora_backward.py",
        "M, K, stride_dxm, stride_dxk,", "M, K, stride_xm, stride_xk,",
        "tests/test_kernels.py::test_strided_inputs"),
+    _m("FP8 on sm_90: the pointer loader launched off TMA", "kernels/lora_forward.py",
+       "    if arch >= 90 and not (tma and K % TMA_ALIGN_CODES == 0):\n",
+       "    if arch > 90 and not (tma and K % TMA_ALIGN_CODES == 0):\n",
+       "tests/test_fp8_kernels.py::test_sm90_calls_off_tma_decode_once_and_run_the_dense_kernels"
+       "[odd-K]"),
 ]
 
 

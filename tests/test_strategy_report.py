@@ -121,3 +121,20 @@ def test_every_candidate_is_listed_with_its_worst_build(monkeypatch, capsys, rep
     monkeypatch.setitem(api.BACKWARD_CANDIDATES, "unlisted", api.lora_backward)
     assert report.candidate_summary(worst) == failed + 1
     assert "backward/unlisted" in capsys.readouterr().out
+
+
+def test_fp8_builds_are_in_the_default_report_without_sm90_pointer_or_fp32(report):
+    """CI's report (``--arch 80 90``, default bases) compiles the FP8 loader: every sm_90
+    FP8 build it makes is a TMA build, and none is made for IEEE fp32 (those calls decode W
+    once and run the dense kernels: ``lora_forward.fp8_fused_ok``)."""
+    assert "e4m3" in report.DEFAULT_BASES and "dense" in report.DEFAULT_BASES
+    todo = list(report.jobs([80, 90], list(_compile.DTYPES), None, ("forward", "dx"),
+                            report.DEFAULT_BASES, ("lora",)))  # fmt: skip
+    fp8 = [j for j in todo if j[6] == "e4m3"]
+    assert {(j[0], j[3]) for j in fp8} == {(a, k) for a in (80, 90) for k in ("forward", "dx")}
+    assert all(j[5] == "tma" for j in fp8 if j[0] == 90)
+    assert {j[1] for j in fp8} == set(_compile.DTYPES) - {"fp32"}
+    # the dense builds are the same as with the dense base alone
+    dense = list(report.jobs([80, 90], list(_compile.DTYPES), None, ("forward", "dx"),
+                             ("dense",), ("lora",)))  # fmt: skip
+    assert [j for j in todo if j[6] == "dense"] == dense
