@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -148,3 +149,15 @@ def spawn_ranks(worker, out, world: int, timeout_s: float) -> None:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+
+
+@contextlib.contextmanager
+def strategy(*args, **kw):
+    """``triton_backend.set_strategy(*args, **kw)`` for the block, the previous picks after."""
+    from fastlora import triton_backend
+
+    previous = triton_backend.set_strategy(*args, **kw)
+    try:
+        yield
+    finally:
+        triton_backend.set_strategy(previous)

@@ -7,12 +7,10 @@ quantized by ``fastlora.fp8`` and runs its pick."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from helpers import assert_matches_reference, triton_runs_here
+from helpers import assert_matches_reference, strategy, triton_runs_here
 
 if not triton_runs_here():
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -34,15 +32,6 @@ SEED = 5
 PAIRS = [(f, b) for f in tb.FP8_CANDIDATES for b in tb.FP8_CANDIDATES]
 # (M, K, N, r): K and N off the 128-blocks (K = 100 off 16 too), one or two scale blocks
 SHAPES = [(37, 100, 72, 3), (19, 160, 136, 16)]
-
-
-@contextlib.contextmanager
-def strategy(**kw):
-    previous = tb.set_strategy(**kw)
-    try:
-        yield
-    finally:
-        tb.set_strategy(previous)
 
 
 @pytest.fixture(autouse=True)

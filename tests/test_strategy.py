@@ -8,13 +8,12 @@ with the mask from the test's own Philox (tests/philox.py), never the backend's 
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
 import torch
 
-from helpers import assert_matches_reference, make_inputs, max_err, reference_grads
+from helpers import assert_matches_reference, make_inputs, max_err, reference_grads, strategy
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -35,15 +34,6 @@ COMBOS = [("fused", "fused"), ("fused", "composition"), ("composition", "fused")
           ("cublas_shrink", "dx_gemm_cublas")]  # fmt: skip
 # the same math from the same mask: the candidates differ only by fp32 rounding
 AGREE_TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-
-@contextlib.contextmanager
-def strategy(*args, **kw):
-    previous = tb.set_strategy(*args, **kw)
-    try:
-        yield
-    finally:
-        tb.set_strategy(previous)
 
 
 @pytest.fixture(autouse=True)
