@@ -39,8 +39,11 @@ ACC_ROUNDOFF = 2.0**-24  # every backend accumulates in fp32 (fp64 for float64 i
 def _bound(mag: torch.Tensor, n: int, dtype: torch.dtype, stored: torch.Tensor) -> torch.Tensor:
     acc = UNIT_ROUNDOFF[torch.float64] if dtype == torch.float64 else ACC_ROUNDOFF
     # accumulation error + rounding of the stored inputs/intermediates/output; the factor 4
-    # covers the few separate roundings (u, the product, the store) each bounded by one unit
-    return n * acc * mag + 4 * UNIT_ROUNDOFF[dtype] * (stored.abs() + mag)
+    # covers the few separate roundings (u, the product, the store) each bounded by one unit,
+    # and, below the normal range, by half the subnormal spacing (fl(v) = v(1 + d) + e,
+    # |e| <= spacing / 2: an fp16 dx of 3.5e-6 is stored to within 3e-8, not 2e-9)
+    spacing = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+    return n * acc * mag + 4 * UNIT_ROUNDOFF[dtype] * (stored.abs() + mag) + 2 * spacing
 
 
 def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
